@@ -1,0 +1,254 @@
+"""`mlae train`, `mlae eval` and `mlae export`.
+
+Option precedence for `train`: the method's and TrainConfig's defaults < the `--config` recipe (its
+`per_dataset` entry for the dataset included) < options given on the command line. `--resume` starts from the
+run folder's own `config.yaml` instead of the defaults and the recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..recipes import METHODS, RecipeError, get_method, load_recipe, resolve_recipe
+
+# Command-line dests that are not TrainConfig fields of the same name.
+_MODEL_KWARGS = ("depth", "embed_dim", "num_heads")
+
+
+def register(subparsers) -> None:
+    _register_train(subparsers)
+    _register_eval(subparsers)
+    _register_export(subparsers)
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def _register_train(subparsers) -> None:
+    from ..engine import DEFAULT_DATASET, TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train", help="fine-tune a backbone on a task (the default command)",
+        description="Fine-tune a vision transformer with MLAE or a baseline. With no options: MLAE on the embedded "
+        f"'{DEFAULT_DATASET}' task with the embedded backbone, in a few minutes on a CPU.",
+        argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("task and method")
+    g.add_argument("--dataset", metavar="SPEC", help=f"dataset spec (default {d.dataset}; e.g. a suite task name, "
+                   "a VTAB-1k or FGVC folder)")
+    g.add_argument("--method", choices=list(METHODS), help=f"fine-tuning method (default {d.method})")
+    g.add_argument("--config", metavar="FILE", help="YAML recipe (e.g. configs/vtab_mlae.yaml); command-line "
+                   "options override it")
+    g.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+    g.add_argument("--split", choices=["test", "val"], help="test: train on train+val, report test (default); "
+                   "val: hold out a validation split and report it")
+
+    g = p.add_argument_group("method options (each applies to the methods named in brackets)")
+    seen: dict[str, list[str]] = {}
+    options = {}
+    for method in METHODS.values():
+        for opt in method.options:
+            seen.setdefault(opt.name, []).append(method.name)
+            options[opt.name] = opt
+    for name, opt in options.items():
+        help_text = f"{opt.help} [{', '.join(seen[name])}; default {opt.default}]"
+        if opt.flag is not None:  # a boolean switched by its flag
+            g.add_argument(opt.cli_flag, dest=name, action="store_const", const=not opt.default, help=help_text)
+        else:
+            g.add_argument(opt.cli_flag, dest=name, type=opt.type, choices=opt.choices, help=help_text)
+
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", metavar="NAME|PATH", help="timm model name or checkpoint file (default: the "
+                   "embedded ViT)")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initial weights")
+    g.add_argument("--arch", help="timm architecture of a checkpoint file")
+    g.add_argument("--img-size", type=int, help="input size (default: the backbone's)")
+    g.add_argument("--patch-size", type=int, help="patch size (default: the backbone's)")
+    g.add_argument("--depth", type=int, help="number of blocks of a timm ViT (with --no-pretrained)")
+    g.add_argument("--embed-dim", type=int, help="width of a timm ViT (with --no-pretrained)")
+    g.add_argument("--num-heads", type=int, help="attention heads of a timm ViT (with --no-pretrained)")
+    g.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {d.drop_path})")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    g.add_argument("--warmup-epochs", type=int, help=f"linear warmup before the cosine decay (default "
+                   f"{d.warmup_epochs})")
+    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast where the "
+                   "hardware supports it (default)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--workers", dest="threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", metavar="DIR", help="run folder (default runs/<dataset>_<method>_s<seed>, with a "
+                   "suffix when it exists)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    g.add_argument("--checkpoint-every", type=int, help=f"epochs between checkpoints (default "
+                   f"{d.checkpoint_every})")
+    g.add_argument("--eval-every", type=int, help=f"epochs between evaluations; the last epoch is always "
+                   f"evaluated (default {d.eval_every})")
+    g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar or summary")
+    p.set_defaults(func=run_train)
+
+
+def config_from_args(args: argparse.Namespace):
+    """Merge defaults, recipe and explicit command-line options into a TrainConfig."""
+    from ..engine import TrainConfig, _default_out
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    for name in _MODEL_KWARGS:
+        if name in given:
+            given.setdefault("model_kwargs", {})[name] = given.pop(name)
+
+    base: dict = {}
+    if given.get("resume"):
+        out = Path(given["out"]) if "out" in given else _default_out(TrainConfig(**{
+            k: v for k, v in given.items() if k in ("dataset", "method", "seed")}))
+        if (out / "config.yaml").exists():
+            base = load_recipe(out / "config.yaml")
+    elif getattr(args, "config", None):
+        recipe = load_recipe(args.config)
+        base = resolve_recipe(recipe, given.get("dataset", recipe.get("dataset", TrainConfig.dataset)))
+    if "model_kwargs" in given:
+        given["model_kwargs"] = {**base.get("model_kwargs", {}), **given["model_kwargs"]}
+    method = get_method(given.get("method", base.get("method", TrainConfig.method)))
+    own = set(method.defaults())
+    fields = set(TrainConfig.__dataclass_fields__)
+    bad = [k for k in given if k not in fields and k not in own]
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise RecipeError(f"{flags} do(es) not apply to method {method.name!r}")
+    if base.get("method", method.name) != method.name:
+        # The recipe was written for another method: keep its general settings, drop its method options.
+        base = {k: v for k, v in base.items() if k in fields or k in own}
+    return TrainConfig.from_dict({**base, **given})
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..engine import train
+
+    try:
+        cfg = config_from_args(args)
+        train(cfg)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        return _fail(err)
+    return 0
+
+
+def _fail(err: Exception) -> int:
+    """Print a user-facing error as one line; unexpected errors keep their traceback."""
+    from ..engine import RunDirError, TrainingError
+
+    expected = (RecipeError, RunDirError, TrainingError, FileNotFoundError, ValueError)
+    try:
+        from ..data import DatasetError
+        expected += (DatasetError,)
+    except ImportError:
+        pass
+    try:
+        from ..backbones import BackboneError
+        expected += (BackboneError,)
+    except ImportError:
+        pass
+    if not isinstance(err, expected):
+        raise err
+    print(f"mlae: error: {err}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def _register_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="top-1 accuracy of a trained adapter (or fully fine-tuned model)")
+    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors (or model.safetensors) "
+                   "of a run")
+    p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the one the adapter was trained on)")
+    p.add_argument("--data-root", metavar="DIR")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--device")
+    p.add_argument("--out", metavar="JSON", help="also write the result to this JSON file")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        result = evaluate_file(args.adapter, dataset=args.dataset, data_root=args.data_root, split=args.split,
+                               precision=args.precision, device=args.device)
+    except Exception as err:
+        return _fail(err)
+    print(f"{result['dataset']} ({result['eval_split']}, {result['images']} images): top-1 "
+          f"{100 * result['top1']:.2f}%")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | None = None, split: str = "test",
+                  precision: str = "auto", device: str | None = None) -> dict:
+    from ..data import load_task
+    from ..engine import evaluate, load_trained
+    from ..utils import resolve_device, resolve_precision
+
+    model, meta = load_trained(path)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    spec = dataset or meta.get("dataset_spec") or meta["dataset"]
+    task = load_task(spec, data_root=data_root if data_root is not None else meta.get("data_root"),
+                     image_size=int(meta["image_size"]), split=split, seed=int(meta.get("seed", 0)))
+    if task.num_classes != int(meta["num_classes"]):
+        raise ValueError(f"{path} has a {meta['num_classes']}-class head but {task.name} has {task.num_classes} "
+                         "classes")
+    top1 = evaluate(model.to(dev), task.eval, task, image_size=int(meta["image_size"]), device=dev, precision=prec)
+    key = f"{task.eval_name}_top1"
+    return {"adapter": str(path), "dataset": task.name, "eval_split": task.eval_name, "images": len(task.eval),
+            "top1": top1, key: top1, "method": meta.get("method"), "precision": prec}
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def _register_export(subparsers) -> None:
+    p = subparsers.add_parser("export", help="fold an adapter into a plain timm checkpoint, or write a PEFT "
+                              "LoRA adapter")
+    p.add_argument("--adapter", required=True, metavar="FILE")
+    p.add_argument("--format", choices=["merged", "peft"], default="merged",
+                   help="merged: safetensors state_dict of the merged model, loadable by plain timm; "
+                   "peft: a Hugging Face PEFT LoRA adapter folder")
+    p.add_argument("--out", required=True, metavar="PATH")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        path = export_file(args.adapter, args.format, args.out)
+    except Exception as err:
+        return _fail(err)
+    print(f"wrote {path}")
+    return 0
+
+
+def export_file(adapter: str, fmt: str, out: str) -> Path:
+    import mlae
+    from ..engine import load_trained, merged_state_dict, timm_spec
+    from ..io import atomic_save_file
+
+    model, meta = load_trained(adapter)
+    if fmt == "peft":
+        return mlae.export_peft(model, out)
+    mlae.merge(model)
+    name, kwargs = timm_spec(meta)
+    header = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
+              "num_classes": str(meta["num_classes"])}
+    return atomic_save_file(merged_state_dict(model), out, header)

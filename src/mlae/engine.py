@@ -1,0 +1,607 @@
+"""Training and evaluation loop: one fine-tuning run from a :class:`TrainConfig` to a run folder.
+
+A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
+``checkpoint.safetensors`` (while training), the trained weights (``adapter.safetensors``, or
+``model.safetensors`` for full fine-tuning), ``results.json`` (written last: its presence marks a finished run)
+and ``curves.png``.
+
+Determinism: the data order and augmentation of epoch ``e`` are drawn from generators seeded by ``(seed, e)``,
+and the global RNG states (dropout, drop-path, expert masks) are checkpointed at epoch boundaries, so a run
+resumed from a checkpoint ends with the same metrics as an uninterrupted one (same device and thread count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .recipes import get_method
+from .utils import (DistInfo, autocast, get_rng_state, init_distributed, resolve_device, resolve_precision,
+                    seed_everything, set_rng_state)
+
+__all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "build_backbone", "load_trained",
+           "DEFAULT_DATASET"]
+
+# The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (DESIGN.md §4).
+DEFAULT_DATASET = "suite:digits"
+CHECKPOINT = "checkpoint.safetensors"
+RESULTS = "results.json"
+EVAL_BATCH = 256  # fixed, so that `mlae eval` reproduces the run's numbers bit for bit
+MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
+PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's honest protocol), "
+            "not the best of periodic evaluations")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); files already written are kept."""
+
+
+class RunDirError(RuntimeError):
+    """The output folder holds a run that must not be overwritten (or needs --resume)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one fine-tuning run depends on. Defaults: the MLAE paper's recipe, except ``epochs``."""
+
+    dataset: str = DEFAULT_DATASET   # data spec understood by mlae.data.load_task
+    method: str = "mlae"             # a key of mlae.recipes.METHODS
+    method_options: dict[str, Any] = field(default_factory=dict)  # overrides of the method's option defaults
+    # backbone
+    backbone: str | None = None      # None = the embedded ViT; a timm name or a checkpoint path
+    pretrained: bool = True
+    arch: str | None = None          # timm architecture of a checkpoint path
+    img_size: int | None = None
+    patch_size: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (depth, embed_dim, ...)
+    drop_path: float = 0.1
+    # data
+    data_root: str | None = None
+    split: str = "test"              # "test": train on train+val, report test; "val": hold out a validation split
+    # optimisation
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    precision: str = "auto"
+    device: str | None = None
+    threads: int = 0                 # torch CPU threads; 0 = torch's default
+    # run folder and bookkeeping
+    out: str | None = None
+    runs_dir: str = "runs"
+    resume: bool = False
+    overwrite: bool = False
+    checkpoint_every: int = 1
+    eval_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        get_method(self.method)
+        if self.split not in ("test", "val"):
+            raise ValueError(f"split must be test or val, not {self.split!r}")
+        for name in ("epochs", "batch_size", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.warmup_epochs < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("warmup_epochs and weight_decay must be >= 0 and lr > 0")
+
+    def options(self) -> dict[str, Any]:
+        """The method's options: its defaults overridden by ``method_options``."""
+        method = get_method(self.method)
+        unknown = set(self.method_options) - set(method.defaults())
+        if unknown:
+            raise ValueError(f"method {self.method!r} has no option(s) {', '.join(sorted(unknown))}")
+        return {**method.defaults(), **self.method_options}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat mapping (method options at top level), as written to ``config.yaml``."""
+        d = dataclasses.asdict(self)
+        d.pop("method_options")
+        for transient in ("resume", "overwrite", "progress"):
+            d.pop(transient)
+        d.update(self.options())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`: keys that are not fields are options of ``d["method"]``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        options = {**kwargs.pop("method_options", {}), **{k: v for k, v in d.items() if k not in names}}
+        known = set(get_method(kwargs.get("method", cls.method)).defaults())
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for method "
+                             f"{kwargs.get('method', cls.method)!r}")
+        return cls(**kwargs, method_options=options)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of mlae.backbones.create_backbone besides num_classes (stored with the weights)."""
+    kwargs = {"pretrained": cfg.pretrained, "arch": cfg.arch, "img_size": cfg.img_size,
+              "patch_size": cfg.patch_size, **cfg.model_kwargs}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def build_backbone(name: str | None, num_classes: int, seed: int, drop_path: float = 0.0, **kwargs) -> nn.Module:
+    """The backbone, with any randomly initialised weights drawn from ``seed`` so that `mlae eval` can rebuild
+    exactly the network a run was trained on."""
+    from .backbones import create_backbone
+
+    torch.manual_seed(seed)
+    return create_backbone(name, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
+
+
+def _input_size(model: nn.Module) -> int:
+    from .backbones import backbone_input_size
+
+    return int(backbone_input_size(model))
+
+
+# --------------------------------------------------------------------------------------------- run folder
+
+
+def _default_out(cfg: TrainConfig) -> Path:
+    from .recipes import dataset_key
+
+    return Path(cfg.runs_dir) / f"{dataset_key(cfg.dataset)}_{cfg.method}_s{cfg.seed}"
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """Pick the output folder; returns (folder, resume_from_checkpoint)."""
+    if cfg.out is None and not cfg.resume:
+        base = _default_out(cfg)
+        out, i = base, 1
+        while out.exists() and any(out.iterdir()):
+            i += 1
+            out = base.with_name(f"{base.name}-{i}")
+        return out, False
+    out = Path(cfg.out) if cfg.out is not None else _default_out(cfg)
+    finished = (out / RESULTS).exists()
+    has_checkpoint = (out / CHECKPOINT).exists()
+    if cfg.overwrite:
+        return out, False
+    if finished:
+        raise RunDirError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
+    if cfg.resume:
+        if not has_checkpoint:
+            print(f"note: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        return out, has_checkpoint
+    if has_checkpoint:
+        raise RunDirError(f"{out} holds an unfinished run with a checkpoint; pass --resume to continue it "
+                          "(or --overwrite to start over)")
+    return out, False
+
+
+def _clear_run_files(out: Path) -> None:
+    for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, "adapter.safetensors", "model.safetensors",
+                 "curves.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]]) -> None:
+    """Trainable parameters, optimizer state, RNG states (one per rank) and progress, without pickle."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    rng_info = []
+    for rank, (rng_tensors, info) in enumerate(rng):
+        for key, value in rng_tensors.items():
+            tensors[f"rng.{rank}.{key}"] = value.contiguous()
+        rng_info.append(info)
+    state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
+             "metrics": metrics, "rng": rng_info}
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mlae-checkpoint-1",
+                                                                          "state": json.dumps(state)}))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the JSON state (epoch, metrics, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("model."):
+                name = key[len("model."):]
+                if name not in params:
+                    raise TrainingError(f"{path}: parameter {name} does not exist in this model")
+                params[name].copy_(value)
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    if rank < len(state["rng"]):
+        prefix = f"rng.{rank}."
+        set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, state["rng"][rank])
+    return state
+
+
+# --------------------------------------------------------------------------------------------- loops
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _order(n: int, seed: int, epoch: int, dist_info: DistInfo) -> torch.Tensor:
+    """This rank's share of the seeded permutation of epoch ``epoch`` (padded like DistributedSampler)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    if dist_info.enabled:
+        size = math.ceil(n / dist_info.world_size) * dist_info.world_size
+        perm = torch.cat([perm, perm[: size - n]])[dist_info.rank::dist_info.world_size]
+    return perm
+
+
+def _all_reduce(values: list[float], device: torch.device, dist_info: DistInfo) -> list[float]:
+    if not dist_info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split, task, *, image_size: int, device: torch.device, precision: str,
+             dist_info: DistInfo = DistInfo()) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (sharded over ranks, counts all-reduced)."""
+    from .data import prepare_batch
+
+    was_training = model.training
+    model.eval()
+    index = torch.arange(dist_info.rank, len(split), dist_info.world_size)
+    correct = 0
+    for start in range(0, len(index), EVAL_BATCH):
+        idx = index[start:start + EVAL_BATCH]
+        x = prepare_batch(split.images[idx].to(device, non_blocking=True), train=False, augment=task.augment,
+                          image_size=image_size)
+        with autocast(device, precision):
+            logits = model(x)
+        correct += int((logits.argmax(-1).cpu() == split.labels[idx]).sum())
+    model.train(was_training)
+    correct, count = _all_reduce([correct, len(index)], device, dist_info)
+    return correct / max(1.0, count)
+
+
+def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Fine-tune as ``cfg`` says; returns the results dict (also written to ``results.json``).
+
+    ``on_epoch_end(epoch, metrics)`` runs after every epoch (1-based) and may raise to stop the run early
+    (e.g. optuna.TrialPruned); the files written so far are kept.
+    """
+    import mlae
+    from .data import load_task, prepare_batch
+
+    start_time = time.time()
+    method = get_method(cfg.method)
+    options = cfg.options()
+    dist_info = init_distributed(cfg.device)
+    device = resolve_device(cfg.device, dist_info.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    out, resume = prepare_run_dir(cfg) if dist_info.is_main else (None, False)
+    if dist_info.enabled:
+        shared = [out, resume]
+        dist.broadcast_object_list(shared, src=0)
+        out, resume = shared
+
+    # Data first: the number of classes sizes the head; the image size comes from the backbone's defaults.
+    kwargs = backbone_kwargs(cfg)
+    seed_everything(cfg.seed)
+    if cfg.img_size is None:
+        image_size = _input_size(build_backbone(cfg.backbone, 1, cfg.seed, **kwargs))
+    else:
+        image_size = cfg.img_size
+    task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed)
+    model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
+    model = method.prepare(model, options).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    counts = mlae.count_parameters(model)
+
+    per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
+    shard = len(_order(len(task.train), cfg.seed, 0, dist_info))
+    steps_per_epoch = math.ceil(shard / per_rank_batch)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch
+    aux_weights = {k[: -len("_weight")]: v for k, v in options.items() if k.endswith("_weight")}
+
+    metrics: list[dict] = []
+    first_epoch = 1
+    if resume:
+        state = load_checkpoint(out / CHECKPOINT, model, optimizer, dist_info.rank)
+        metrics, first_epoch = state["metrics"], state["epoch"] + 1
+    else:
+        # Distinct global RNG streams per rank (drop-path, masks) once the model is identical everywhere.
+        seed_everything(cfg.seed * 1_000_003 + 7919 * (dist_info.rank + 1))
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _clear_run_files(out)
+        _write_config(out / "config.yaml", cfg, out)
+        _write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+    net = model
+    if dist_info.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    bar = _progress_bar(cfg, dist_info, total_steps, (first_epoch - 1) * steps_per_epoch)
+    model.train()
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        order = _order(len(task.train), cfg.seed, epoch, dist_info)
+        augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + dist_info.rank)
+        loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for i in range(steps_per_epoch):
+            step = (epoch - 1) * steps_per_epoch + i
+            lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            mlae.set_progress(model, step / max(1, total_steps - 1))
+            idx = order[i * per_rank_batch:(i + 1) * per_rank_batch]
+            x = prepare_batch(task.train.images[idx].to(device, non_blocking=True), train=True,
+                              augment=task.augment, image_size=image_size, generator=augment_rng)
+            y = task.train.labels[idx].to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            aux = sum((aux_weights.get(name, 1.0) * value.float()
+                       for name, value in mlae.aux_losses(model).items()), torch.zeros((), device=device))
+            total = loss + aux
+            if dist_info.enabled:
+                check = total.detach().clone()
+                dist.all_reduce(check)
+            else:
+                check = total
+            if not torch.isfinite(check):
+                raise TrainingError(f"loss became {check.item()} at epoch {epoch}, step {i + 1}/{steps_per_epoch}"
+                                    f" (lr {lr:.3g}); try a lower --lr. Files written so far are kept in {out}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            aux_sum += aux.detach() * len(idx)
+            correct += (logits.detach().argmax(-1) == y).sum()
+            seen += len(idx)
+            if bar is not None and (i % 5 == 4 or i == steps_per_epoch - 1):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen * dist_info.world_size / (time.perf_counter() - t0):.0f}",
+                                refresh=False)
+            if bar is not None:
+                bar.update()
+        train_time = time.perf_counter() - t0
+        loss_total, aux_total, correct_total, seen_total = _all_reduce(
+            [loss_sum.item(), aux_sum.item(), correct.item(), seen], device, dist_info)
+        eval_top1 = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            eval_top1 = evaluate(model, task.eval, task, image_size=image_size, device=device,
+                                 precision=precision, dist_info=dist_info)
+        m = {"epoch": epoch, "lr": lr, "train_loss": loss_total / seen_total, "train_top1": correct_total / seen_total,
+             f"{task.eval_name}_top1": eval_top1, "images_per_s": seen_total / train_time,
+             "epoch_time_s": time.perf_counter() - t0}
+        if aux_weights or aux_total:
+            m["aux_loss"] = aux_total / seen_total
+        metrics.append(m)
+        if bar is not None:
+            bar.set_description(f"epoch {epoch}/{cfg.epochs}" + (
+                f" {task.eval_name} {eval_top1:.3f}" if eval_top1 is not None else ""))
+        rng = [get_rng_state()]
+        if dist_info.enabled:
+            rng = [None] * dist_info.world_size
+            dist.all_gather_object(rng, get_rng_state())
+        if dist_info.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
+                save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, m)
+    if bar is not None:
+        bar.close()
+
+    results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
+    if dist_info.is_main:
+        _save_weights(out, model, method.adapter, cfg, task, image_size)
+        _plot_curves(out / "curves.png", metrics, task.eval_name)
+        _write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+        (out / CHECKPOINT).unlink(missing_ok=True)
+        if cfg.progress:
+            print(_summary(results), flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def _progress_bar(cfg: TrainConfig, dist_info: DistInfo, total: int, initial: int):
+    if not (cfg.progress and dist_info.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _write_config(path: Path, cfg: TrainConfig, out: Path) -> None:
+    import yaml
+
+    d = cfg.to_dict()
+    d["out"] = str(out)
+    _write_text(path, yaml.safe_dump(d, sort_keys=False))
+
+
+def _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time) -> dict:
+    key = f"{task.eval_name}_top1"
+    last = metrics[-1][key]
+    results = {
+        "dataset": task.name, "method": cfg.method, "seed": cfg.seed, "eval_split": task.eval_name,
+        "top1": last, key: last,
+    }
+    if task.eval_name != "test":
+        results[f"best_{key}"] = max(m[key] for m in metrics if m[key] is not None)
+    results.update({
+        "protocol": PROTOCOL,
+        "epochs": cfg.epochs,
+        "params": {k: int(v) for k, v in counts.items()},
+        "train_images_per_s": sum(m["images_per_s"] for m in metrics) / len(metrics),
+        "wall_time_s": time.time() - start_time,
+        "precision": precision, "device": str(device), "world_size": dist_info.world_size,
+        "out": str(out),
+    })
+    return results
+
+
+def _summary(r: dict) -> str:
+    split = r["eval_split"]
+    return (f"{r['dataset']} / {r['method']} (seed {r['seed']}): {split} top-1 {100 * r['top1']:.2f}% after the last "
+            f"epoch | {r['params']['trainable']:,} trainable params | {r['wall_time_s']:.0f} s, "
+            f"{r['train_images_per_s']:.0f} img/s | {r['out']}")
+
+
+def weights_metadata(cfg: TrainConfig, task, image_size: int) -> dict[str, Any]:
+    """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to."""
+    return {"backbone": cfg.backbone or "embedded", "backbone_kwargs": backbone_kwargs(cfg),
+            "num_classes": task.num_classes, "seed": cfg.seed, "image_size": image_size,
+            "dataset": task.name, "dataset_spec": cfg.dataset, "data_root": cfg.data_root, "method": cfg.method}
+
+
+def _save_weights(out: Path, model: nn.Module, adapter: bool, cfg: TrainConfig, task, image_size: int) -> None:
+    import mlae
+    from .io import atomic_save_file
+
+    meta = weights_metadata(cfg, task, image_size)
+    if adapter or cfg.method == "linear":
+        mlae.save_adapter(model, out / "adapter.safetensors", metadata=meta)
+    else:
+        atomic_save_file(model.state_dict(), out / "model.safetensors",
+                         {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
+
+
+def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_acc.plot(epochs, [m["train_top1"] for m in metrics], label="train")
+    evals = [(m["epoch"], m[f"{eval_name}_top1"]) for m in metrics if m[f"{eval_name}_top1"] is not None]
+    ax_acc.plot([e for e, _ in evals], [a for _, a in evals], marker="o", label=eval_name)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("top-1")
+    ax_acc.legend()
+    fig.tight_layout()
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- reloading
+
+
+def _read_header(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # safetensors raises several types for truncated/foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata a run stored with its weights (adapter file or full model file)."""
+    import mlae
+
+    header = _read_header(path)
+    meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else mlae.read_adapter_metadata(path)
+    if "backbone" not in meta or "num_classes" not in meta:
+        raise ValueError(f"{path}: no backbone metadata; was it written by `mlae train`?")
+    return meta
+
+
+def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network a run saved (``adapter.safetensors`` or ``model.safetensors``), in eval mode."""
+    import mlae
+    from safetensors.torch import load_file
+
+    meta = read_weights_metadata(path)
+    backbone = None if meta["backbone"] == "embedded" else meta["backbone"]
+    model = build_backbone(backbone, int(meta["num_classes"]), int(meta.get("seed", 0)), **meta["backbone_kwargs"])
+    if _read_header(path).get("format") == MODEL_FORMAT:
+        model.load_state_dict(load_file(str(path)))
+    else:
+        model = mlae.load_adapter(model, path)
+    return model.eval(), meta
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict of a merged model under the backbone's own names: each adapter layer contributes its
+    (merged) base layer's tensors, its adapter tensors are dropped."""
+    import mlae
+
+    layers = [name for name, layer in mlae.adapter_layers(model)]
+    if any(not layer.merged for _, layer in mlae.adapter_layers(model)):
+        raise ValueError("merge the model first")
+    out = {}
+    for key, value in model.state_dict().items():
+        owner = next((name for name in layers if key.startswith(name + ".")), None)
+        if owner is None:
+            out[key] = value
+        elif key.startswith(owner + ".base."):
+            out[owner + key[len(owner) + len(".base"):]] = value
+    return out

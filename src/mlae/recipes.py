@@ -1,0 +1,197 @@
+"""Fine-tuning methods by name, and YAML recipes.
+
+A :class:`Method` says which options it takes and how to turn a model into one trained with that method.
+New methods plug in with :func:`register_method`; the ``mlae train`` options and the YAML keys follow.
+
+A recipe is a flat YAML mapping of :class:`mlae.engine.TrainConfig` fields and method options, plus an
+optional ``per_dataset:`` mapping (dataset name -> overrides) applied when training on that dataset::
+
+    method: mlae
+    lr: 5.0e-4
+    experts: 8
+    per_dataset:
+      cifar: {dropout: 0.7, coeff_init: 2}
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "Option",
+    "RecipeError",
+    "dataset_key",
+    "get_method",
+    "load_recipe",
+    "register_method",
+    "resolve_recipe",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe or method option that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option: the YAML key ``name`` and the command-line flag ``--name-with-dashes``."""
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple | None = None
+    # For booleans: the flag that sets the option to the opposite of its default (e.g. --no-adaptive).
+    flag: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method: ``prepare(model, options)`` makes ``model`` trainable the method's way."""
+
+    name: str
+    help: str
+    prepare: Callable[[nn.Module, dict], nn.Module]
+    options: tuple[Option, ...] = ()
+    # True when the trained weights are adapters (saved with mlae.save_adapter); False saves the whole model.
+    adapter: bool = True
+
+    def defaults(self) -> dict:
+        return {opt.name: opt.default for opt in self.options}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS`; an option shared with another method must be declared identically."""
+    for other in METHODS.values():
+        for opt in method.options:
+            for known in other.options:
+                if known.name == opt.name and (known.cli_flag, known.type, known.choices) != (
+                        opt.cli_flag, opt.type, opt.choices):
+                    raise RecipeError(f"option {opt.name!r} of {method.name!r} clashes with {other.name!r}")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RecipeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _modules(text: str | list) -> list[str]:
+    return list(text) if isinstance(text, (list, tuple)) else [t for t in re.split(r"[,\s]+", text) if t]
+
+
+TARGETS = Option("target_modules", _modules, ["qkv"], "comma-separated names (or name patterns) of the nn.Linear "
+                 "layers to adapt")
+RANK = Option("rank", int, 8, "LoRA rank")
+ALPHA = Option("alpha", float, 8.0, "LoRA alpha (the update is scaled by alpha / rank)")
+
+
+def _prepare_mlae(model: nn.Module, options: dict) -> nn.Module:
+    import mlae
+
+    return mlae.apply(model, mlae.MLAEConfig(**options))
+
+
+def _prepare_lora(model: nn.Module, options: dict) -> nn.Module:
+    import mlae
+
+    options = dict(options)
+    options["dropout"] = options.pop("lora_dropout", 0.0)
+    return mlae.apply(model, mlae.LoRAConfig(**options))
+
+
+def _prepare_linear(model: nn.Module, options: dict) -> nn.Module:
+    import mlae
+
+    mlae.freeze_backbone(model, train_head=True)
+    return model
+
+
+def _prepare_full(model: nn.Module, options: dict) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+register_method(Method("mlae", "Masked LoRA Experts", _prepare_mlae, (
+    Option("experts", int, 8, "number of experts per adapted layer"),
+    Option("expert_rank", int, 1, "rank of each expert"),
+    Option("dropout", float, 0.0, "expert dropout probability p of the stochastic masks"),
+    Option("coeff_init", float, 1.0, "initial expert coefficient c_i"),
+    Option("adaptive", _bool, True, "train the expert coefficients", flag="--no-adaptive"),
+    Option("masking", str, "stochastic", "expert masking: stochastic, fixed or mixed"),
+    Option("pattern", str, "uniform", "per-layer pattern of expert counts / dropout rates: uniform, "
+           "incremental, decremental, hourglass, protruding or random"),
+    Option("mask_granularity", str, "batch", "batch (one mask per forward, shared by the batch) or sample"),
+    Option("scale", float, 1.0, "global scale s of the update"),
+    TARGETS,
+)))
+register_method(Method("lora", "LoRA", _prepare_lora, (RANK, ALPHA, TARGETS)))
+register_method(Method("lora-dropout", "LoRA with dropout on the adapter input", _prepare_lora, (
+    RANK, ALPHA, Option("lora_dropout", float, 0.1, "dropout probability on the LoRA input"), TARGETS,
+)))
+register_method(Method("linear", "linear probe: train the classification head only", _prepare_linear,
+                       adapter=False))
+register_method(Method("full", "full fine-tuning of every weight", _prepare_full, adapter=False))
+
+
+def dataset_key(spec: str) -> str:
+    """The dataset name a recipe's ``per_dataset`` section is keyed by: ``/data/vtab-1k/cifar/`` -> ``cifar``,
+    ``suite:digits`` -> ``digits``, ``fgvc:CUB_200_2011`` -> ``cub_200_2011``."""
+    name = os.path.basename(os.path.normpath(str(spec)))
+    return name.rsplit(":", 1)[-1].lower()
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read a YAML recipe into a dict (``per_dataset`` kept as is)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of option: value")
+    per_dataset = data.get("per_dataset", {})
+    if not isinstance(per_dataset, dict) or not all(isinstance(v, dict) for v in per_dataset.values()):
+        raise RecipeError(f"{path}: per_dataset must map dataset names to mappings of option: value")
+    return data
+
+
+def resolve_recipe(recipe: dict, dataset: str | None) -> dict:
+    """Flatten a recipe for ``dataset``: its ``per_dataset[dataset]`` entries override the general ones."""
+    flat = {k: v for k, v in recipe.items() if k != "per_dataset"}
+    if dataset is not None:
+        per_dataset = {str(k).lower(): v for k, v in recipe.get("per_dataset", {}).items()}
+        flat.update(per_dataset.get(dataset_key(dataset), {}))
+    return flat

@@ -1,0 +1,126 @@
+"""Device, precision, seeding and random-state helpers shared by the training commands."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "autocast",
+    "cpu_supports_bf16",
+    "get_rng_state",
+    "init_distributed",
+    "resolve_device",
+    "resolve_precision",
+    "seed_everything",
+    "set_rng_state",
+]
+
+
+def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
+    """The requested device, or CUDA (this process's GPU under torchrun) when available, else the CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Map ``auto|bf16|fp32`` to ``bf16`` or ``fp32`` for ``device``."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision == "bf16"``, a no-op otherwise (weights and optimizer stay fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """The torch (CPU and CUDA), numpy and Python random states as (tensors, JSON-able dict)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, py_state, gauss = random.getstate()
+    return tensors, {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+                     "python": [version, list(py_state), gauss]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """Inverse of :func:`get_rng_state`."""
+    torch.set_rng_state(tensors["torch"].cpu())
+    cuda = [tensors[f"cuda.{i}"].cpu() for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = info["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment variables (nccl on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
