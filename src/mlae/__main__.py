@@ -1,0 +1,5 @@
+import sys
+
+from mlae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""What every adapter shares: a frozen ``nn.Linear`` plus a trainable update, explicit merge/unmerge.
+
+A method subclasses :class:`AdapterLayer` and implements ``delta(x)`` (the update's output for an input)
+and ``factors()`` (the update as a product ``B @ A``; methods whose update is input dependent, like MoLE's
+gates, instead override ``delta_weight`` or declare themselves unmergeable). Everything else -- merging, the
+finite check, parameter bookkeeping -- lives here once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict"]
+
+# method name -> config class; filled by ``AdapterConfig.__init_subclass__``.
+CONFIGS: dict[str, type["AdapterConfig"]] = {}
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method has. Subclasses add their own and set ``method``."""
+
+    method: ClassVar[str] = ""
+    target_modules: list[str] = field(default_factory=lambda: ["qkv"])
+    """Qualified module names to adapt: a suffix (``"qkv"`` matches ``blocks.0.attn.qkv``) or a regex that
+    fully matches the name (``r"blocks\\.(0|1)\\.attn\\.qkv"``)."""
+    train_head: bool = True
+    """Keep the classifier head trainable (the adapters are useless for a new task without it)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter. ``None``: the classifier head, found through
+    ``model.get_classifier()`` (timm) or a module named ``head``/``classifier``/``fc``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            CONFIGS[cls.method] = cls
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of names/patterns, got {self.target_modules!r}")
+        self.target_modules = list(self.target_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
+
+    # --- what a method provides -------------------------------------------------------------------
+    def layer_plan(self, names: list[str]) -> list[dict[str, Any]]:
+        """Per-layer constructor arguments for the adapted modules ``names`` (in model order)."""
+        return [{} for _ in names]
+
+    def create_layer(self, base: nn.Linear, **layer_kwargs) -> "AdapterLayer":
+        raise NotImplementedError
+
+    # --- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
+    """Rebuild a config from :meth:`AdapterConfig.to_dict` output (e.g. the metadata of a saved adapter)."""
+    d = dict(d)
+    method = d.pop("method", None)
+    if method not in CONFIGS:
+        raise ValueError(f"unknown adapter method {method!r}; known: {sorted(CONFIGS)}")
+    cls = CONFIGS[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{method} config has unknown fields {unknown}")
+    return cls(**d)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen linear layer ``y = W x + b`` plus a trainable update ``ΔW``."""
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"adapters wrap nn.Linear, got {type(base).__name__}")
+        self.base = base
+        base.requires_grad_(False)
+        self.name = ""  # qualified name in the model, set by inject.apply; used in error messages
+        self.merged = False
+        self._original_weight: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    # --- to implement ----------------------------------------------------------------------------
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The update's contribution ``ΔW x`` (training-mode masking/dropout included)."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``ΔW = B @ A`` at inference: ``A: [R, in]``, ``B: [out, R]`` (all scales folded into B)."""
+        raise NotImplementedError
+
+    def expert_sizes(self) -> list[int]:
+        """How the ``R`` rank-1 components of :meth:`factors` group into experts (for expert similarity)."""
+        return [1] * self.factors()[0].shape[0]
+
+    # --- shared ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.delta(x)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.factors()
+        return (b.float() @ a.float())
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + ΔW`` in the base weight's dtype; raises if it is not finite (nothing is changed then)."""
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} at {self.name or '?'} cannot be merged into its base layer")
+        w = self.base.weight
+        new = (w.float() + self.delta_weight().to(w.device)).to(w.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"merging the adapter of {self.name or 'this layer'} would write non-finite weights; "
+                             "the layer is left unmerged (check the adapter for NaN/inf values)")
+        return new
+
+    @torch.no_grad()
+    def merge(self, new_weight: torch.Tensor | None = None, keep_original: bool = True) -> None:
+        if self.merged:
+            return
+        new_weight = self.merged_weight() if new_weight is None else new_weight
+        # Keeping the original makes unmerge exact (W + ΔW - ΔW is not W in floating point).
+        self._original_weight = self.base.weight.detach().clone() if keep_original else None
+        self.base.weight.copy_(new_weight)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self._original_weight is not None:
+            self.base.weight.copy_(self._original_weight)
+        else:
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        self._original_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"

@@ -1,0 +1,55 @@
+"""LoRA (Hu et al., 2022): ``ΔW = (α/r) B A``; with ``dropout > 0`` it is the LoRA+Dropout baseline
+(dropout on the adapter's input, as in loralib/PEFT)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterConfig, AdapterLayer
+
+__all__ = ["LoRAConfig", "LoRALinear"]
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    method = "lora"
+    rank: int = 8
+    """Rank r of the update."""
+    alpha: float = 8.0
+    """Scale numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout probability on the adapter input (LoRA+Dropout baseline); 0 for plain LoRA."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if int(self.rank) != self.rank or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.rank = int(self.rank)
+
+    def create_layer(self, base: nn.Linear, **_) -> "LoRALinear":
+        return LoRALinear(base, self.rank, self.alpha / self.rank, self.dropout)
+
+
+class LoRALinear(AdapterLayer):
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float):
+        super().__init__(base)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def factors(self):
+        return self.lora_A, self.lora_B * self.scaling

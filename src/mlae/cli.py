@@ -1,0 +1,55 @@
+"""`mlae` command line.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a parser and sets
+``func`` (called with the parsed namespace). Keeping the commands apart keeps this file a table of contents.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module name -> subcommands it registers (the module is imported only when present, so that partial
+# installs, e.g. without the training extras, still give a helpful --help).
+COMMAND_MODULES = [
+    "mlae.commands.train",     # train, eval, export
+    "mlae.pretrain",           # pretrain
+    "mlae.commands.sweep",     # sweep
+    "mlae.commands.compare",   # compare
+    "mlae.commands.analyze",   # analyze
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlae",
+        description="Parameter-efficient fine-tuning of vision transformers with Masked LoRA Experts (MLAE), "
+        "DMLoRA, MoLE and the LoRA / linear-probe / full fine-tuning baselines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and (err.name == name or name.startswith(err.name + ".")):
+                continue  # that command is not written yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        # No arguments: the README's main job (fine-tune the embedded backbone on an embedded task).
+        argv = ["train"]
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Put adapters into any ``nn.Module`` by module-name patterns; freeze; merge; count parameters."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .adapters.base import AdapterConfig, AdapterLayer
+
+__all__ = ["apply", "merge", "unmerge", "adapter_layers", "freeze_backbone", "head_module_names",
+           "count_parameters", "set_progress", "aux_losses"]
+
+CONFIG_ATTR = "mlae_config"          # the applied AdapterConfig, kept on the model
+HEADS_ATTR = "mlae_modules_to_save"  # names of fully trained modules (the head)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def head_module_names(model: nn.Module, modules_to_save: list[str] | None = None) -> list[str]:
+    """Qualified names of the modules trained in full (by default the classifier head)."""
+    names = dict(model.named_modules())
+    if modules_to_save is not None:
+        found = [n for n in names if n and any(_matches(n, p) for p in modules_to_save)]
+        if not found:
+            raise ValueError(f"modules_to_save {modules_to_save} match no module of {type(model).__name__}")
+        return found
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        for n, m in names.items():
+            if m is head and n and any(True for _ in m.parameters()):
+                return [n]
+        return []  # e.g. num_classes=0: nothing to train besides the adapters
+    return [n for n in ("head", "classifier", "fc") if n in names]
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def _set_trainable_heads(model: nn.Module, heads: list[str], train_head: bool) -> None:
+    modules = dict(model.named_modules())
+    for n in heads:
+        modules[n].requires_grad_(train_head)
+
+
+def freeze_backbone(model: nn.Module, train_head: bool = True, modules_to_save: list[str] | None = None) -> nn.Module:
+    """Freeze every parameter except the head (the linear-probe baseline)."""
+    model.requires_grad_(False)
+    heads = head_module_names(model, modules_to_save)
+    _set_trainable_heads(model, heads, train_head)
+    setattr(model, HEADS_ATTR, heads)
+    return model
+
+
+def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Adapt ``model`` in place: every ``nn.Linear`` matching ``config.target_modules`` becomes an adapter
+    layer; everything else is frozen except the classifier head (``config.train_head``). Returns ``model``."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"expected an adapter config (e.g. mlae.MLAEConfig()), got {type(config).__name__}")
+    if getattr(model, CONFIG_ATTR, None) is not None or any(True for _ in adapter_layers(model)):
+        raise ValueError("this model already has adapters; create a fresh model to apply another config")
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [(n, m) for n, m in linear if any(_matches(n, p) for p in config.target_modules)]
+    if not targets:
+        examples = ", ".join(n for n, _ in linear[:6]) or "none"
+        raise ValueError(f"no nn.Linear of {type(model).__name__} matches target_modules {config.target_modules}; "
+                         f"Linear modules in this model include: {examples}")
+    heads = head_module_names(model, config.modules_to_save) if config.train_head or config.modules_to_save else []
+    if any(n in heads for n, _ in targets):
+        raise ValueError(f"target_modules {config.target_modules} also match the head {heads}; "
+                         "narrow the patterns or set train_head=False")
+    plan = dict(zip([n for n, _ in targets], config.layer_plan([n for n, _ in targets])))
+
+    model.requires_grad_(False)
+    for name, base in targets:
+        layer = config.create_layer(base, **plan[name])
+        layer.name = name
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    _set_trainable_heads(model, heads, config.train_head)
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, HEADS_ATTR, heads)
+    return model
+
+
+def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
+    """Fold every adapter into its base weight (``W ← W + ΔW``): inference then costs exactly the plain
+    backbone's. Idempotent. Checks every merged weight is finite before writing any. ``keep_original=False``
+    frees the copy of the original weights (unmerge then subtracts ΔW, exact up to rounding)."""
+    todo = [(layer, layer.merged_weight()) for _, layer in adapter_layers(model) if not layer.merged]
+    for layer, new in todo:
+        layer.merge(new, keep_original=keep_original)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`, restoring the original base weights. Idempotent."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``adapter``: trainable parameters inside adapter layers (what PEFT papers quote), ``head``: trainable
+    parameters of the fully trained modules, ``trainable``: all trainable, ``total``: all parameters."""
+    adapter = sum(p.numel() for _, layer in adapter_layers(model) for n, p in layer.named_parameters()
+                  if p.requires_grad and not n.startswith("base."))
+    modules = dict(model.named_modules())
+    head = sum(p.numel() for n in getattr(model, HEADS_ATTR, []) for p in modules[n].parameters() if p.requires_grad)
+    return {"adapter": adapter, "head": head,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+def set_progress(model: nn.Module, t: float) -> None:
+    """Tell the adapters how far training is (``t`` in [0, 1]); methods with schedules (DMLoRA's gradual
+    branch dropout) read it, the others ignore it. Call once per training step."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"training progress must be in [0, 1], got {t}")
+    for _, layer in adapter_layers(model):
+        if hasattr(layer, "set_progress"):
+            layer.set_progress(t)
+
+
+def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Auxiliary losses of the last forward (e.g. MoLE's gating balance loss), by name. A layer class
+    provides them through a ``collect_aux_losses(layers)`` static method that sees all its layers at once,
+    because such losses are defined over the whole network, not per layer."""
+    by_type: dict[type, list[AdapterLayer]] = {}
+    for _, layer in adapter_layers(model):
+        if hasattr(type(layer), "collect_aux_losses"):
+            by_type.setdefault(type(layer), []).append(layer)
+    losses: dict[str, torch.Tensor] = {}
+    for cls, layers in by_type.items():
+        losses.update(cls.collect_aux_losses(layers))
+    return losses

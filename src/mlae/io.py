@@ -1,0 +1,173 @@
+"""Adapters on disk: safetensors with a JSON config in the metadata; export to a standard PEFT LoRA adapter.
+
+Files a user hands us are read with safetensors only -- never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters.base import AdapterConfig, config_from_dict
+from .inject import CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, freeze_backbone
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "export_peft",
+           "atomic_save_file"]
+
+FORMAT = "mlae.adapter/1"
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """safetensors ``save_file`` through a temporary file + rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors (everything in adapter layers but the frozen base) and the fully trained modules."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        for k, v in layer.state_dict().items():
+            if not k.startswith("base."):
+                out[f"{name}.{k}"] = v
+    modules = dict(model.named_modules())
+    for name in getattr(model, HEADS_ATTR, []):
+        for k, v in modules[name].state_dict().items():
+            out[f"{name}.{k}"] = v
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the adapters, the trained head and the config to ``path`` (safetensors). ``metadata``: any
+    JSON-serialisable facts to keep with it (backbone name, number of classes, dataset...)."""
+    config: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
+    if config is None and not getattr(model, HEADS_ATTR, None):
+        raise ValueError("the model has no adapters and no trained head to save; call mlae.apply first")
+    header = {
+        "format": FORMAT,
+        "config": config.to_json() if config is not None else "null",
+        "adapted_modules": json.dumps([n for n, _ in adapter_layers(model)]),
+        "modules_to_save": json.dumps(getattr(model, HEADS_ATTR, [])),
+        "metadata": json.dumps(metadata or {}, sort_keys=True),
+    }
+    return atomic_save_file(_saved_state(model), path, header)
+
+
+def _read_header(path: str | os.PathLike) -> dict[str, str]:
+    path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        raise ValueError(f"{path} is a PEFT adapter directory, not an mlae adapter file")
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except Exception as err:  # safetensors raises several types for truncated/foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); adapters are only read as "
+                         "safetensors, never unpickled") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not an mlae adapter (metadata format is "
+                         f"{header.get('format')!r}, expected {FORMAT!r})")
+    return header
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata`` given to :func:`save_adapter` (backbone, dataset, ...)."""
+    return json.loads(_read_header(path)["metadata"])
+
+
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig | None:
+    """The adapter config stored in the file (``None`` for a head-only linear probe)."""
+    d = json.loads(_read_header(path)["config"])
+    return None if d is None else config_from_dict(d)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply the config saved in ``path`` to ``model`` (unless already applied) and load the weights.
+    Every tensor must fit the model; the error lists those that do not."""
+    header = _read_header(path)
+    cfg_dict = json.loads(header["config"])
+    saved_names, heads = json.loads(header["adapted_modules"]), json.loads(header["modules_to_save"])
+    current: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
+    if cfg_dict is None:
+        if current is not None:
+            raise ValueError(f"{path} holds a head-only (linear probe) adapter but the model already has adapters")
+        freeze_backbone(model, modules_to_save=heads)
+    elif current is None:
+        apply(model, config_from_dict(cfg_dict))
+    elif current.to_dict() != cfg_dict:
+        raise ValueError(f"the model already has adapters with another config than {path}: "
+                         f"{current.to_dict()} vs {cfg_dict}")
+    names = [n for n, _ in adapter_layers(model)]
+    if names != saved_names:
+        raise ValueError(f"{path} adapts {len(saved_names)} modules ({saved_names[:3]}...) but on this model the "
+                         f"config adapts {len(names)} ({names[:3]}...): is it the same architecture?")
+    if any(layer.merged for _, layer in adapter_layers(model)):
+        raise ValueError("unmerge the model before loading adapter weights into it")
+    expected = _saved_state(model)
+    problems = []
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        for k in sorted(keys):
+            if k not in expected:
+                problems.append(f"{k}: in the file but not in the model")
+                continue
+            shape = tuple(f.get_slice(k).get_shape())
+            if shape != tuple(expected[k].shape):
+                problems.append(f"{k}: file has shape {list(shape)}, model has {list(expected[k].shape)}")
+        problems += [f"{k}: missing from the file" for k in sorted(set(expected) - keys)]
+        if problems:
+            raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:10]) +
+                             ("\n  (a head shape mismatch means a different num_classes)" if heads else ""))
+        with torch.no_grad():
+            for k in keys:
+                expected[k].copy_(f.get_tensor(k))
+    return model
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a standard HF PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+    Every mergeable adapter is a LoRA of rank R with ``ΔW = B A`` (MLAE: ``B' = s·B·diag(c)``), so it is
+    exported with ``lora_alpha = r`` (scaling 1) per layer; the head goes in ``modules_to_save``."""
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("the model has no adapters to export")
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    with torch.no_grad():
+        for name, layer in layers:
+            if not layer.mergeable:
+                raise TypeError(f"{type(layer).__name__} ({name}) is input dependent and has no PEFT LoRA form")
+            a, b = layer.factors()
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.float()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.float()
+            ranks[name] = a.shape[0]
+    heads = getattr(model, HEADS_ATTR, [])
+    modules = dict(model.named_modules())
+    for h in heads:
+        for k, v in modules[h].state_dict().items():
+            tensors[f"base_model.model.{h}.{k}"] = v
+    r = max(ranks.values())
+    uneven = {n: k for n, k in ranks.items() if k != r}
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": r, "lora_alpha": r, "rank_pattern": uneven, "alpha_pattern": dict(uneven),
+        "target_modules": sorted(ranks), "modules_to_save": heads or None,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(tensors, directory / "adapter_model.safetensors", {"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return directory

@@ -1,0 +1,375 @@
+"""One generic matrix over every method and masking mode (merge, masks, gradients, save/load, PEFT export),
+then method-specific checks. A new method joins the matrix by adding a case to CASES."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import mlae
+from mlae.adapters import MLAELinear
+from conftest import make_mlp, make_tiny_vit
+
+CASES = {
+    "lora": lambda **kw: mlae.LoRAConfig(rank=4, alpha=8, **kw),
+    "lora-dropout": lambda **kw: mlae.LoRAConfig(rank=4, alpha=4, dropout=0.3, **kw),
+    "mlae-stochastic": lambda **kw: mlae.MLAEConfig(experts=4, dropout=0.5, coeff_init=0.5, **kw),
+    "mlae-sample": lambda **kw: mlae.MLAEConfig(experts=4, dropout=0.5, mask_granularity="sample", **kw),
+    "mlae-rank2": lambda **kw: mlae.MLAEConfig(experts=2, expert_rank=2, dropout=0.3, **kw),
+    "mlae-fixed": lambda **kw: mlae.MLAEConfig(experts=4, masking="fixed", pattern="incremental", **kw),
+    "mlae-mixed": lambda **kw: mlae.MLAEConfig(experts=4, masking="mixed", pattern="hourglass", dropout=0.3, **kw),
+    "mlae-frozen-coeff": lambda **kw: mlae.MLAEConfig(experts=4, adaptive=False, coeff_init=2.0, **kw),
+}
+MODELS = {
+    "vit": (lambda: make_tiny_vit(depth=3), {}, lambda: torch.randn(4, 3, 32, 32)),
+    "mlp": (make_mlp, {"target_modules": ["0", "2"], "modules_to_save": ["4"]}, lambda: torch.randn(4, 12)),
+}
+
+
+def randomize(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give the adapters non-zero updates (B starts at zero, which would make many checks vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in mlae.adapter_layers(model):
+            for name, p in layer.named_parameters():
+                if not name.startswith("base."):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def build(case: str, model_kind: str = "vit"):
+    make_model, kw, make_x = MODELS[model_kind]
+    model = mlae.apply(make_model(), CASES[case](**kw))
+    return randomize(model).eval(), make_x()
+
+
+@pytest.mark.parametrize("model_kind", list(MODELS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_merged_equals_unmerged_and_unmerge_restores(case, model_kind):
+    model, x = build(case, model_kind)
+    base = {n: l.base.weight.clone() for n, l in mlae.adapter_layers(model)}
+    with torch.no_grad():
+        y = model(x)
+        mlae.merge(model)
+        mlae.merge(model)  # idempotent
+        assert all(l.merged for _, l in mlae.adapter_layers(model))
+        assert not any(torch.equal(l.base.weight, base[n]) for n, l in mlae.adapter_layers(model))
+        y_merged = model(x)
+        mlae.unmerge(model)
+        mlae.unmerge(model)
+        y_back = model(x)
+    torch.testing.assert_close(y_merged, y, rtol=1e-4, atol=1e-5)
+    assert torch.equal(y_back, y)
+    for n, l in mlae.adapter_layers(model):
+        assert torch.equal(l.base.weight, base[n]), n
+
+
+@pytest.mark.parametrize("case", ["lora", "mlae-stochastic"])
+def test_merge_without_keeping_original_unmerges_up_to_rounding(case):
+    model, _ = build(case)
+    base = {n: l.base.weight.clone() for n, l in mlae.adapter_layers(model)}
+    mlae.merge(model, keep_original=False)
+    mlae.unmerge(model)
+    for n, l in mlae.adapter_layers(model):
+        torch.testing.assert_close(l.base.weight, base[n], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_refuses_non_finite_weights(case):
+    model, x = build(case)
+    names = [n for n, _ in mlae.adapter_layers(model)]
+    bad_name, bad = list(mlae.adapter_layers(model))[-1]
+    before = {n: l.base.weight.clone() for n, l in mlae.adapter_layers(model)}
+    with torch.no_grad():
+        bad.lora_B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=bad_name.replace(".", r"\.")):
+        mlae.merge(model)
+    # All or nothing: not even the healthy layers before the bad one were written.
+    for n, l in mlae.adapter_layers(model):
+        assert not l.merged and torch.equal(l.base.weight, before[n]), n
+    assert names
+
+
+@pytest.mark.parametrize("model_kind", list(MODELS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_only_adapter_and_head_parameters_change(case, model_kind):
+    model, x = build(case, model_kind)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".base." not in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    out = model(x)
+    out.square().mean().backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    heads = getattr(model, "mlae_modules_to_save")
+    assert heads and any(n.startswith(heads[0] + ".") for n in changed)
+    counts = mlae.count_parameters(model)
+    assert counts["adapter"] + counts["head"] == counts["trainable"] == sum(before[n].numel() for n in trainable)
+
+
+@pytest.mark.parametrize("model_kind", list(MODELS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_save_load_round_trip(case, model_kind, tmp_path):
+    model, x = build(case, model_kind)
+    path = mlae.save_adapter(model, tmp_path / "a.safetensors", metadata={"dataset": "suite:digits", "n": 5})
+    assert mlae.read_adapter_metadata(path) == {"dataset": "suite:digits", "n": 5}
+    assert mlae.read_adapter_config(path).to_dict() == model.mlae_config.to_dict()
+    make_model, kw, _ = MODELS[model_kind]
+    fresh = mlae.load_adapter(make_model(), path).eval()  # same backbone weights (same seed), config from file
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    # The file holds adapters and head only, never the frozen backbone.
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert keys and not any(".base." in k for k in keys)
+    heads = model.mlae_modules_to_save
+    assert {k for k in keys if k.split(".")[0] in heads} and all(k.split(".")[0] in heads or "lora_" in k
+                                                                 or k.endswith("coeff") for k in keys)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_export_loads_in_real_peft_and_matches_merged_model(case, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, x = build(case)
+    out_dir = mlae.export_peft(model, tmp_path / "peft")
+    cfg = json.loads((out_dir / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["modules_to_save"] == ["head"]
+    with torch.no_grad():
+        expected = mlae.merge(model)(x)
+    loaded = peft.PeftModel.from_pretrained(make_tiny_vit(depth=3), str(out_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded.merge_and_unload()(x), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- masking ---------------------------------------------------------------------------------------
+
+def _layer(p=0.5, granularity="batch", experts=8, rank=1, seed=0):
+    torch.manual_seed(seed)
+    layer = MLAELinear(nn.Linear(6, 5), experts, rank, p, 1.0, True, 1.0, granularity)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.coeff.uniform_(0.5, 1.5)
+    return layer
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_training_mean_over_masks_equals_eval_output(granularity):
+    layer, x = _layer(0.5, granularity), torch.randn(3, 4, 6)
+    with torch.no_grad():
+        expected = layer.eval().delta(x)
+        layer.train()
+        n = 4000
+        mean = sum(layer.delta(x) for _ in range(n)) / n
+    # Inverted dropout: E[m/(1-p)] = 1, so the average of many masked forwards is the unmasked output.
+    err = (mean - expected).abs().max() / expected.abs().max()
+    assert err < 0.05, err
+    # ...and a single masked forward is not the eval output.
+    with torch.no_grad():
+        assert not torch.allclose(layer.delta(x), expected)
+
+
+def _expert_grads(layer, x):
+    layer.zero_grad()
+    layer.delta(x).sum().backward()
+    a = layer.lora_A.grad.abs().sum(1)
+    b = layer.lora_B.grad.abs().sum(0)
+    return a, b, layer.coeff.grad.abs()
+
+
+def test_dropped_experts_get_no_gradient():
+    layer, x = _layer(0.5).train(), torch.randn(2, 3, 6)
+    seen_dropped = seen_kept = 0
+    for step in range(30):
+        a, b, c = _expert_grads(layer, x)
+        dropped = c == 0
+        # A dropped expert has zero gradient in A, B and c; a kept one has non-zero gradients everywhere.
+        assert torch.equal(a == 0, dropped) and torch.equal(b == 0, dropped), step
+        seen_dropped += int(dropped.sum())
+        seen_kept += int((~dropped).sum())
+    assert seen_dropped > 0 and seen_kept > 0
+
+
+def test_zero_dropout_drops_nothing():
+    layer, x = _layer(0.0).train(), torch.randn(2, 3, 6)
+    for _ in range(10):
+        a, b, c = _expert_grads(layer, x)
+        assert (a > 0).all() and (b > 0).all() and (c > 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.delta(x), layer.eval().delta(x))
+
+
+def test_eval_mode_is_deterministic_and_unscaled():
+    layer, x = _layer(0.7), torch.randn(2, 6)
+    layer.eval()
+    a, b = layer.factors()
+    torch.testing.assert_close(layer.delta(x), x @ (b @ a).T)
+
+
+# --- patterns --------------------------------------------------------------------------------------
+
+def _counts(model):
+    return [l.experts for _, l in mlae.adapter_layers(model)]
+
+
+def test_fixed_patterns_allocate_the_listed_experts():
+    vit12 = lambda: make_tiny_vit(depth=12, dim=16)
+    m = mlae.apply(vit12(), mlae.MLAEConfig(masking="fixed", pattern="incremental"))
+    assert _counts(m) == [2, 2, 2, 6, 6, 6, 10, 10, 10, 14, 14, 14]
+    assert [l.lora_A.shape[0] for _, l in mlae.adapter_layers(m)] == _counts(m)  # only kept experts allocated
+    assert all(l.p == 0 for _, l in mlae.adapter_layers(m))
+    m = mlae.apply(vit12(), mlae.MLAEConfig(masking="fixed", pattern="hourglass"))
+    assert _counts(m) == [14, 14, 14, 2, 2, 2, 2, 2, 2, 14, 14, 14]
+    m = mlae.apply(vit12(), mlae.MLAEConfig(masking="fixed", pattern="random", seed=3))
+    counts = _counts(m)
+    assert sum(counts) == 8 * 12 and min(counts) >= 1 and max(counts) <= 14 and len(set(counts)) > 1
+    assert counts == _counts(mlae.apply(vit12(), mlae.MLAEConfig(masking="fixed", pattern="random", seed=3)))
+    m = mlae.apply(make_tiny_vit(depth=3), mlae.MLAEConfig(masking="mixed", pattern=[1, 2, 3], dropout=0.2))
+    assert _counts(m) == [1, 2, 3] and all(l.p == 0.2 for _, l in mlae.adapter_layers(m))
+    # Resampled to another depth the pattern keeps its shape: protruding is low-high-low.
+    m = mlae.apply(make_tiny_vit(depth=5), mlae.MLAEConfig(masking="fixed", pattern="protruding"))
+    c = _counts(m)
+    assert c[0] == c[-1] == 2 and c[2] == 14
+
+
+def test_stochastic_patterns_set_per_layer_dropout():
+    m = mlae.apply(make_tiny_vit(depth=12, dim=16), mlae.MLAEConfig(pattern="hourglass"))
+    assert [l.p for _, l in mlae.adapter_layers(m)] == pytest.approx([0, .1, .3, .5, .6, .8, .8, .6, .5, .3, .1, 0])
+    m = mlae.apply(make_tiny_vit(depth=3), mlae.MLAEConfig(dropout=0.3))
+    assert [l.p for _, l in mlae.adapter_layers(m)] == [0.3] * 3 and _counts(m) == [8] * 3
+
+
+def test_layers_of_one_block_share_a_pattern_entry():
+    m = mlae.apply(make_tiny_vit(depth=12, dim=16),
+                   mlae.MLAEConfig(masking="fixed", pattern="decremental", target_modules=["qkv", "proj"]))
+    names = [n for n, _ in mlae.adapter_layers(m)]
+    assert len(names) == 24 and "blocks.0.attn.proj" in names
+    counts = dict(zip(names, _counts(m)))
+    assert counts["blocks.0.attn.qkv"] == counts["blocks.0.attn.proj"] == 14
+    assert counts["blocks.11.attn.qkv"] == 2
+
+
+# --- parameter count, similarity ------------------------------------------------------------------
+
+def test_vit_b_parameter_count_matches_paper():
+    import timm
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    mlae.apply(model, mlae.MLAEConfig())
+    counts = mlae.count_parameters(model)
+    assert counts["adapter"] == 12 * (8 * (768 + 2304) + 8)   # 295,008: the paper's 0.30 M
+    assert counts["head"] == 768 * 100 + 100
+
+
+def _brute_force_similarity(layer):
+    a, b = (t.detach() for t in layer.factors())
+    sizes = layer.expert_sizes()
+    if len(sizes) < 2:
+        return float("nan")  # a layer with a single expert has no pair
+    mats, start = [], 0
+    for s in sizes:
+        mats.append((b[:, start:start + s] @ a[start:start + s]).flatten().double())
+        start += s
+    sims = [torch.nn.functional.cosine_similarity(mats[i], mats[j], dim=0)
+            for i in range(len(mats)) for j in range(len(mats)) if i != j]
+    return float(torch.stack(sims).mean())
+
+
+@pytest.mark.parametrize("case", ["lora", "mlae-stochastic", "mlae-rank2", "mlae-fixed"])
+def test_expert_similarity_matches_brute_force(case):
+    model, _ = build(case)
+    with torch.no_grad():  # negative coefficients flip the sign of an expert: the formula must keep it
+        for _, l in mlae.adapter_layers(model):
+            if hasattr(l, "coeff"):
+                l.coeff[0] = -l.coeff[0]
+    per_layer = mlae.expert_similarity(model, per_layer=True)
+    for name, layer in mlae.adapter_layers(model):
+        assert per_layer[name] == pytest.approx(_brute_force_similarity(layer), abs=1e-5, nan_ok=True)
+    defined = [v for v in per_layer.values() if not math.isnan(v)]
+    assert defined and mlae.expert_similarity(model) == pytest.approx(sum(defined) / len(defined), abs=1e-6)
+
+
+def test_similarity_of_untrained_experts_is_undefined_not_zero():
+    model = mlae.apply(make_tiny_vit(), mlae.MLAEConfig())  # B = 0: every expert is the zero matrix
+    assert math.isnan(mlae.expert_similarity(model))
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_unknown_target_names_patterns_and_existing_modules():
+    with pytest.raises(ValueError, match=r"nonexistent.*blocks\.0\.attn\.qkv"):
+        mlae.apply(make_tiny_vit(), mlae.MLAEConfig(target_modules=["nonexistent"]))
+
+
+def test_regex_targets_and_apply_twice():
+    m = mlae.apply(make_tiny_vit(depth=3), mlae.LoRAConfig(target_modules=[r"blocks\.[01]\.mlp\.fc\d"]))
+    assert [n for n, _ in mlae.adapter_layers(m)] == [f"blocks.{i}.mlp.fc{j}" for i in (0, 1) for j in (1, 2)]
+    with pytest.raises(ValueError, match="already has adapters"):
+        mlae.apply(m, mlae.LoRAConfig())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"experts": 0}, "experts"), ({"expert_rank": 1.5}, "expert_rank"), ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"), ({"masking": "sometimes"}, "masking"), ({"pattern": "zigzag"}, "pattern"),
+    ({"mask_granularity": "token"}, "mask_granularity"), ({"coeff_init": float("nan")}, "finite"),
+    ({"pattern": "random"}, "random"), ({"target_modules": []}, "target_modules"),
+])
+def test_bad_mlae_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mlae.MLAEConfig(**kwargs)
+
+
+def test_bad_lora_config_and_pattern_length():
+    with pytest.raises(ValueError, match="rank"):
+        mlae.LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="3 layers"):
+        mlae.apply(make_tiny_vit(depth=3), mlae.MLAEConfig(masking="fixed", pattern=[2, 2]))
+
+
+def test_load_rejects_corrupt_foreign_and_mismatched_files(tmp_path):
+    model, _ = build("mlae-stochastic")
+    good = mlae.save_adapter(model, tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        mlae.load_adapter(make_tiny_vit(depth=3), truncated)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="not an mlae adapter"):
+        mlae.load_adapter(make_tiny_vit(depth=3), foreign)
+    pickled = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    with pytest.raises(ValueError, match="never unpickled"):
+        mlae.load_adapter(make_tiny_vit(depth=3), pickled)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        mlae.load_adapter(make_tiny_vit(depth=3), tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=r"head\.weight: file has shape \[5, 32\], model has \[7, 32\]"):
+        mlae.load_adapter(make_tiny_vit(depth=3, num_classes=7), good)
+    with pytest.raises(ValueError, match="same architecture"):
+        mlae.load_adapter(make_tiny_vit(depth=2), good)
+
+
+def test_linear_probe_head_only_round_trip(tmp_path):
+    model = mlae.freeze_backbone(make_tiny_vit())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    with torch.no_grad():
+        model.head.weight.normal_()
+    path = mlae.save_adapter(model, tmp_path / "probe.safetensors")
+    assert mlae.read_adapter_config(path) is None
+    fresh = mlae.load_adapter(make_tiny_vit(), path)
+    assert torch.equal(fresh.head.weight, model.head.weight)
+    assert not fresh.blocks[0].attn.qkv.weight.requires_grad
+
+
+def test_set_progress_validates_and_aux_losses_empty_for_lora_mlae():
+    model, x = build("mlae-stochastic")
+    mlae.set_progress(model, 0.5)
+    with pytest.raises(ValueError, match="progress"):
+        mlae.set_progress(model, 1.5)
+    model(x)
+    assert mlae.aux_losses(model) == {}
