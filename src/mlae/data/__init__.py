@@ -1,0 +1,81 @@
+"""Datasets: VTAB-1k and FGVC in the field's on-disk layouts, image folders, and an embedded suite of tasks.
+
+    task = load_task("vtab:cifar", data_root="/data/vtab-1k", image_size=224)
+    x = prepare_batch(task.train.images[:64], train=True, augment=task.augment, image_size=224)
+
+Specs: "vtab:<name>", "fgvc:<name>", "folder:<path>", "suite:<task>" (no download needed). Images are decoded
+once into uint8 tensors and cached next to the data (see `base.cached_split`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import DatasetError, Split, Task, clear_cache
+from .fgvc import FGVC_TASKS, load_fgvc
+from .folder import load_folder
+from .suite import SUITE_TASKS, make_suite_task
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, cache_size, prepare_batch
+from .vtab import VTAB_TASKS, load_vtab
+
+__all__ = ["load_task", "expand_specs", "Task", "Split", "prepare_batch", "cache_size", "DatasetError",
+           "VTAB_TASKS", "FGVC_TASKS", "SUITE_TASKS", "SPEC_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "clear_cache"]
+
+SPEC_PREFIXES = ("vtab", "fgvc", "folder", "suite")
+# "<prefix>:all" expands to every task of that family
+_FAMILIES = {"vtab": VTAB_TASKS, "fgvc": FGVC_TASKS, "suite": SUITE_TASKS}
+
+
+def _parse(spec: str) -> tuple[str, str]:
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in SPEC_PREFIXES or not rest:
+        raise DatasetError(f"cannot parse dataset spec {spec!r}: expected one of "
+                           + ", ".join(f"'{p}:<name>'" for p in SPEC_PREFIXES))
+    return prefix, rest
+
+
+def expand_specs(specs: str | list[str]) -> list[str]:
+    """Comma-separated specs (or a list) with "suite:all" / "vtab:all" / "fgvc:all" expanded into single tasks."""
+    items = specs.split(",") if isinstance(specs, str) else list(specs)
+    out: list[str] = []
+    for item in (s.strip() for s in items):
+        if not item:
+            continue
+        prefix, rest = _parse(item)
+        if rest == "all" and prefix in _FAMILIES:
+            out += [f"{prefix}:{name}" for name in _FAMILIES[prefix]]
+        else:
+            out.append(item)
+    return out
+
+
+def _root(data_root: str | Path | None, prefix: str) -> Path:
+    root = data_root or os.environ.get("MLAE_DATA_ROOT")
+    if not root:
+        raise DatasetError(f"'{prefix}:' datasets need data_root (or the MLAE_DATA_ROOT environment variable)")
+    return Path(root).expanduser()
+
+
+def load_task(spec: str, *, data_root: str | Path | None = None, image_size: int = 32, split: str = "test",
+              holdout: float = 0.2, seed: int = 0, cache: bool = True) -> Task:
+    """Load a task from a spec.
+
+    split="test" trains on train+val (VTAB's train800val200) and evaluates on test, the paper protocol;
+    split="val" trains on train (train800) and evaluates on val (val200), for hyperparameter search.
+    `holdout` and `seed` choose the held-out images of folders without train/test sub-folders; `seed` also seeds
+    the embedded suite. `cache=False` decodes afresh and writes no cache file.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    prefix, rest = _parse(spec)
+    if rest == "all" and prefix in _FAMILIES:
+        raise DatasetError(f"{spec!r} names several tasks; expand it with mlae.data.expand_specs first")
+    if prefix == "suite":
+        return make_suite_task(rest, image_size=image_size, split=split, seed=seed)
+    if prefix == "folder":
+        return load_folder(rest, image_size=image_size, split=split, holdout=holdout, seed=seed, cache=cache)
+    if prefix == "vtab":
+        if rest not in VTAB_TASKS:  # before asking for data_root: a typo should be named as such
+            raise DatasetError(f"unknown VTAB-1k dataset {rest!r}; known: {', '.join(VTAB_TASKS)}")
+        return load_vtab(rest, _root(data_root, prefix), image_size=image_size, split=split, cache=cache)
+    return load_fgvc(rest, _root(data_root, prefix), image_size=image_size, split=split, cache=cache)

@@ -1,0 +1,267 @@
+"""Shared pieces of the dataset layer: the `Task`/`Split` containers, image decoding and the uint8 cache.
+
+Every loader turns a list of `(image path, label)` entries into a `Split` of uint8 RGB tensors of one fixed
+size. Decoding happens once: the result is kept in memory and (optionally) written as a safetensors file next
+to the data, keyed by a hash of the entry list so that an edited list file invalidates it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["DatasetError", "Split", "Task", "Entry", "decode_entries", "cached_split", "to_rgb", "clear_cache"]
+
+CACHE_DIR_NAME = ".mlae_cache"
+CACHE_FORMAT = "mlae-cache-1"
+# Splits at least this big get a progress bar while decoding.
+PROGRESS_MIN = 512
+# Decoded splits kept in memory (each VTAB test split at 224 px is up to ~5 GB, so keep only a few).
+MEMORY_CACHE_SIZE = 8
+
+
+class DatasetError(ValueError):
+    """A dataset could not be loaded; the message names the file (and line) at fault."""
+
+
+@dataclass
+class Split:
+    """One split of a task: `images` uint8 [N, 3, S, S] RGB, `labels` int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"Split.images must be uint8 [N, 3, S, S], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"Split.labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> "Split":
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return Split(self.images[index], self.labels[index])
+
+    @staticmethod
+    def concat(splits: Sequence["Split"]) -> "Split":
+        return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
+
+
+@dataclass
+class Task:
+    """A classification task: what to train on (`train`) and what to report (`eval`, named `eval_name`).
+
+    `augment` tells `prepare_batch` how to turn the cached uint8 images into model inputs: "none" (images are
+    cached at `image_size`) or "fgvc" (cached larger, random crop + flip for training, centre crop for eval).
+    """
+
+    name: str
+    num_classes: int
+    domain: str
+    train: Split
+    eval: Split
+    eval_name: str
+    augment: str = "none"
+    image_size: int = 32
+    classes: list[str] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"Task({self.name!r}, classes={self.num_classes}, domain={self.domain!r}, train={len(self.train)}, "
+                f"{self.eval_name}={len(self.eval)}, size={self.image_size}, augment={self.augment!r})")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image to decode; `source` is "<file>:<line>" for error messages."""
+
+    path: Path
+    label: int
+    source: str
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+_HIGH_BIT_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB. High bit-depth greyscale (I;16, I, F) is rescaled instead of clipped at 255."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_BIT_DEPTH:
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.size else 0.0
+        if img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        elif top > 255.0:
+            arr = arr * (255.0 / (65535.0 if top <= 65535.0 else top))
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
+    # Alpha is dropped (not composited), as torchvision's default loader does.
+    return img.convert("RGB")
+
+
+def _decode_one(entry: Entry, size: int, resample: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(entry.path) as img:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = to_rgb(img)
+                if img.size != (size, size):
+                    img = img.resize((size, size), resample=resample)
+                return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    except FileNotFoundError:
+        raise DatasetError(f"{entry.source}: image not found: {entry.path}") from None
+    except DatasetError:
+        raise
+    except Exception as err:  # PIL raises a zoo of types for broken files
+        raise DatasetError(f"{entry.source}: cannot decode image {entry.path}: {err}") from err
+
+
+def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicubic", desc: str = "decoding") -> Split:
+    """Decode and resize every entry to `size`×`size` RGB with a thread pool (PIL releases the GIL)."""
+    from PIL import Image
+
+    if not entries:
+        raise DatasetError(f"{desc}: no images")
+    missing = [e for e in entries if not e.path.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise DatasetError(f"{missing[0].source}: image not found: {missing[0].path}{more}")
+    mode = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[resample]
+    images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
+    bar = _progress(len(entries), desc)
+    workers = max(1, min(8, os.cpu_count() or 1))
+
+    def work(i: int) -> None:
+        images[i] = _decode_one(entries[i], size, mode)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(work, range(len(entries))):
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
+    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def _progress(total: int, desc: str):
+    if total < PROGRESS_MIN:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
+
+
+# --------------------------------------------------------------------------------------------- caching
+
+_memory: "OrderedDict[tuple[str, str], Split]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Forget the splits decoded in this process (the files on disk stay)."""
+    _memory.clear()
+
+
+def entries_key(entries: Sequence[Entry], root: Path, size: int, resample: str) -> str:
+    """Hash of what a decoded split depends on: the (relative path, label) list, the size and the resampling."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{resample}\n".encode())
+    for e in entries:
+        try:
+            rel = e.path.relative_to(root).as_posix()
+        except ValueError:
+            rel = e.path.as_posix()
+        h.update(f"{rel}\t{e.label}\n".encode())
+    return h.hexdigest()
+
+
+def _fallback_cache_dir(root: Path) -> Path:
+    base = os.environ.get("MLAE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mlae")
+    return Path(base) / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+
+
+def cache_paths(root: Path, filename: str) -> list[Path]:
+    """Where a cache file may live: next to the data first, then the per-user fallback."""
+    return [root / CACHE_DIR_NAME / filename, _fallback_cache_dir(root) / filename]
+
+
+def _read_cache(path: Path, key: str) -> Split | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
+                return None
+            return Split(f.get_tensor("images"), f.get_tensor("labels"))
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return None  # absent, truncated or foreign: decode again
+
+
+def _write_cache(paths: Sequence[Path], split: Split, key: str, info: dict) -> Path | None:
+    from safetensors.torch import save_file
+
+    meta = {"key": key, "format": CACHE_FORMAT, "info": json.dumps(info)}
+    tensors = {"images": split.images.contiguous(), "labels": split.labels.contiguous()}
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                save_file(tensors, tmp, metadata=meta)
+                os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return path
+        except OSError:
+            continue  # read-only data folder: try the next location
+    warnings.warn(f"could not write a dataset cache to any of {[str(p) for p in paths]}", RuntimeWarning)
+    return None
+
+
+def cached_split(entries: Sequence[Entry], *, root: Path, cache_name: str, size: int, cache: bool = True,
+                 resample: str = "bicubic", desc: str | None = None, stamp: str = "") -> Split:
+    """Decode `entries` at `size` px, or return them from the memory / disk cache when the entry list is unchanged.
+
+    `cache_name` names the file (`<root>/.mlae_cache/<cache_name>_<size>.safetensors`); `stamp` is mixed into the
+    key (e.g. file times, for sources without a list file). `cache=False` always decodes and stores nothing.
+    """
+    desc = desc or f"decoding {root.name}/{cache_name}"
+    if not cache:
+        return decode_entries(entries, size, resample=resample, desc=desc)
+    key = entries_key(entries, root, size, resample + stamp)
+    mem_key = (str(root.resolve()), key)
+    if mem_key in _memory:
+        _memory.move_to_end(mem_key)
+        return _memory[mem_key]
+    paths = cache_paths(root, f"{cache_name}_{size}.safetensors")
+    split = next((s for s in (_read_cache(p, key) for p in paths) if s is not None), None)
+    if split is None:
+        split = decode_entries(entries, size, resample=resample, desc=desc)
+        _write_cache(paths, split, key, {"root": str(root), "split": cache_name, "size": size, "n": len(split)})
+    _memory[mem_key] = split
+    while len(_memory) > MEMORY_CACHE_SIZE:
+        _memory.popitem(last=False)
+    return split
