@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .recipes import get_method
-from .utils import (DistInfo, autocast, get_rng_state, init_distributed, resolve_device, resolve_precision,
+from .utils import (DistInfo, auto_threads, autocast, get_rng_state, init_distributed, resolve_device, resolve_precision,
                     seed_everything, set_rng_state)
 
 __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "build_backbone", "load_trained",
@@ -78,7 +78,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     device: str | None = None
-    threads: int = 0                 # torch CPU threads; 0 = torch's default
+    threads: int = 0                 # torch CPU threads; 0 = auto (the cores not kept busy by other programs)
     # run folder and bookkeeping
     out: str | None = None
     runs_dir: str = "runs"
@@ -322,8 +322,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     dist_info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info.local_rank)
     precision = resolve_precision(cfg.precision, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
     out, resume = prepare_run_dir(cfg) if dist_info.is_main else (None, False)
     if dist_info.enabled:
@@ -428,7 +428,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
                                  precision=precision, dist_info=dist_info)
         m = {"epoch": epoch, "lr": lr, "train_loss": loss_total / seen_total, "train_top1": correct_total / seen_total,
              f"{task.eval_name}_top1": eval_top1, "images_per_s": seen_total / train_time,
-             "epoch_time_s": time.perf_counter() - t0}
+             "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
         if aux_weights or aux_total:
             m["aux_loss"] = aux_total / seen_total
         metrics.append(m)

@@ -1,0 +1,181 @@
+"""`mlae train|eval|export` end to end on tiny models and tiny VTAB-1k / FGVC folders built on disk."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlae.cli import main
+
+pytest.importorskip("yaml")
+testing = pytest.importorskip("mlae.data.testing")
+pytest.importorskip("mlae.backbones")
+
+# A 2-block, 64-wide ViT on 32x32 images: a training epoch takes about a second.
+TINY = ["--backbone", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--patch-size", "4",
+        "--depth", "2", "--embed-dim", "64", "--num-heads", "2"]
+FAST = ["--epochs", "1", "--batch-size", "32", "--warmup-epochs", "0"]
+METHODS = ["mlae", "lora", "lora-dropout", "linear", "full"]
+TIMING = ("images_per_s", "train_time_s", "epoch_time_s")
+
+
+@pytest.fixture(scope="module")
+def vtab_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vtab")
+    testing.make_vtab_folder(root, name="cifar", n_train=64, n_test=48, size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fgvc_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fgvc")
+    testing.make_fgvc_folder(root, size=40)
+    return root
+
+
+def _train(root: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--dataset", "vtab:cifar", "--data-root", str(root), *TINY, *FAST, "--quiet",
+                 "--out", str(out), *extra])
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mlae_run(vtab_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "mlae"
+    assert _train(vtab_root, out, "--method", "mlae", "--dropout", "0.5") == 0
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_each_method(method, vtab_root, mlae_run, tmp_path):
+    import yaml
+
+    out = mlae_run if method == "mlae" else tmp_path / method
+    if method != "mlae":
+        assert _train(vtab_root, out, "--method", method) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["test_top1"] <= 1.0 and results["method"] == method
+    assert "LAST epoch" in results["protocol"]
+    assert set(results["params"]) == {"adapter", "head", "trainable", "total"}
+    (line,) = _metrics(out)
+    assert {"train_loss", "lr", "train_top1", "test_top1", *TIMING} <= set(line)
+    assert line["test_top1"] == results["test_top1"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["method"] == method
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / ("model.safetensors" if method == "full" else "adapter.safetensors")).exists()
+    assert not (out / "checkpoint.safetensors").exists()
+    if method in ("lora", "lora-dropout", "mlae"):
+        assert 0 < results["params"]["adapter"] < results["params"]["total"] // 10
+
+
+def test_fgvc_folder(fgvc_root, tmp_path):
+    name = next(p.name for p in fgvc_root.iterdir() if p.is_dir())
+    rc = main(["train", "--dataset", f"fgvc:{name}", "--data-root", str(fgvc_root), *TINY, *FAST, "--quiet",
+               "--out", str(tmp_path / "run"), "--split", "val"])
+    assert rc == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["eval_split"] == "val" and "best_val_top1" in results and "test_top1" not in results
+
+
+def test_refuses_to_overwrite_a_finished_run(vtab_root, mlae_run, capsys):
+    before = (mlae_run / "results.json").stat().st_mtime_ns
+    assert _train(vtab_root, mlae_run, "--method", "mlae") != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert (mlae_run / "results.json").stat().st_mtime_ns == before
+
+
+def test_bad_dataset_folder_names_the_file(tmp_path, capsys):
+    root = tmp_path / "vtab"
+    testing.make_vtab_folder(root, name="cifar", n_train=8, n_test=8, size=32)
+    listing = root / "cifar" / "train800val200.txt"
+    listing.write_text(listing.read_text() + "images/train/missing.jpg 3\n")
+    assert _train(root, tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert "train800val200.txt" in err and "Traceback" not in err
+
+
+def test_eval_and_export_round_trip(vtab_root, mlae_run, tmp_path, capsys):
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mlae.engine import load_trained
+
+    adapter = mlae_run / "adapter.safetensors"
+    assert main(["eval", "--adapter", str(adapter), "--data-root", str(vtab_root), "--out",
+                 str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["test_top1"] == json.loads((mlae_run / "results.json").read_text())["test_top1"]
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["export", "--adapter", str(adapter), "--format", "merged", "--out", str(merged)]) == 0
+    with safe_open(str(merged), framework="pt") as f:
+        meta = f.metadata()
+    plain = timm.create_model(meta["timm_model"], **json.loads(meta["timm_kwargs"]))
+    plain.load_state_dict(load_file(str(merged)))
+    model, _ = load_trained(adapter)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-4, atol=1e-4)
+
+    assert main(["export", "--adapter", str(adapter), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mlae", *args]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(vtab_root, tmp_path):
+    args = ["train", "--dataset", "vtab:cifar", "--data-root", str(vtab_root), *TINY, "--method", "mlae",
+            "--dropout", "0.5", "--epochs", "4", "--batch-size", "16", "--workers", "1", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (killed / "checkpoint.safetensors").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    # Without --resume the unfinished run is protected too.
+    assert main([*args, "--out", str(killed)]) != 0
+
+    threads = torch.get_num_threads()
+    try:
+        assert main([*args, "--out", str(killed), "--resume"]) == 0
+        assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
+    assert strip(_metrics(killed)) == strip(_metrics(tmp_path / "straight"))
+    assert len(_metrics(killed)) == 4
+    first, second = (json.loads((p / "results.json").read_text()) for p in (killed, tmp_path / "straight"))
+    assert first["test_top1"] == second["test_top1"]
+
+
+def test_ddp_two_gloo_processes(vtab_root, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mlae",
+           "train", "--dataset", "vtab:cifar", "--data-root", str(vtab_root), *TINY, *FAST, "--epochs", "2",
+           "--workers", "1", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2]
+    assert proc.stdout.count("test top-1") == 1  # the summary, printed by rank 0 only
