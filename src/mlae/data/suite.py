@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .base import DatasetError, Split, Task
 
-__all__ = ["SUITE_TASKS", "SUITE_SIZE", "make_suite_task", "generate_split"]
+__all__ = ["SUITE_TASKS", "SUITE_SIZE", "make_suite_task", "generate_split", "split_sizes"]
 
 SUITE_SIZE = 32  # native resolution
 N_TRAIN, N_VAL, MIN_TEST = 800, 200, 1000
@@ -529,14 +529,20 @@ SUITE_TASKS: dict[str, tuple[int, str, str]] = {
 }
 
 
-def _split_sizes(num_classes: int) -> tuple[int, int, int]:
-    return N_TRAIN, N_VAL, -(-MIN_TEST // num_classes) * num_classes  # test: smallest multiple of C >= 1000
+def split_sizes(name: str) -> tuple[int, int, int]:
+    """(train, val, test) sizes of a suite task; test is the smallest multiple of the class count >= 1000."""
+    if name == "digits":
+        return N_TRAIN, N_VAL, 797
+    num_classes = SUITE_TASKS[name][0]
+    return N_TRAIN, N_VAL, -(-MIN_TEST // num_classes) * num_classes
 
 
-def generate_split(name: str, part: int, seed: int = 0) -> Split:
-    """Part 0 (train, 800), 1 (val, 200) or 2 (test) of a rendered suite task at the native 32 px."""
+def generate_split(name: str, part: int, seed: int = 0, n: int | None = None) -> Split:
+    """Part 0 (train), 1 (val) or 2 (test) of a rendered suite task at the native 32 px (`n` overrides the size)."""
     num_classes, _, render = _RENDERERS[name]
-    n = _split_sizes(num_classes)[part]
+    if render is None:
+        raise ValueError(f"{name} is not rendered (see make_suite_task)")
+    n = split_sizes(name)[part] if n is None else n
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) % 2 ** 63, zlib.crc32(name.encode()), part]))
     labels = np.arange(n) % num_classes
     labels = labels[rng.permutation(n)]
