@@ -22,6 +22,12 @@ CASES = {
     "mlae-fixed": lambda **kw: mlae.MLAEConfig(experts=4, masking="fixed", pattern="incremental", **kw),
     "mlae-mixed": lambda **kw: mlae.MLAEConfig(experts=4, masking="mixed", pattern="hourglass", dropout=0.3, **kw),
     "mlae-frozen-coeff": lambda **kw: mlae.MLAEConfig(experts=4, adaptive=False, coeff_init=2.0, **kw),
+    "dmlora": lambda **kw: mlae.DMLoRAConfig(branches=2, rank=4, branch_dropout=0.5, **kw),
+    "dmlora-full-rank": lambda **kw: mlae.DMLoRAConfig(branches=3, rank=2, rank_per_branch=True, schedule="cosine",
+                                                       rescale=False, **kw),
+    "mole-layer": lambda **kw: mlae.MoLEConfig(expert_ranks=[2, 3], granularity="layer", **kw),
+    "mole-network": lambda **kw: mlae.MoLEConfig(expert_ranks=[1, 2, 2], granularity="network", temperature=0.5,
+                                                 **kw),
 }
 MODELS = {
     "vit": (lambda: make_tiny_vit(depth=3), {}, lambda: torch.randn(4, 3, 32, 32)),
@@ -30,14 +36,27 @@ MODELS = {
 
 
 def randomize(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Give the adapters non-zero updates (B starts at zero, which would make many checks vacuous)."""
+    """Give the adapters non-zero updates (B starts at zero, which would make many checks vacuous). Frozen
+    adapter tensors saved as buffers (e.g. MoLE's expert LoRAs) are randomised too."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in mlae.adapter_layers(model):
-            for name, p in layer.named_parameters():
-                if not name.startswith("base."):
+            for name, p in layer.state_dict(keep_vars=True).items():
+                if not name.startswith("base.") and p.is_floating_point():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+def skip_unless_mergeable(model: nn.Module) -> None:
+    """Input-dependent adapters (MoLE) have no merged form: check they refuse merging and PEFT export, then skip."""
+    if all(layer.mergeable for _, layer in mlae.adapter_layers(model)):
+        return
+    with pytest.raises(TypeError, match="cannot be merged"):
+        mlae.merge(model)
+    assert not any(layer.merged for _, layer in mlae.adapter_layers(model))
+    with pytest.raises(TypeError, match="input dependent"):
+        mlae.export_peft(model, "unused")
+    pytest.skip("adapter is not mergeable (input-dependent update)")
 
 
 def build(case: str, model_kind: str = "vit"):
@@ -50,6 +69,7 @@ def build(case: str, model_kind: str = "vit"):
 @pytest.mark.parametrize("case", list(CASES))
 def test_merged_equals_unmerged_and_unmerge_restores(case, model_kind):
     model, x = build(case, model_kind)
+    skip_unless_mergeable(model)
     base = {n: l.base.weight.clone() for n, l in mlae.adapter_layers(model)}
     with torch.no_grad():
         y = model(x)
@@ -80,6 +100,7 @@ def test_merge_without_keeping_original_unmerges_up_to_rounding(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_refuses_non_finite_weights(case):
     model, x = build(case)
+    skip_unless_mergeable(model)
     names = [n for n, _ in mlae.adapter_layers(model)]
     bad_name, bad = list(mlae.adapter_layers(model))[-1]
     before = {n: l.base.weight.clone() for n, l in mlae.adapter_layers(model)}
@@ -137,6 +158,7 @@ def test_save_load_round_trip(case, model_kind, tmp_path):
 def test_peft_export_loads_in_real_peft_and_matches_merged_model(case, tmp_path):
     peft = pytest.importorskip("peft")
     model, x = build(case)
+    skip_unless_mergeable(model)
     out_dir = mlae.export_peft(model, tmp_path / "peft")
     cfg = json.loads((out_dir / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["modules_to_save"] == ["head"]

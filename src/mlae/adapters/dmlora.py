@@ -1,0 +1,159 @@
+"""DMLoRA: Dropout Mixture LoRA (ECCV 2024).
+
+``K`` parallel low-rank branches replace LoRA's single pair, scaled by one learnable scalar per layer:
+
+    ΔW = (α_l / r) · Σ_k B_k A_k                r = Σ_k r_k (the total rank)
+
+*Gradual branch dropout*: in each training step every branch is dropped with probability ``p(t)``, rising from
+0 to ``p_max`` over stage 1 along a schedule (linear, cosine or constant). Branches are stacked like MLAE's
+experts (``A: [K·r_k, in]``, ``B: [out, K·r_k]``); a step computes only the rows/columns of the kept branches,
+so a dropped branch takes part in neither the forward nor the backward pass.
+
+*Two-stage learning scalar (2S-LS)*: stage 1 trains the branches with the global scale ``α`` (``lora_alpha`` of
+every layer, frozen at ``α``); :func:`start_stage2` then freezes the branches, turns branch dropout off and
+makes each layer's ``lora_alpha`` (``α_l``) trainable -- the engine trains those at a tenth of the learning rate.
+Inference merges everything with ``α_l``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterConfig, AdapterLayer
+
+__all__ = ["DMLoRAConfig", "DMLoRALinear", "drop_probability", "start_stage2", "SCHEDULES"]
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def drop_probability(t: float, p_max: float, schedule: str) -> float:
+    """Branch dropout probability at stage-1 progress ``t`` in [0, 1]."""
+    t = min(max(t, 0.0), 1.0)
+    if schedule == "linear":
+        return p_max * t
+    if schedule == "cosine":
+        return p_max * (1.0 - math.cos(math.pi * t)) / 2.0
+    if schedule == "constant":
+        return p_max
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+@dataclass
+class DMLoRAConfig(AdapterConfig):
+    method = "dmlora"
+    branches: int = 4
+    """Number K of parallel branches."""
+    rank: int = 8
+    """LoRA rank r: split over the branches (r/K each), or given to every branch with rank_per_branch."""
+    rank_per_branch: bool = False
+    """Give every branch the full rank r (total rank K·r) instead of splitting r over the branches."""
+    alpha: float = 16.0
+    """Global scale α of stage 1 and initial α_l of stage 2; the update is scaled by α / (total rank).
+    "Large": twice LoRA's usual α = r."""
+    branch_dropout: float = 0.5
+    """Final branch dropout probability p_max, reached at the end of stage 1."""
+    schedule: str = "linear"
+    """How p grows from 0 to p_max over stage 1: "linear", "cosine" or "constant" (p_max from the start)."""
+    rescale: bool = True
+    """Scale the kept branches by 1/(1-p) in training (inverted dropout), so the expected training update equals
+    the full update used at inference and in stage 2. False: kept branches unscaled (training then sees an update
+    shrunk by (1-p) on average)."""
+    stage2_fraction: float = 0.1
+    """Share of the training steps spent in stage 2 of 2S-LS (0: stage 1 only, α_l stays α)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("branches", "rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            setattr(self, name, int(v))
+        if not self.rank_per_branch and self.rank % self.branches:
+            raise ValueError(f"rank {self.rank} cannot be split over {self.branches} branches; choose a multiple "
+                             "or set rank_per_branch=True")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
+        if not 0 <= self.branch_dropout < 1:
+            raise ValueError(f"branch_dropout must be in [0, 1), got {self.branch_dropout!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.stage2_fraction < 1:
+            raise ValueError(f"stage2_fraction must be in [0, 1), got {self.stage2_fraction!r}")
+
+    @property
+    def branch_rank(self) -> int:
+        return self.rank if self.rank_per_branch else self.rank // self.branches
+
+    def create_layer(self, base: nn.Linear, **_) -> "DMLoRALinear":
+        return DMLoRALinear(base, self.branches, self.branch_rank, self.alpha, self.branch_dropout, self.schedule,
+                            self.rescale, self.stage2_fraction)
+
+
+class DMLoRALinear(AdapterLayer):
+    def __init__(self, base: nn.Linear, branches: int, branch_rank: int, alpha: float, p_max: float,
+                 schedule: str, rescale: bool, stage2_fraction: float):
+        super().__init__(base)
+        dev = base.weight.device
+        self.branches, self.branch_rank = branches, branch_rank
+        self.p_max, self.schedule, self.rescale, self.stage2_fraction = p_max, schedule, rescale, stage2_fraction
+        self.p = 0.0  # current drop probability, set by set_progress
+        self.stage2 = False
+        rank = branches * branch_rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # each branch is initialised like a LoRA A
+        # α_l: frozen at the global α in stage 1, learned in stage 2.
+        self.lora_alpha = nn.Parameter(torch.tensor(float(alpha), device=dev), requires_grad=False)
+
+    def set_progress(self, t: float) -> None:
+        """Training progress ``t`` over both stages; the dropout ramp spans stage 1."""
+        self.p = drop_probability(t / (1.0 - self.stage2_fraction), self.p_max, self.schedule)
+
+    def _kept_rows(self, device) -> torch.Tensor | None:
+        """Indices of the rank components of this step's kept branches (``None``: all kept, no scaling)."""
+        if not self.training or self.stage2 or self.p <= 0:
+            return None
+        keep = torch.rand(self.branches, device=device) >= self.p
+        return keep.repeat_interleave(self.branch_rank).nonzero().squeeze(1)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.lora_alpha / self.lora_A.shape[0]
+        rows = self._kept_rows(x.device)
+        if rows is None:
+            return F.linear(F.linear(x, self.lora_A), self.lora_B * scale)
+        if self.rescale:
+            scale = scale / (1.0 - self.p)
+        # Only the kept branches' slices enter the graph: dropped ones are neither computed nor get gradient.
+        return F.linear(F.linear(x, self.lora_A[rows]), self.lora_B[:, rows] * scale)
+
+    def factors(self):
+        return self.lora_A, self.lora_B * (self.lora_alpha / self.lora_A.shape[0])
+
+    def expert_sizes(self) -> list[int]:
+        return [self.branch_rank] * self.branches
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, branches={self.branches}, branch_rank={self.branch_rank}, "
+                f"p_max={self.p_max}, schedule={self.schedule}, stage2={self.stage2}")
+
+
+def start_stage2(model: nn.Module) -> list[nn.Parameter]:
+    """Switch every DMLoRA layer of ``model`` to stage 2 of 2S-LS: freeze the branches, stop branch dropout and
+    make ``α_l`` trainable. Returns the ``α_l`` parameters (to add to the optimizer at a tenth of the lr)."""
+    from ..inject import adapter_layers
+
+    scalars = []
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, DMLoRALinear):
+            layer.stage2 = True
+            layer.lora_A.requires_grad_(False)
+            layer.lora_B.requires_grad_(False)
+            layer.lora_alpha.requires_grad_(True)
+            scalars.append(layer.lora_alpha)
+    if not scalars:
+        raise ValueError("the model has no DMLoRA layers; apply mlae.DMLoRAConfig first")
+    return scalars
