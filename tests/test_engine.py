@@ -42,7 +42,7 @@ def test_data_order_is_seeded_per_epoch_and_sharded_like_distributed_sampler():
 
 
 def test_config_round_trips_through_its_flat_dict():
-    cfg = TrainConfig(method="lora", method_options={"rank": 4}, model_kwargs={"depth": 2})
+    cfg = TrainConfig(method="lora", method_options={"rank": 4}, img_size=64)
     flat = cfg.to_dict()
     assert flat["rank"] == 4 and flat["alpha"] == METHODS["lora"].defaults()["alpha"]
     assert TrainConfig.from_dict(flat).to_dict() == flat
@@ -82,9 +82,9 @@ def test_command_line_overrides_recipe_and_per_dataset(tmp_path):
     assert (cfg.lr, cfg.options()["rank"]) == (0.01, 2)
     with pytest.raises(ValueError, match="--rank"):
         config_from_args(parse(["train", "--method", "mlae", "--rank", "2"]))
-    cfg = config_from_args(parse(["train", "--no-adaptive", "--target-modules", "qkv,proj", "--depth", "2"]))
+    cfg = config_from_args(parse(["train", "--no-adaptive", "--target-modules", "qkv,proj", "--img-size", "64"]))
     assert cfg.options()["adaptive"] is False and cfg.options()["target_modules"] == ["qkv", "proj"]
-    assert cfg.model_kwargs == {"depth": 2}
+    assert cfg.img_size == 64
 
 
 def test_checkpoint_restores_parameters_optimizer_and_rng(tmp_path):
@@ -126,8 +126,8 @@ def test_rng_state_round_trip():
 
 
 def _tiny_config(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(dataset="suite:digits", backbone="vit_tiny_patch16_224", pretrained=False, img_size=32,
-                       patch_size=4, model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, epochs=2,
+    return TrainConfig(dataset="suite:digits", backbone="test_vit", pretrained=False, img_size=32, patch_size=4,
+                       epochs=2,
                        batch_size=64, out=str(tmp_path / "run"), progress=False, **kw)
 
 

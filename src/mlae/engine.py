@@ -64,7 +64,6 @@ class TrainConfig:
     arch: str | None = None          # timm architecture of a checkpoint path
     img_size: int | None = None
     patch_size: int | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (depth, embed_dim, ...)
     drop_path: float = 0.1
     # data
     data_root: str | None = None
@@ -135,7 +134,7 @@ class TrainConfig:
 def backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """Keyword arguments of mlae.backbones.create_backbone besides num_classes (stored with the weights)."""
     kwargs = {"pretrained": cfg.pretrained, "arch": cfg.arch, "img_size": cfg.img_size,
-              "patch_size": cfg.patch_size, **cfg.model_kwargs}
+              "patch_size": cfg.patch_size}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -285,25 +284,65 @@ def _all_reduce(values: list[float], device: torch.device, dist_info: DistInfo) 
     return t.tolist()
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, split, task, *, image_size: int, device: torch.device, precision: str,
-             dist_info: DistInfo = DistInfo()) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` (sharded over ranks, counts all-reduced)."""
-    from .data import prepare_batch
+@dataclass
+class Inputs:
+    """Cached uint8 images -> model inputs: the task's crop/flip recipe (``prepare_batch``, ImageNet statistics as
+    the benchmarks' protocol has it), then, for a backbone pretrained with other statistics (``mean``/``std``),
+    a per-channel affine map onto those."""
 
+    augment: str
+    image_size: int
+    device: torch.device
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        from .data import IMAGENET_MEAN, IMAGENET_STD
+
+        self._affine = None
+        if self.mean is not None and (tuple(self.mean), tuple(self.std)) != (IMAGENET_MEAN, IMAGENET_STD):
+            m_in, s_in, m, s = (torch.tensor(v, device=self.device).view(1, 3, 1, 1)
+                                for v in (IMAGENET_MEAN, IMAGENET_STD, self.mean, self.std))
+            self._affine = (s_in / s, (m_in - m) / s)
+
+    def __call__(self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None):
+        from . import data  # looked up per call so that benchmarks/overhead.py can time it
+
+        x = data.prepare_batch(images.to(self.device, non_blocking=True), train=train, augment=self.augment,
+                               image_size=self.image_size, generator=generator)
+        if self._affine is not None:
+            x = x * self._affine[0] + self._affine[1]
+        return x
+
+
+def backbone_stats(backbone: str | None, model: nn.Module) -> tuple[tuple, tuple] | tuple[None, None]:
+    """Input statistics to feed ``backbone`` with. The embedded ViT was pretrained by us on [-1, 1] inputs and
+    says so in its card; timm models and checkpoint files follow the field's protocol (ImageNet mean/std for
+    VTAB-1k and FGVC, DESIGN.md §2) whatever their pretraining used."""
+    from .backbones import EMBEDDED
+
+    if backbone not in (None, EMBEDDED):
+        return None, None
+    card = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" not in card or "std" not in card:
+        return None, None
+    return tuple(float(v) for v in card["mean"]), tuple(float(v) for v in card["std"])
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split, inputs: Inputs, *, precision: str, dist_info: DistInfo = DistInfo()) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (sharded over ranks, counts all-reduced)."""
     was_training = model.training
     model.eval()
     index = torch.arange(dist_info.rank, len(split), dist_info.world_size)
     correct = 0
     for start in range(0, len(index), EVAL_BATCH):
         idx = index[start:start + EVAL_BATCH]
-        x = prepare_batch(split.images[idx].to(device, non_blocking=True), train=False, augment=task.augment,
-                          image_size=image_size)
-        with autocast(device, precision):
-            logits = model(x)
+        with autocast(inputs.device, precision):
+            logits = model(inputs(split.images[idx], train=False))
         correct += int((logits.argmax(-1).cpu() == split.labels[idx]).sum())
     model.train(was_training)
-    correct, count = _all_reduce([correct, len(index)], device, dist_info)
+    correct, count = _all_reduce([correct, len(index)], inputs.device, dist_info)
     return correct / max(1.0, count)
 
 
@@ -314,7 +353,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     (e.g. optuna.TrialPruned); the files written so far are kept.
     """
     import mlae
-    from .data import load_task, prepare_batch
+    from .data import load_task
 
     start_time = time.time()
     method = get_method(cfg.method)
@@ -331,15 +370,14 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
         dist.broadcast_object_list(shared, src=0)
         out, resume = shared
 
-    # Data first: the number of classes sizes the head; the image size comes from the backbone's defaults.
+    # The data sizes the head and the backbone sizes the images: read the input size off an untrained copy.
     kwargs = backbone_kwargs(cfg)
     seed_everything(cfg.seed)
-    if cfg.img_size is None:
-        image_size = _input_size(build_backbone(cfg.backbone, 1, cfg.seed, **kwargs))
-    else:
-        image_size = cfg.img_size
+    image_size = cfg.img_size or _input_size(build_backbone(cfg.backbone, 1, cfg.seed, **{**kwargs,
+                                                                                           "pretrained": False}))
     task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed)
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
+    inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model))
     model = method.prepare(model, options).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -369,8 +407,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
     net = model
     if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=method.skips_parameters)
 
     bar = _progress_bar(cfg, dist_info, total_steps, (first_epoch - 1) * steps_per_epoch)
     model.train()
@@ -389,8 +427,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
                 group["lr"] = lr
             mlae.set_progress(model, step / max(1, total_steps - 1))
             idx = order[i * per_rank_batch:(i + 1) * per_rank_batch]
-            x = prepare_batch(task.train.images[idx].to(device, non_blocking=True), train=True,
-                              augment=task.augment, image_size=image_size, generator=augment_rng)
+            x = inputs(task.train.images[idx], train=True, generator=augment_rng)
             y = task.train.labels[idx].to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = net(x)
@@ -424,8 +461,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
             [loss_sum.item(), aux_sum.item(), correct.item(), seen], device, dist_info)
         eval_top1 = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            eval_top1 = evaluate(model, task.eval, task, image_size=image_size, device=device,
-                                 precision=precision, dist_info=dist_info)
+            eval_top1 = evaluate(model, task.eval, inputs, precision=precision, dist_info=dist_info)
         m = {"epoch": epoch, "lr": lr, "train_loss": loss_total / seen_total, "train_top1": correct_total / seen_total,
              f"{task.eval_name}_top1": eval_top1, "images_per_s": seen_total / train_time,
              "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
@@ -451,7 +487,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
     results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
     if dist_info.is_main:
-        _save_weights(out, model, method.adapter, cfg, task, image_size)
+        _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs))
         _plot_curves(out / "curves.png", metrics, task.eval_name)
         _write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
         (out / CHECKPOINT).unlink(missing_ok=True)
@@ -507,19 +543,19 @@ def _summary(r: dict) -> str:
             f"{r['train_images_per_s']:.0f} img/s | {r['out']}")
 
 
-def weights_metadata(cfg: TrainConfig, task, image_size: int) -> dict[str, Any]:
-    """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to."""
+def weights_metadata(cfg: TrainConfig, task, inputs: Inputs) -> dict[str, Any]:
+    """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it."""
     return {"backbone": cfg.backbone or "embedded", "backbone_kwargs": backbone_kwargs(cfg),
-            "num_classes": task.num_classes, "seed": cfg.seed, "image_size": image_size,
+            "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
+            "input_mean": inputs.mean, "input_std": inputs.std,
             "dataset": task.name, "dataset_spec": cfg.dataset, "data_root": cfg.data_root, "method": cfg.method}
 
 
-def _save_weights(out: Path, model: nn.Module, adapter: bool, cfg: TrainConfig, task, image_size: int) -> None:
+def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any]) -> None:
     import mlae
     from .io import atomic_save_file
 
-    meta = weights_metadata(cfg, task, image_size)
-    if adapter or cfg.method == "linear":
+    if adapter:
         mlae.save_adapter(model, out / "adapter.safetensors", metadata=meta)
     else:
         atomic_save_file(model.state_dict(), out / "model.safetensors",
@@ -587,6 +623,21 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     else:
         model = mlae.load_adapter(model, path)
     return model.eval(), meta
+
+
+def timm_spec(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model name, kwargs) such that ``timm.create_model(name, **kwargs)`` builds the architecture of a run's
+    backbone, head included."""
+    from .backbones import DEFAULT_ARCH, EMBEDDED, EMBEDDED_ARCH, embedded_card
+
+    kwargs = {k: v for k, v in meta["backbone_kwargs"].items() if k in ("img_size", "patch_size")}
+    name = meta["backbone"]
+    if name == EMBEDDED:
+        kwargs = dict(embedded_card().get("arch") or EMBEDDED_ARCH)
+        name = kwargs.pop("model_name")
+    elif meta["backbone_kwargs"].get("arch") or Path(name).suffix:
+        name = meta["backbone_kwargs"].get("arch") or DEFAULT_ARCH  # a checkpoint file of that architecture
+    return name, {**kwargs, "num_classes": int(meta["num_classes"])}
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -64,8 +64,11 @@ class Method:
     help: str
     prepare: Callable[[nn.Module, dict], nn.Module]
     options: tuple[Option, ...] = ()
-    # True when the trained weights are adapters (saved with mlae.save_adapter); False saves the whole model.
+    # True when the trained weights fit in an adapter file (mlae.save_adapter: adapters and head); False saves
+    # the whole model.
     adapter: bool = True
+    # True when some trainable parameters may sit out a step (e.g. dropped DMLoRA branches): DDP must look for them.
+    skips_parameters: bool = False
 
     def defaults(self) -> dict:
         return {opt.name: opt.default for opt in self.options}
@@ -157,8 +160,7 @@ register_method(Method("lora", "LoRA", _prepare_lora, (RANK, ALPHA, TARGETS)))
 register_method(Method("lora-dropout", "LoRA with dropout on the adapter input", _prepare_lora, (
     RANK, ALPHA, Option("lora_dropout", float, 0.1, "dropout probability on the LoRA input"), TARGETS,
 )))
-register_method(Method("linear", "linear probe: train the classification head only", _prepare_linear,
-                       adapter=False))
+register_method(Method("linear", "linear probe: train the classification head only", _prepare_linear))
 register_method(Method("full", "full fine-tuning of every weight", _prepare_full, adapter=False))
 
 

@@ -13,9 +13,6 @@ from pathlib import Path
 
 from ..recipes import METHODS, RecipeError, get_method, load_recipe, resolve_recipe
 
-# Command-line dests that are not TrainConfig fields of the same name.
-_MODEL_KWARGS = ("depth", "embed_dim", "num_heads")
-
 
 def register(subparsers) -> None:
     _register_train(subparsers)
@@ -66,9 +63,6 @@ def _register_train(subparsers) -> None:
     g.add_argument("--arch", help="timm architecture of a checkpoint file")
     g.add_argument("--img-size", type=int, help="input size (default: the backbone's)")
     g.add_argument("--patch-size", type=int, help="patch size (default: the backbone's)")
-    g.add_argument("--depth", type=int, help="number of blocks of a timm ViT (with --no-pretrained)")
-    g.add_argument("--embed-dim", type=int, help="width of a timm ViT (with --no-pretrained)")
-    g.add_argument("--num-heads", type=int, help="attention heads of a timm ViT (with --no-pretrained)")
     g.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {d.drop_path})")
 
     g = p.add_argument_group("optimisation")
@@ -103,9 +97,6 @@ def config_from_args(args: argparse.Namespace):
     from ..engine import TrainConfig, _default_out
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
-    for name in _MODEL_KWARGS:
-        if name in given:
-            given.setdefault("model_kwargs", {})[name] = given.pop(name)
 
     base: dict = {}
     if given.get("resume"):
@@ -116,8 +107,6 @@ def config_from_args(args: argparse.Namespace):
     elif getattr(args, "config", None):
         recipe = load_recipe(args.config)
         base = resolve_recipe(recipe, given.get("dataset", recipe.get("dataset", TrainConfig.dataset)))
-    if "model_kwargs" in given:
-        given["model_kwargs"] = {**base.get("model_kwargs", {}), **given["model_kwargs"]}
     method = get_method(given.get("method", base.get("method", TrainConfig.method)))
     own = set(method.defaults())
     fields = set(TrainConfig.__dataclass_fields__)
@@ -199,7 +188,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | None = None, split: str = "test",
                   precision: str = "auto", device: str | None = None) -> dict:
     from ..data import load_task
-    from ..engine import evaluate, load_trained
+    from ..engine import Inputs, evaluate, load_trained
     from ..utils import resolve_device, resolve_precision
 
     model, meta = load_trained(path)
@@ -211,7 +200,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     if task.num_classes != int(meta["num_classes"]):
         raise ValueError(f"{path} has a {meta['num_classes']}-class head but {task.name} has {task.num_classes} "
                          "classes")
-    top1 = evaluate(model.to(dev), task.eval, task, image_size=int(meta["image_size"]), device=dev, precision=prec)
+    inputs = Inputs(task.augment, int(meta["image_size"]), dev, meta.get("input_mean"), meta.get("input_std"))
+    top1 = evaluate(model.to(dev), task.eval, inputs, precision=prec)
     key = f"{task.eval_name}_top1"
     return {"adapter": str(path), "dataset": task.name, "eval_split": task.eval_name, "images": len(task.eval),
             "top1": top1, key: top1, "method": meta.get("method"), "precision": prec}
