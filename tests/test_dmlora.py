@@ -1,4 +1,6 @@
 """DMLoRA: dropout schedules, branch dropout (skipped branches, zero gradients), 2S-LS stage switch."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,46 @@ def test_stage_switch_needs_dmlora_layers():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mlae.DMLoRAConfig(**kwargs)
+
+
+# --- the training engine runs both stages ------------------------------------------------------------
+
+def _train_tiny(tmp_path, out, on_epoch_end=None, **kw):
+    from mlae.engine import TrainConfig, train
+
+    testing = pytest.importorskip("mlae.data.testing")
+    root = tmp_path / "vtab"
+    if not root.exists():
+        testing.make_vtab_folder(root, name="cifar", n_train=64, n_test=48, size=32)
+    cfg = TrainConfig(dataset="vtab:cifar", data_root=str(root), method="dmlora", backbone="test_vit",
+                      pretrained=False, img_size=32, patch_size=4, epochs=4, batch_size=16, warmup_epochs=0,
+                      lr=1e-2, threads=1, progress=False, out=str(tmp_path / out),
+                      method_options={"stage2_fraction": 0.5, "branch_dropout": 0.5}, **kw)
+    return train(cfg, on_epoch_end=on_epoch_end)
+
+
+def test_engine_switches_to_stage_2_and_resumes_across_the_switch(tmp_path):
+    pytest.importorskip("mlae.backbones")
+    from mlae.engine import load_trained
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(epoch, metrics):
+        if epoch == 3:
+            raise Stop
+
+    straight = _train_tiny(tmp_path, "straight")
+    with pytest.raises(Stop):
+        _train_tiny(tmp_path, "resumed", on_epoch_end=stop_after_3)
+    resumed = _train_tiny(tmp_path, "resumed", resume=True)
+    assert resumed["top1"] == straight["top1"]
+    model, _ = load_trained(tmp_path / "straight" / "adapter.safetensors")
+    again, _ = load_trained(tmp_path / "resumed" / "adapter.safetensors")
+    for (_, a), (_, b) in zip(mlae.adapter_layers(model), mlae.adapter_layers(again)):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_alpha, b.lora_alpha)
+    scales = [l.lora_alpha.item() for _, l in mlae.adapter_layers(model)]
+    assert all(s != 16.0 for s in scales) and len(set(scales)) > 1  # stage 2 learned a scale per layer
+    # Stage 2 (epochs 3-4) runs on its own cosine from lr / 10.
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] > 1e-3 and 0 < max(lrs[2:]) <= 1e-3

@@ -1,6 +1,7 @@
 """MoLE: experts from our adapter files and PEFT folders, gating, balance loss, temperature, expert selection,
 arithmetic merge, bad inputs."""
 import json
+import math
 
 import pytest
 import torch
@@ -244,3 +245,30 @@ def test_bad_config(kwargs, match):
 
 def test_mole_layers_are_not_mergeable():
     assert MoLELinear.mergeable is False
+
+
+def test_train_and_eval_commands(tmp_path):
+    testing = pytest.importorskip("mlae.data.testing")
+    pytest.importorskip("mlae.backbones")
+    from mlae.cli import main
+
+    root = tmp_path / "vtab"
+    testing.make_vtab_folder(root, name="cifar", n_train=32, n_test=24, size=32)
+    base = ["train", "--dataset", "vtab:cifar", "--data-root", str(root), "--backbone", "test_vit", "--no-pretrained",
+            "--img-size", "32", "--patch-size", "4", "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "0",
+            "--workers", "1", "--quiet"]
+    assert main([*base, "--method", "lora", "--rank", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--method", "dmlora", "--out", str(tmp_path / "b")]) == 0
+    assert main([*base, "--method", "mole", "--out", str(tmp_path / "m"), "--balance-weight", "0.5",
+                 "--temperature", "2", "--experts-from", str(tmp_path / "a" / "adapter.safetensors"),
+                 str(tmp_path / "b" / "adapter.safetensors")]) == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["aux_loss"] >= 0.5 * 2 * math.log(2) - 1e-4  # −Σ log q_i ≥ N log N, weighted by 0.5
+    config = mlae.read_adapter_config(tmp_path / "m" / "adapter.safetensors")
+    assert config.temperature == 2 and config.expert_ranks == [2, 8] and len(config.sources) == 2
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(tmp_path / "m" / "adapter.safetensors"), "--experts", "1",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["experts"] == [1]
+    assert main(["eval", "--adapter", str(tmp_path / "m" / "adapter.safetensors"), "--experts", "2"]) == 1
+    assert main([*base, "--method", "mole", "--out", str(tmp_path / "none")]) == 1  # no --experts-from

@@ -212,7 +212,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Trainable parameters, optimizer state, RNG states (one per rank) and progress, without pickle."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    # Everything the optimizer holds, trainable now or not (DMLoRA's stage 2 freezes the branches it trained).
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in held}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
@@ -382,6 +384,14 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = mlae.count_parameters(model)
+    # DMLoRA's two-stage learning scalar: the last `stage2_fraction` of the steps train only the per-layer scales
+    # (and the head), on a fresh cosine from lr / 10. Their group is there from the start (no gradient before the
+    # switch), so checkpoints of both stages have the same optimizer layout.
+    stage2_fraction = getattr(getattr(model, "mlae_config", None), "stage2_fraction", 0.0)
+    if stage2_fraction:
+        from .adapters.dmlora import layer_scales, start_stage2
+
+        optimizer.add_param_group({"params": layer_scales(model), "weight_decay": 0.0})
 
     per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
     shard = len(_order(len(task.train), cfg.seed, 0, dist_info))
@@ -389,6 +399,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch
     aux_weights = {k[: -len("_weight")]: v for k, v in options.items() if k.endswith("_weight")}
+    stage2_at = round(total_steps * (1 - stage2_fraction)) if stage2_fraction else total_steps
+    in_stage2 = False
 
     metrics: list[dict] = []
     first_epoch = 1
@@ -405,10 +417,13 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
         _write_config(out / "config.yaml", cfg, out)
         _write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
-    net = model
-    if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=method.skips_parameters)
+    def wrap(model: nn.Module) -> nn.Module:
+        if not dist_info.enabled:
+            return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=method.skips_parameters)
+
+    net = wrap(model)
 
     bar = _progress_bar(cfg, dist_info, total_steps, (first_epoch - 1) * steps_per_epoch)
     model.train()
@@ -422,7 +437,13 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
         seen = 0
         for i in range(steps_per_epoch):
             step = (epoch - 1) * steps_per_epoch + i
-            lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
+            if step >= stage2_at and not in_stage2:
+                start_stage2(model)
+                net, in_stage2 = wrap(model), True  # DDP must see the newly trainable scales
+            if step < stage2_at:
+                lr = lr_at(step, stage2_at, warmup_steps, cfg.lr)
+            else:
+                lr = lr_at(step - stage2_at, total_steps - stage2_at, 0, cfg.lr / 10)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mlae.set_progress(model, step / max(1, total_steps - 1))

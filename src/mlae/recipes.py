@@ -14,6 +14,7 @@ optional ``per_dataset:`` mapping (dataset name -> overrides) applied when train
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class Option:
     choices: tuple | None = None
     # For booleans: the flag that sets the option to the opposite of its default (e.g. --no-adaptive).
     flag: str | None = None
+    # argparse nargs for list-valued options (e.g. "+" for --experts-from A B C).
+    nargs: str | None = None
 
     @property
     def cli_flag(self) -> str:
@@ -162,6 +165,47 @@ register_method(Method("lora-dropout", "LoRA with dropout on the adapter input",
 )))
 register_method(Method("linear", "linear probe: train the classification head only", _prepare_linear))
 register_method(Method("full", "full fine-tuning of every weight", _prepare_full, adapter=False))
+
+
+def _prepare_dmlora(model: nn.Module, options: dict) -> nn.Module:
+    import mlae
+
+    return mlae.apply(model, mlae.DMLoRAConfig(**options))
+
+
+def _prepare_mole(model: nn.Module, options: dict) -> nn.Module:
+    from .adapters.mole import from_adapters
+
+    if not options["experts_from"]:
+        raise RecipeError("--method mole needs the trained adapters to mix: --experts-from A B ...")
+    return from_adapters(model, _modules(options["experts_from"]), granularity=options["granularity"],
+                         temperature=options["temperature"])
+
+
+# The engine switches to stage 2 (DMLoRAConfig.stage2_fraction); the frozen branches then sit out in DDP.
+register_method(Method("dmlora", "Dropout Mixture LoRA: branches, gradual branch dropout, two-stage scalars",
+                       _prepare_dmlora, (
+    Option("branches", int, 4, "number of parallel LoRA branches K"),
+    RANK,
+    Option("rank_per_branch", _bool, False, "give every branch the full rank (default: split it over the branches)",
+           flag="--rank-per-branch"),
+    dataclasses.replace(ALPHA, default=16.0),  # α of stage 1 and initial α_l: "large" (twice LoRA's usual α = r)
+    Option("branch_dropout", float, 0.5, "final branch dropout probability p_max"),
+    Option("schedule", str, "linear", "growth of the branch dropout over stage 1",
+           choices=("linear", "cosine", "constant")),
+    Option("rescale", _bool, True, "scale kept branches by 1/(1-p) in training", flag="--no-rescale"),
+    Option("stage2_fraction", float, 0.1, "share of training in stage 2 (per-layer scales only, lr / 10)"),
+    TARGETS,
+), skips_parameters=True))
+# The balance loss comes from mlae.aux_losses as "balance"; the engine weighs it by `balance_weight`.
+register_method(Method("mole", "Mixture of LoRA Experts: learned gates over frozen trained adapters", _prepare_mole, (
+    Option("experts_from", str, [], "trained adapters to mix (mlae .safetensors files or PEFT LoRA folders)",
+           nargs="+"),
+    Option("granularity", str, "block", "one gate per adapted layer, per block or for the whole network",
+           choices=("layer", "block", "network")),
+    Option("temperature", float, 1.0, "gate softmax temperature τ"),
+    Option("balance_weight", float, 0.01, "weight of the gating balance loss"),
+)))
 
 
 def dataset_key(spec: str) -> str:

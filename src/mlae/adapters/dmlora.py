@@ -25,7 +25,7 @@ from torch import nn
 
 from .base import AdapterConfig, AdapterLayer
 
-__all__ = ["DMLoRAConfig", "DMLoRALinear", "drop_probability", "start_stage2", "SCHEDULES"]
+__all__ = ["DMLoRAConfig", "DMLoRALinear", "drop_probability", "layer_scales", "start_stage2", "SCHEDULES"]
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -141,19 +141,26 @@ class DMLoRALinear(AdapterLayer):
                 f"p_max={self.p_max}, schedule={self.schedule}, stage2={self.stage2}")
 
 
-def start_stage2(model: nn.Module) -> list[nn.Parameter]:
-    """Switch every DMLoRA layer of ``model`` to stage 2 of 2S-LS: freeze the branches, stop branch dropout and
-    make ``α_l`` trainable. Returns the ``α_l`` parameters (to add to the optimizer at a tenth of the lr)."""
+def _layers(model: nn.Module) -> list[DMLoRALinear]:
     from ..inject import adapter_layers
 
-    scalars = []
-    for _, layer in adapter_layers(model):
-        if isinstance(layer, DMLoRALinear):
-            layer.stage2 = True
-            layer.lora_A.requires_grad_(False)
-            layer.lora_B.requires_grad_(False)
-            layer.lora_alpha.requires_grad_(True)
-            scalars.append(layer.lora_alpha)
-    if not scalars:
+    layers = [layer for _, layer in adapter_layers(model) if isinstance(layer, DMLoRALinear)]
+    if not layers:
         raise ValueError("the model has no DMLoRA layers; apply mlae.DMLoRAConfig first")
-    return scalars
+    return layers
+
+
+def layer_scales(model: nn.Module) -> list[nn.Parameter]:
+    """The per-layer scalars ``α_l`` (frozen until :func:`start_stage2`)."""
+    return [layer.lora_alpha for layer in _layers(model)]
+
+
+def start_stage2(model: nn.Module) -> list[nn.Parameter]:
+    """Switch every DMLoRA layer of ``model`` to stage 2 of 2S-LS: freeze the branches, stop branch dropout and
+    make ``α_l`` trainable. Returns the ``α_l`` parameters (to train at a tenth of the learning rate)."""
+    for layer in _layers(model):
+        layer.stage2 = True
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+        layer.lora_alpha.requires_grad_(True)
+    return layer_scales(model)

@@ -48,13 +48,17 @@ def _register_train(subparsers) -> None:
     for method in METHODS.values():
         for opt in method.options:
             seen.setdefault(opt.name, []).append(method.name)
-            options[opt.name] = opt
+            options.setdefault(opt.name, opt)
     for name, opt in options.items():
-        help_text = f"{opt.help} [{', '.join(seen[name])}; default {opt.default}]"
+        defaults = {m: METHODS[m].defaults()[name] for m in seen[name]}
+        default = opt.default if len({repr(v) for v in defaults.values()}) == 1 else ", ".join(
+            f"{m}: {v}" for m, v in defaults.items())
+        help_text = f"{opt.help} [{', '.join(seen[name])}; default {default}]"
         if opt.flag is not None:  # a boolean switched by its flag
             g.add_argument(opt.cli_flag, dest=name, action="store_const", const=not opt.default, help=help_text)
         else:
-            g.add_argument(opt.cli_flag, dest=name, type=opt.type, choices=opt.choices, help=help_text)
+            g.add_argument(opt.cli_flag, dest=name, type=opt.type, choices=opt.choices, nargs=opt.nargs,
+                           help=help_text)
 
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", metavar="NAME|PATH", help="timm model name or checkpoint file (default: the "
@@ -168,13 +172,16 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--device")
     p.add_argument("--out", metavar="JSON", help="also write the result to this JSON file")
+    p.add_argument("--experts", metavar="I,J,...", type=lambda t: [int(i) for i in t.split(",") if i.strip()],
+                   help="MoLE only: keep these experts (0-based, in --experts-from order); the gate weights are "
+                   "renormalised over them")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     try:
         result = evaluate_file(args.adapter, dataset=args.dataset, data_root=args.data_root, split=args.split,
-                               precision=args.precision, device=args.device)
+                               precision=args.precision, device=args.device, experts=args.experts)
     except Exception as err:
         return _fail(err)
     print(f"{result['dataset']} ({result['eval_split']}, {result['images']} images): top-1 "
@@ -186,12 +193,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | None = None, split: str = "test",
-                  precision: str = "auto", device: str | None = None) -> dict:
+                  precision: str = "auto", device: str | None = None, experts: list[int] | None = None) -> dict:
+    from ..adapters.mole import select_experts
     from ..data import load_task
     from ..engine import Inputs, evaluate, load_trained
     from ..utils import resolve_device, resolve_precision
 
     model, meta = load_trained(path)
+    if experts is not None:
+        select_experts(model, experts)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     spec = dataset or meta.get("dataset_spec") or meta["dataset"]
@@ -204,7 +214,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     top1 = evaluate(model.to(dev), task.eval, inputs, precision=prec)
     key = f"{task.eval_name}_top1"
     return {"adapter": str(path), "dataset": task.name, "eval_split": task.eval_name, "images": len(task.eval),
-            "top1": top1, key: top1, "method": meta.get("method"), "precision": prec}
+            "top1": top1, key: top1, "method": meta.get("method"), "precision": prec,
+            **({"experts": experts} if experts is not None else {})}
 
 
 # --------------------------------------------------------------------------------------------- export
