@@ -34,7 +34,7 @@ class DatasetError(ValueError):
     """A dataset could not be loaded; the message names the file (and line) at fault."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Split:
     """One split of a task: `images` uint8 [N, 3, S, S] RGB, `labels` int64 [N]."""
 
@@ -59,7 +59,7 @@ class Split:
         return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
 
 
-@dataclass
+@dataclass(eq=False)
 class Task:
     """A classification task: what to train on (`train`) and what to report (`eval`, named `eval_name`).
 

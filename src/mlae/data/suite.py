@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -163,17 +164,23 @@ def _render_dsprites_ori(labels: np.ndarray, rng: np.random.Generator) -> np.nda
 _UP = np.array([0.0, 1.0, 0.0])
 
 
-def _camera(forward: np.ndarray, fov_deg: float, ss: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unit ray directions [P, 3] (row-major pixels, supersampled `ss` times) of a square pinhole camera, and
-    its basis rows (right, up, forward). x right, y up; a camera looking along +z sees +x on its right."""
-    forward = _normalize(forward)
-    right = _normalize(np.cross(_UP, forward))
-    up = np.cross(forward, right)
+@lru_cache(maxsize=None)
+def _pixel_rays(fov_deg: float, ss: int) -> np.ndarray:
+    """Unit ray directions [P, 3] in the camera frame (right, up, forward), row-major, supersampled `ss` times."""
     gx, gy = _grid(ss)
     t = np.tan(np.radians(fov_deg) / 2)
     xn = (gx / SUITE_SIZE * 2 - 1).ravel() * t
     yn = (1 - gy / SUITE_SIZE * 2).ravel() * t
-    return _normalize(xn[:, None] * right + yn[:, None] * up + forward), np.stack([right, up, forward])
+    return _normalize(np.stack([xn, yn, np.ones_like(xn)], 1).astype(np.float64))
+
+
+def _camera(forward: np.ndarray, fov_deg: float, ss: int) -> tuple[np.ndarray, np.ndarray]:
+    """World ray directions [P, 3] of a square pinhole camera looking along `forward`, and its basis rows
+    (right, up, forward). x right, y up; a camera looking along +z sees +x on its right."""
+    forward = _normalize(forward)
+    right = _normalize(np.cross(_UP, forward))
+    basis = np.stack([right, np.cross(forward, right), forward])
+    return _pixel_rays(fov_deg, ss) @ basis, basis
 
 
 def _yaw(angle: float) -> np.ndarray:
@@ -267,6 +274,8 @@ _CAM_HEIGHT, _CAM_PITCH, _CAM_FOV = 4.5, np.radians(34.0), 44.0
 _CAM_ORIGIN = np.array([0.0, _CAM_HEIGHT, 0.0])
 _CLEVR_SS = 2
 _CLEVR_RAYS, _CLEVR_BASIS = _camera(np.array([0.0, -np.sin(_CAM_PITCH), np.cos(_CAM_PITCH)]), _CAM_FOV, _CLEVR_SS)
+# ground plane y = 0 (every ray looks down at it), a little darker with distance
+_CLEVR_GROUND = np.clip(0.62 - 0.012 * _CAM_HEIGHT / -np.minimum(_CLEVR_RAYS[:, 1], -1e-6), 0.3, 0.62)
 _DIST_RANGE = (5.0, 9.8)   # camera-space depth of the nearest object, split into 6 bins
 _MAX_DEPTH = 12.5
 _SIZES = (0.45, 0.75)      # object "radius": sphere radius, cylinder radius and half-height, cube half-side × 1.2
@@ -327,17 +336,14 @@ def _render_clevr(objs: list[tuple[float, float, float]], rng: np.random.Generat
     metal = rng.random(len(objs)) < 0.4
     light = _normalize(np.array([rng.uniform(-0.8, 0.8), rng.uniform(0.9, 1.4), rng.uniform(-0.6, 0.2)]))
     ambient = rng.uniform(0.3, 0.42)
-    dirs = _CLEVR_RAYS
-    t, owner, normal = _cast(_CAM_ORIGIN, dirs, solids)
-    # ground plane y = 0, a little darker with distance
-    tg = -_CAM_HEIGHT / np.minimum(dirs[:, 1], -1e-6)
-    ground = np.clip(0.62 - 0.012 * tg, 0.3, 0.62) * (ambient + 0.6 * light[1]) + rng.uniform(-0.04, 0.04)
-    hit = owner >= 0
-    obj = np.maximum(owner, 0)
-    lam = np.clip(normal @ light, 0, None)
-    spec = np.where(metal[obj], np.clip((normal * _normalize(light - dirs)).sum(1), 0, None) ** 24 * 0.8, 0)
-    shade = colours[obj] * (ambient + 0.75 * lam)[:, None] + spec[:, None]
-    img = np.where(hit[:, None], shade, ground[:, None])
+    _, owner, normal = _cast(_CAM_ORIGIN, _CLEVR_RAYS, solids)
+    ground = _CLEVR_GROUND * (ambient + 0.6 * light[1]) + rng.uniform(-0.04, 0.04)
+    img = np.repeat(ground[:, None], 3, 1)
+    hit = np.flatnonzero(owner >= 0)
+    obj, n = owner[hit], normal[hit]
+    lam = np.clip(n @ light, 0, None)
+    spec = np.where(metal[obj], np.clip((n * _normalize(light - _CLEVR_RAYS[hit])).sum(1), 0, None) ** 24 * 0.8, 0)
+    img[hit] = colours[obj] * (ambient + 0.75 * lam)[:, None] + spec[:, None]
     side = SUITE_SIZE * _CLEVR_SS
     return np.clip(_pool(img.reshape(side, side, 3), _CLEVR_SS), 0, 1).astype(np.float32)
 
