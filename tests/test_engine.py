@@ -87,6 +87,15 @@ def test_command_line_overrides_recipe_and_per_dataset(tmp_path):
     assert cfg.img_size == 64
 
 
+def test_no_argument_run_is_mlae_on_a_suite_task_with_the_embedded_backbone():
+    from mlae.cli import build_parser
+    from mlae.commands.train import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert (cfg.dataset, cfg.method, cfg.backbone, cfg.pretrained) == ("suite:digits", "mlae", None, True)
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.drop_path) == (5e-4, 1e-4, 64, 0.1)
+
+
 def test_checkpoint_restores_parameters_optimizer_and_rng(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
