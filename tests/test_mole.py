@@ -230,6 +230,11 @@ def test_bad_expert_sources(experts, tmp_path):
         from_adapters(make_tiny_vit(), [nested])
     with pytest.raises(ValueError, match="not an nn.Linear of this model"):
         from_adapters(make_tiny_vit(depth=1), [paths[0]])
+    with pytest.raises(ValueError, match="another backbone"):
+        from_adapters(make_tiny_vit(dim=16), [paths[0]])
+    peft_dir = mlae.export_peft(trained(mlae.LoRAConfig(), 0), tmp_path / "peft")
+    with pytest.raises(ValueError, match="another backbone"):
+        from_adapters(make_tiny_vit(dim=16), [peft_dir])
     with pytest.raises(ValueError, match="at least one"):
         from_adapters(make_tiny_vit(), [])
 

@@ -199,7 +199,10 @@ def _read_mlae_file(path: Path, model: nn.Module) -> Factors:
             # Built on the meta device (nothing allocated), then given the file's tensors.
             layer = config.create_layer(nn.Linear(target.in_features, target.out_features, device="meta"), **kwargs)
             state = {k: f.get_tensor(f"{name}.{k}") for k in layer.state_dict() if not k.startswith("base.")}
-            layer.load_state_dict(state, strict=False, assign=True)
+            try:
+                layer.load_state_dict(state, strict=False, assign=True)
+            except RuntimeError as err:  # shape mismatch: trained on another backbone
+                raise ValueError(f"{path} does not fit {name} of this model (another backbone?): {err}") from None
             a, b = layer.factors()
             out[name] = (a.detach().float(), b.detach().float())
     return out
@@ -232,7 +235,10 @@ def _read_peft_dir(path: Path, model: nn.Module) -> Factors:
             name = key[: -len(".lora_A.weight")]
             a, b = f.get_tensor(key).float(), f.get_tensor(f"{name}.lora_B.weight").float()
             name = name[len(prefix):] if name.startswith(prefix) else name
-            _linear(model, name, path)
+            target = _linear(model, name, path)
+            if a.shape[1] != target.in_features or b.shape[0] != target.out_features:
+                raise ValueError(f"{path}: the LoRA of {name} is {b.shape[0]}x{a.shape[1]} but this model's layer is "
+                                 f"{target.out_features}x{target.in_features} (another backbone?)")
             r = a.shape[0]
             alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
             scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
