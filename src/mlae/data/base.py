@@ -105,10 +105,12 @@ def to_rgb(img):
     if img.mode in _HIGH_BIT_DEPTH:
         arr = np.asarray(img, dtype=np.float64)
         top = arr.max() if arr.size else 0.0
-        if img.mode == "F" and top <= 1.0:
-            arr = arr * 255.0
-        elif top > 255.0:
-            arr = arr * (255.0 / (65535.0 if top <= 65535.0 else top))
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0  # 16-bit: 65535 -> 255
+        elif img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0  # float images in [0, 1]
+        elif top > 255.0:  # 32-bit "I" (older Pillow opens 16-bit PNGs so): assume 16-bit unless larger
+            arr = arr * (255.0 / max(65535.0, top))
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
