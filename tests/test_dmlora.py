@@ -149,7 +149,8 @@ def test_stage_switch_needs_dmlora_layers():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"branches": 0}, "branches"), ({"rank": 6, "branches": 4}, "split"), ({"branch_dropout": 1.0}, "branch_dropout"),
-    ({"schedule": "step"}, "schedule"), ({"stage2_fraction": 1.0}, "stage2_fraction"), ({"alpha": float("inf")}, "alpha"),
+    ({"schedule": "step"}, "schedule"), ({"stage2_fraction": 1.0}, "stage2_fraction"),
+    ({"alpha": float("inf")}, "alpha"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
