@@ -1,0 +1,316 @@
+"""`mlae analyze similarity|attention|ablation` on run folders trained for one epoch on a tiny ViT."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlae
+from mlae import ablations
+from mlae.cli import main
+
+pytest.importorskip("yaml")
+testing = pytest.importorskip("mlae.data.testing")
+analyze = pytest.importorskip("mlae.commands.analyze")
+
+from conftest import make_tiny_vit  # noqa: E402
+
+# timm's tiny test ViT (6 blocks, 64 wide, 2 heads) on 32x32 images, patch 4: an 8x8 patch grid.
+TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--patch-size", "4"]
+FAST = ["--epochs", "1", "--batch-size", "32", "--warmup-epochs", "0"]
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def vtab_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vtab")
+    testing.make_vtab_folder(root, name="cifar", n_train=64, n_test=16, size=32)
+    return root
+
+
+def _train(root: Path, out: Path, *extra: str) -> Path:
+    assert main(["train", "--dataset", "vtab:cifar", "--data-root", str(root), *TINY, *FAST, "--quiet",
+                 "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(vtab_root, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("runs")
+    return {"mlae": _train(vtab_root, base / "mlae", "--method", "mlae", "--dropout", "0.5"),
+            "lora": _train(vtab_root, base / "lora", "--method", "lora", "--rank", "4")}
+
+
+def _png(path: Path) -> None:
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == PNG
+
+
+# --------------------------------------------------------------------------------------------- similarity
+
+
+def test_similarity_command_writes_figures_and_tables(runs, tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["analyze", "similarity", str(runs["mlae"]), str(runs["lora"]), "--out", str(out)]) == 0
+    _png(out / "similarity.png")
+    _png(out / "similarity_matrix_mlae.png")
+    _png(out / "similarity_matrix_lora.png")
+    report = json.loads((out / "similarity.json").read_text())
+    assert list(report) == ["mlae", "lora"]
+    assert "| layer | mlae | lora |" in (out / "similarity.md").read_text() and "**mean**" in capsys.readouterr().out
+
+    from mlae.engine import load_trained
+
+    for name, experts in (("mlae", 8), ("lora", 4)):
+        model, _ = load_trained(runs[name] / "adapter.safetensors")
+        expected = mlae.expert_similarity(model, per_layer=True)
+        r = report[name]
+        assert list(r["layers"]) == list(expected) and len(expected) == 6
+        for layer, value in expected.items():
+            assert r["layers"][layer]["mean"] == pytest.approx(value)
+            assert r["layers"][layer]["experts"] == experts
+            assert r["layers"][layer]["mean_abs"] >= abs(value) - 1e-9
+        assert r["mean"] == pytest.approx(mlae.expert_similarity(model))
+        assert r["matrix_layer"] == "mean" and torch.tensor(r["matrix"]).shape == (experts, experts)
+        torch.testing.assert_close(torch.tensor(r["matrix"]).diagonal(), torch.ones(experts))
+
+
+def test_similarity_plot_has_one_series_per_run(runs):
+    from mlae.engine import load_trained
+
+    reports = {name: analyze.similarity_report(load_trained(path / "adapter.safetensors")[0])
+               for name, path in runs.items()}
+    fig = analyze.plot_similarity(reports)
+    (ax,) = fig.axes
+    assert len(ax.containers) == 2                       # one bar series per run
+    assert all(len(bars) == 6 + 1 for bars in ax.containers)  # 6 layers + the overall mean
+    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["mlae", "lora"]
+    heat = analyze.plot_matrix(reports["mlae"], "mlae")
+    assert heat.axes[0].images[0].get_array().shape == (8, 8)
+
+
+def test_similarity_layer_choice(runs, tmp_path):
+    from mlae.engine import load_trained
+
+    model, _ = load_trained(runs["mlae"] / "adapter.safetensors")
+    layers = dict(mlae.adapter_layers(model))
+    last = analyze.similarity_report(model, layer=-1)
+    assert last["matrix_layer"] == "blocks.5.attn.qkv"
+    torch.testing.assert_close(torch.tensor(last["matrix"]), mlae.similarity_matrix(layers["blocks.5.attn.qkv"]),
+                               equal_nan=True)  # an expert masked in every step of this short run stays 0
+    assert analyze.similarity_report(model, layer="blocks.2.attn.qkv")["matrix_layer"] == "blocks.2.attn.qkv"
+    assert analyze.similarity_report(model, layer="2")["matrix_layer"] == "blocks.2.attn.qkv"
+    with pytest.raises(ValueError, match="matches 6"):
+        analyze.similarity_report(model, layer="qkv")
+    with pytest.raises(ValueError, match="out of range"):
+        analyze.similarity_report(model, layer=6)
+    assert main(["analyze", "similarity", str(runs["mlae"]), "--layer", "nope", "--out", str(tmp_path)]) == 1
+
+
+def test_mean_matrix_over_layers_with_different_expert_counts():
+    model = mlae.apply(make_tiny_vit(depth=4), mlae.MLAEConfig(masking="fixed", pattern="incremental", experts=4))
+    torch.manual_seed(0)
+    for _, layer in mlae.adapter_layers(model):
+        torch.nn.init.normal_(layer.lora_B)
+    counts = [layer.experts for _, layer in mlae.adapter_layers(model)]
+    assert len(set(counts)) > 1
+    report = analyze.similarity_report(model)
+    matrix = torch.tensor(report["matrix"])
+    assert matrix.shape == (max(counts), max(counts)) and not matrix.isnan().any()
+    # Entry (i, j) averages the layers that have both experts.
+    mats = [mlae.similarity_matrix(layer) for _, layer in mlae.adapter_layers(model)]
+    i = max(counts) - 1
+    expected = torch.stack([m[0, i] for m in mats if m.shape[0] > i]).mean()
+    assert matrix[0, i].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_similarity_refuses_runs_without_adapters(vtab_root, tmp_path, capsys):
+    run = _train(vtab_root, tmp_path / "linear", "--method", "linear")
+    assert main(["analyze", "similarity", str(run), "--out", str(tmp_path / "o")]) == 1
+    assert "no adapter layers" in capsys.readouterr().err
+    assert main(["analyze", "similarity", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+def _direct_cls_attention(model, x, block: int) -> torch.Tensor:
+    """The block's CLS attention read off timm's own (unfused) attention weights."""
+    attn = model.blocks[block].attn
+    seen = []
+    handle = attn.attn_drop.register_forward_hook(lambda m, i, o: seen.append(o))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
+    return seen[0].mean(1)[:, 0, 1:].reshape(x.shape[0], 8, 8)
+
+
+@pytest.mark.parametrize("name", ["mlae", "lora"])
+def test_attention_columns_match_the_models_themselves(runs, name):
+    from mlae.engine import load_trained
+
+    model, _ = load_trained(runs[name] / "adapter.safetensors")
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    block = 3
+    columns, maps = analyze.attention_maps(model, x, block)
+    experts = 8 if name == "mlae" else 4
+    assert columns == ["base", "all experts", *(f"expert {i + 1}" for i in range(experts))]
+    assert maps.shape == (3, 2 + experts, 8, 8)
+    mass = maps.sum((-2, -1))  # CLS attention to the patches: softmax mass less the CLS token's own share
+    assert ((mass > 0) & (mass <= 1 + 1e-6)).all()
+
+    # all experts = the fine-tuned model
+    torch.testing.assert_close(maps[:, 1], _direct_cls_attention(model, x, block), rtol=1e-4, atol=1e-6)
+    # other_blocks="base": the backbone with only this block's adapter
+    _, only = analyze.attention_maps(model, x, block, other_blocks="base")
+    layers = dict(mlae.adapter_layers(model))
+    qkv = layers[f"blocks.{block}.attn.qkv"]
+    saved = {n: layer.lora_B.detach().clone() for n, layer in layers.items()}
+    with torch.no_grad():
+        for n, layer in layers.items():
+            if layer is not qkv:
+                layer.lora_B.zero_()
+        torch.testing.assert_close(only[:, 1], _direct_cls_attention(model, x, block), rtol=1e-4, atol=1e-6)
+        for layer in layers.values():
+            layer.lora_B.copy_(saved[layer.name])
+        # expert i = the fine-tuned model with the other experts of that block switched off
+        for i in (0, experts - 1):
+            keep = torch.zeros_like(qkv.lora_B)
+            keep[:, i] = 1
+            qkv.lora_B.copy_(saved[qkv.name] * keep)
+            torch.testing.assert_close(maps[:, 2 + i], _direct_cls_attention(model, x, block), rtol=1e-4, atol=1e-6)
+        # base = every adapter switched off
+        for layer in layers.values():
+            layer.lora_B.zero_()
+        torch.testing.assert_close(maps[:, 0], _direct_cls_attention(model, x, block), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(only[:, 0], maps[:, 0])
+
+
+def test_attention_command_writes_the_grid(runs, tmp_path):
+    out = tmp_path / "att"
+    assert main(["analyze", "attention", str(runs["mlae"]), "--block", "-1", "--images", "3",
+                 "--out", str(out)]) == 0
+    _png(out / "attention_block5.png")
+    saved = json.loads((out / "attention_block5.json").read_text())
+    assert saved["block"] == 5 and len(saved["columns"]) == 10
+    assert torch.tensor(saved["maps"]).shape == (3, 10, 8, 8)
+
+    assert main(["analyze", "attention", str(runs["lora"]), "--block", "0", "--images", "2",
+                 "--out", str(out)]) == 0
+    assert torch.tensor(json.loads((out / "attention_block0.json").read_text())["maps"]).shape == (2, 6, 8, 8)
+
+
+def test_attention_plot_panels():
+    images = torch.rand(2, 3, 32, 32)
+    fig = analyze.plot_attention(images, ["base", "all experts", "expert 1"], torch.rand(2, 3, 8, 8))
+    assert len(fig.axes) == 2 * (1 + 3)
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "base", "all experts", "expert 1"]
+
+
+def test_attention_errors(runs, tmp_path, capsys):
+    assert main(["analyze", "attention", str(runs["mlae"]), "--block", "6", "--out", str(tmp_path)]) == 1
+    assert "out of range" in capsys.readouterr().err
+    model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(target_modules=[r"blocks\.0\.attn\.qkv"]))
+    with pytest.raises(ValueError, match="not adapted"):
+        analyze.attention_maps(model, torch.randn(1, 3, 32, 32), 1)
+
+
+# --------------------------------------------------------------------------------------------- ablation
+
+
+def test_presets_expand_to_the_papers_variants():
+    assert set(ablations.PRESETS) == {"components", "masking", "rank", "coeff-init", "dropout", "input-dropout"}
+    comp = ablations.preset("components", p=0.3).variants
+    assert [(v.method, v.options.get("dropout"), v.options.get("adaptive")) for v in comp] == [
+        ("mlae", 0.0, False), ("mlae", 0.0, True), ("mlae", 0.3, False), ("mlae", 0.3, True), ("lora", None, None)]
+
+    rank = ablations.preset("rank").variants
+    mlae_rows = [v for v in rank if v.method == "mlae"]
+    assert [(v.options["experts"], v.options["expert_rank"]) for v in mlae_rows] == [(8, 1), (4, 2), (2, 4)]
+    assert {v.options["experts"] * v.options["expert_rank"] for v in mlae_rows} == {8}
+    assert [v.options["rank"] for v in rank if v.method == "lora"] == [8]
+
+    masking = ablations.preset("masking").variants
+    assert len(masking) == 15
+    by = {(v.options["masking"], v.options["pattern"]) for v in masking}
+    for pattern in ("incremental", "decremental", "hourglass", "protruding"):
+        assert {("fixed", pattern), ("stochastic", pattern), ("mixed", pattern)} <= by
+    assert ("fixed", "random") in by and ("stochastic", "uniform") in by and ("stochastic", "random") not in by
+
+    assert [v.options["dropout"] for v in ablations.preset("dropout").variants] == [0, .1, .3, .5, .7, .9]
+    assert [v.options["coeff_init"] for v in ablations.preset("coeff-init").variants] == [
+        .125, .25, .5, 1, 2, 4]
+    inp = ablations.preset("input-dropout", p=0.7).variants
+    assert [(v.method, v.options.get("dropout", v.options.get("lora_dropout"))) for v in inp] == [
+        ("mlae", 0.7), ("lora-dropout", 0.7), ("mlae", 0.0), ("lora", None)]
+    with pytest.raises(ValueError, match="unknown ablation preset"):
+        ablations.preset("nope")
+
+
+@pytest.mark.parametrize("name", ablations.PRESETS)
+def test_every_variant_builds_and_parses_as_a_compare_method(name):
+    compare = pytest.importorskip("mlae.commands.compare")
+    from mlae.engine import TrainConfig
+    from mlae.recipes import get_method
+
+    pr = ablations.preset(name)
+    argv = ablations.compare_argv(pr, ["suite:digits"], [0, 1], "out", ["--epochs", "2"])
+    assert argv[0] == "compare" and argv[-2:] == ["--epochs", "2"]
+    parsed = compare.parse_methods(argv[argv.index("--methods") + 1])
+    assert [(v.label, v.method, v.overrides) for v in parsed] == [(v.label, v.method, v.options) for v in pr.variants]
+    for v in pr.variants:  # the options are the method's own and build a model
+        options = TrainConfig(method=v.method, method_options=v.options).options()
+        get_method(v.method).prepare(make_tiny_vit(depth=2), options)
+
+
+def test_ablation_list_and_dry_run(capsys):
+    pytest.importorskip("mlae.commands.compare")
+    from mlae.cli import build_parser
+
+    assert main(["analyze", "ablation", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ablations.PRESETS) and "mlae[experts=2,expert_rank=4" in listed
+    assert main(["analyze", "ablation", "rank", "--datasets", "suite:digits", "--seeds", "0,1", "--out", "o",
+                 "--dry-run", *TINY, "--epochs", "3", "--target-modules", "qkv,proj", "--jobs", "2"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip())
+    assert command[:2] == ["mlae", "compare"]
+    args = build_parser().parse_args(command[1:])
+    assert (args.datasets, args.seeds, args.compare_out, args.jobs) == ("suite:digits", "0,1", "o", 2)
+    assert (args.epochs, args.backbone, args.pretrained, args.img_size) == (3, "test_vit", False, 32)
+    assert args.target_modules == ["qkv", "proj"]
+    assert args.methods.count("=mlae[") == 3 and "lora r8=lora[rank=8,alpha=8]" in args.methods
+    assert main(["analyze", "ablation", "rank", "--out", "o"]) == 1
+    assert "--datasets" in capsys.readouterr().err
+
+
+def test_ablation_runs_end_to_end_through_compare(vtab_root, tmp_path):
+    pytest.importorskip("mlae.commands.compare")
+    out = tmp_path / "abl"
+    assert main(["analyze", "ablation", "rank", "--datasets", "vtab:cifar", "--data-root", str(vtab_root),
+                 "--out", str(out), *TINY, *FAST]) == 0
+    summary = (out / "summary.md").read_text()
+    for v in ablations.preset("rank").variants:
+        assert v.label in summary
+    folders = sorted(p.parent for p in out.glob("runs/*/*/s0/adapter.safetensors"))
+    assert len(folders) == 4
+    # the runs feed straight into the similarity analysis
+    assert main(["analyze", "similarity", *map(str, folders), "--out", str(tmp_path / "sim")]) == 0
+    experts = {k: v["layers"]["blocks.0.attn.qkv"]["experts"]
+               for k, v in json.loads((tmp_path / "sim" / "similarity.json").read_text()).items()}
+    assert sorted(experts.values()) == [2, 4, 8, 8]
+
+
+def test_help_of_every_subcommand(capsys):
+    for sub in ("similarity", "attention", "ablation"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["analyze", sub, "--help"])
+        assert exit_.value.code == 0
+        assert "example:" in capsys.readouterr().out
+    assert main(["analyze"]) == 2
