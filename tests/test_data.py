@@ -1,4 +1,4 @@
-"""Dataset layer: real files on disk in the VTAB-1k / FGVC / ImageFolder layouts, the cache, prepare_batch, the suite."""
+"""Dataset layer: real files in the VTAB-1k / FGVC / ImageFolder layouts, the cache, prepare_batch, the suite."""
 import json
 import os
 
@@ -178,7 +178,8 @@ def test_fgvc_folder_aliases_and_paths_relative_to_dataset(tmp_path):
     ('{\n "a.jpg": "x"\n}', r"test\.json:2: cannot parse label 'x'"),
     ('{\n "a.jpg": 0,,\n}', r"test\.json:2: cannot parse json"),
     ("{}", r"test\.json: empty split"),
-    ('{\n "001.class/000000.jpg": 0,\n "nope/missing.jpg": 1\n}', r"test\.json:3: image not found: .*nope/missing\.jpg"),
+    ('{\n "001.class/000000.jpg": 0,\n "nope/missing.jpg": 1\n}',
+     r"test\.json:3: image not found: .*nope/missing\.jpg"),
 ])
 def test_fgvc_errors_name_file_and_line(tmp_path, content, pattern):
     make_fgvc_folder(tmp_path, "CUB", n_train=4, n_val=2, n_test=2)

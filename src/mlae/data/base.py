@@ -43,9 +43,11 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"Split.images must be uint8 [N, 3, S, S], got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(f"Split.images must be uint8 [N, 3, S, S], got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"Split.labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise ValueError(f"Split.labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} "
+                             f"{tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

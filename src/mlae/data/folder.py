@@ -38,7 +38,8 @@ def scan_folder(path: Path, classes: list[str]) -> list[Entry]:
                        and CACHE_DIR_NAME not in p.parts)
         entries += [Entry(p, label, str(p)) for p in files]
     if not entries:
-        raise DatasetError(f"{path}: empty split (no images with extensions {sorted(IMAGE_EXTENSIONS)} in class folders)")
+        raise DatasetError(f"{path}: empty split (no images with extensions {sorted(IMAGE_EXTENSIONS)} "
+                           "in class folders)")
     return entries
 
 

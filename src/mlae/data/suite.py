@@ -111,7 +111,8 @@ def _arrow(u, v):  # points along +u at orientation 0
 
 
 def _teardrop(u, v):  # round end at -u, point at +u
-    return ((u + 0.35) ** 2 + v * v <= 0.55 ** 2) | ((u >= -0.35) & (u <= 0.95) & (np.abs(v) <= 0.55 * (0.95 - u) / 1.3))
+    body = (u + 0.35) ** 2 + v * v <= 0.55 ** 2
+    return body | ((u >= -0.35) & (u <= 0.95) & (np.abs(v) <= 0.55 * (0.95 - u) / 1.3))
 
 
 _LOC_SHAPES = (_square, _ellipse, _heart)
@@ -524,7 +525,8 @@ _RENDERERS: dict[str, tuple[int, str, Renderer | None]] = {
 
 # name -> (number of classes, VTAB-like group, how the label is defined)
 SUITE_TASKS: dict[str, tuple[int, str, str]] = {
-    "digits": (10, "natural", "the digit 0-9 of scikit-learn's 8x8 handwritten digits (1,797 real images; test = the 797 left)"),
+    "digits": (10, "natural",
+               "the digit 0-9 of scikit-learn's 8x8 handwritten digits (1,797 real images; test = the 797 left)"),
     "dsprites_loc": (16, "structured", "16 equal bins of a white-ish sprite's x centre over [6, 26) px"),
     "dsprites_ori": (16, "structured", "16 equal bins of an asymmetric sprite's rotation over [0, 360)"),
     "clevr_count": (8, "structured", "number of CLEVR-like objects minus 3 (3-10 objects)"),

@@ -68,7 +68,8 @@ def make_vtab_folder(root: str | Path, name: str = "cifar", n_train: int = 16, n
     for split, n in (("train800", n_train), ("val200", n_val), ("test", n_test)):
         lines[split] = []
         for y in _labels(n, num_classes, rng):
-            path = write_image(folder / "images" / split / f"{k:06d}", _class_image(int(y), size, rng), MODES[k % len(MODES)])
+            path = write_image(folder / "images" / split / f"{k:06d}", _class_image(int(y), size, rng),
+                               MODES[k % len(MODES)])
             lines[split].append(f"{path.relative_to(folder).as_posix()} {int(y)}")
             k += 1
     lines["train800val200"] = lines["train800"] + lines["val200"]
@@ -106,7 +107,7 @@ def make_fgvc_folder(root: str | Path, name: str = "CUB", n_train: int = 12, n_v
 
 def make_image_folder(root: str | Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 5,
                       size: int = 24, subsets: tuple[str, ...] = (), seed: int = 0) -> Path:
-    """ImageFolder layout: `<root>/<class>/*` or, with `subsets` such as ("train", "test"), `<root>/<subset>/<class>/*`."""
+    """ImageFolder layout: `<root>/<class>/*`, or `<root>/<subset>/<class>/*` for `subsets` like ("train", "test")."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     k = 0
