@@ -182,3 +182,14 @@ def test_ddp_two_gloo_processes(vtab_root, tmp_path):
     assert results["world_size"] == 2
     assert [m["epoch"] for m in _metrics(out)] == [1, 2]
     assert proc.stdout.count("test top-1") == 1  # the summary, printed by rank 0 only
+
+
+def test_recipe_file_with_command_line_overrides(vtab_root, tmp_path):
+    import yaml
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "vtab_mlae.yaml"
+    out = tmp_path / "run"
+    assert _train(vtab_root, out, "--config", str(recipe)) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (resolved["dropout"], resolved["coeff_init"]) == (0.7, 2)  # Table 10's cifar row
+    assert (resolved["epochs"], resolved["backbone"], resolved["lr"]) == (1, "test_vit", 5e-4)  # flags win

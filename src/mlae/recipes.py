@@ -151,7 +151,8 @@ register_method(Method("mlae", "Masked LoRA Experts", _prepare_mlae, (
     Option("expert_rank", int, 1, "rank of each expert"),
     Option("dropout", float, 0.0, "expert dropout probability p of the stochastic masks"),
     Option("coeff_init", float, 1.0, "initial expert coefficient c_i"),
-    Option("adaptive", _bool, True, "train the expert coefficients", flag="--no-adaptive"),
+    Option("adaptive", _bool, True, "train the expert coefficients (--no-adaptive freezes them at --coeff-init)",
+           flag="--no-adaptive"),
     Option("masking", str, "stochastic", "expert masking: stochastic, fixed or mixed"),
     Option("pattern", str, "uniform", "per-layer pattern of expert counts / dropout rates: uniform, "
            "incremental, decremental, hourglass, protruding or random"),
