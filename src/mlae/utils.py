@@ -26,11 +26,12 @@ __all__ = [
 
 
 def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
-    """The requested device, or CUDA (this process's GPU under torchrun) when available, else the CPU."""
-    if device:
+    """The requested device, or CUDA when available, else the CPU. A bare "cuda" means this process's GPU
+    (``local_rank`` under torchrun)."""
+    if device and device != "cuda":
         return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device == "cuda" or torch.cuda.is_available():
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
