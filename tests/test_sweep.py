@@ -1,0 +1,149 @@
+"""`mlae sweep` on timm's tiny test ViT and a tiny VTAB-1k folder: shared studies, dead workers, outputs."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlae.cli import main
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("yaml")
+testing = pytest.importorskip("mlae.data.testing")
+
+TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--patch-size", "4"]
+FAST = ["--batch-size", "16", "--warmup-epochs", "0", "--workers", "1"]
+GRID = ["--param", "dropout=0,0.5", "--param", "coeff_init=0.5,2"]
+
+
+@pytest.fixture(scope="module")
+def vtab_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vtab")
+    testing.make_vtab_folder(root, name="cifar", n_train=32, n_val=16, n_test=32, size=32, num_classes=4)
+    return root
+
+
+def _argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["sweep", "--dataset", "vtab:cifar", "--data-root", str(root), *TINY, *FAST, "--out", str(out), *extra]
+
+
+def _worker(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mlae", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _trials(storage, name: str) -> list:
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def test_two_workers_share_one_grid(vtab_root, tmp_path):
+    import yaml
+
+    out = tmp_path / "sweep"
+    argv = _argv(vtab_root, out, *GRID, "--epochs", "2", "--no-prune")
+    workers = [_worker(argv) for _ in range(2)]
+    logs = [w.communicate(timeout=170)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(logs)
+
+    trials = _trials(f"sqlite:///{out / 'study.db'}", "sweep")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    points = sorted((t.params["dropout"], t.params["coeff_init"]) for t in trials)
+    assert points == [(0.0, 0.5), (0.0, 2.0), (0.5, 0.5), (0.5, 2.0)]  # every grid point once
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    for t in trials:
+        results = json.loads((out / "trials" / str(t.number) / "results.json").read_text())
+        assert results["eval_split"] == "val" and results["top1"] == t.value
+    assert sum("final: test top-1" in log for log in logs) == 1  # exactly one worker retrained
+
+    final = json.loads((out / "final" / "results.json").read_text())
+    assert final["eval_split"] == "test"
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    recipe = yaml.safe_load((out / "best.yaml").read_text())
+    assert recipe["split"] == "test" and recipe["dropout"] == best.params["dropout"]
+    assert recipe["coeff_init"] == best.params["coeff_init"]
+    # best.yaml is a recipe `mlae train` accepts, and it reproduces the final run
+    assert main(["train", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["top1"] == final["top1"]
+
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3]
+    assert all(r["state"] == "COMPLETE" and r["val_top1"] != "" for r in rows)
+    md = (out / "trials.md").read_text()
+    assert "**best**" in md and "Final (test)" in md and "val200" in md
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_killed_worker_trial_is_failed_and_rerun(vtab_root, tmp_path):
+    out = tmp_path / "sweep"
+    journal = tmp_path / "study.journal"
+    argv = _argv(vtab_root, out, "--param", "dropout=0,0.5", "--param", "coeff_init=1", "--epochs", "4",
+                 "--no-prune", "--storage", f"journal:{journal}", "--study-name", "shared", "--no-final")
+    proc = _worker(argv)
+    try:
+        deadline = time.time() + 120
+        while not (out / "trials" / "0" / "checkpoint.safetensors").exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "trials" / "0" / "results.json").exists(), "the trial finished before it could be killed"
+
+    # Restarting the same command continues the study: the dead worker's trial is failed and run again.
+    assert main(argv) == 0
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = _trials(storage, "shared")
+    assert trials[0].state.name == "FAIL"
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    assert retry[0].params == trials[0].params
+    complete = sorted(t.params["dropout"] for t in trials if t.state.name == "COMPLETE")
+    assert complete == [0.0, 0.5]
+    # the re-run continued the killed run from its checkpoint: all 4 epochs, in the new trial's folder
+    metrics = (out / "trials" / str(retry[0].number) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert "re-run of 0" in (out / "trials.md").read_text()
+    assert not (out / "final").exists()
+
+
+def test_search_space_parsing():
+    from mlae.commands.sweep import parse_param
+    from mlae.recipes import RecipeError
+
+    assert parse_param("dropout=0,0.5", "mlae").values == (0.0, 0.5)
+    p = parse_param("coeff_init=0.25:4:log", "mlae")
+    assert (p.low, p.high, p.log, p.values) == (0.25, 4.0, True, None)
+    assert parse_param("rank=2:16:int", "lora").integer
+    assert parse_param("adaptive=true,false", "mlae").values == (True, False)
+    assert parse_param("lr=1e-3,5e-4", "lora").values == (1e-3, 5e-4)
+    for bad, method in (("dropout=0.1", "lora"), ("split=val", "mlae"), ("dropout", "mlae"),
+                        ("coeff_init=0:4:log", "mlae"), ("dropout=1:0", "mlae")):
+        with pytest.raises(RecipeError):
+            parse_param(bad, method)
+
+
+def test_grid_needs_values_and_tpe_runs_with_ranges(vtab_root, tmp_path, capsys):
+    assert main(_argv(vtab_root, tmp_path / "bad", "--param", "coeff_init=0.25:4:log")) == 1
+    assert "--sampler tpe" in capsys.readouterr().err
+    out = tmp_path / "tpe"
+    assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "1", "--param",
+                      "coeff_init=0.25:4:log", "--param", "dropout=0,0.5", "--no-final")) == 0
+    trials = _trials(f"sqlite:///{out / 'study.db'}", "tpe")
+    assert len(trials) == 2 and all(0.25 <= t.params["coeff_init"] <= 4 for t in trials)
+    assert (out / "heatmap.png").exists() and (out / "best.yaml").exists()
+    # the same command again finds the study complete and runs nothing
+    assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "1", "--param",
+                      "coeff_init=0.25:4:log", "--param", "dropout=0,0.5", "--no-final")) == 0
+    assert len(_trials(f"sqlite:///{out / 'study.db'}", "tpe")) == 2
+    # a worker with other settings may not join the study
+    assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "3", "--param",
+                      "coeff_init=0.25:4:log", "--param", "dropout=0,0.5")) == 1
+    assert "epochs" in capsys.readouterr().err
