@@ -85,7 +85,8 @@ def main() -> None:
         print(f"  {name:<24} {spent[name]:8.2f} s  {100 * spent[name] / train_time:5.1f} %")
     print(f"  data prep                {spent['data prep']:8.2f} s  {100 * spent['data prep'] / train_time:5.1f} %"
           "  (prepare_batch, reported apart)")
-    print(f"  engine overhead          {rest:8.2f} s  {100 * rest / train_time:5.1f} %  (everything else; target < 5 %)")
+    print(f"  engine overhead          {rest:8.2f} s  {100 * rest / train_time:5.1f} %"
+          "  (everything else; target < 5 %)")
     print(f"  evaluation (excluded)    {sum(m['epoch_time_s'] for m in epochs) - train_time:8.2f} s")
 
 

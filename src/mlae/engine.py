@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .recipes import get_method
-from .utils import (DistInfo, auto_threads, autocast, get_rng_state, init_distributed, resolve_device, resolve_precision,
-                    seed_everything, set_rng_state)
+from .utils import (DistInfo, auto_threads, autocast, get_rng_state, init_distributed, resolve_device,
+                    resolve_precision, seed_everything, set_rng_state)
 
-__all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "build_backbone", "load_trained",
-           "DEFAULT_DATASET"]
+__all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
+           "load_trained", "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
 
 # The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (DESIGN.md §4).
 DEFAULT_DATASET = "suite:digits"

@@ -80,8 +80,8 @@ def _register_train(subparsers) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast where the "
                    "hardware supports it (default)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--workers", dest="threads", type=int, help="CPU threads for torch (default: the cores not kept busy by "
-                   "other programs)")
+    g.add_argument("--workers", dest="threads", type=int, help="CPU threads for torch (default: the cores not kept "
+                   "busy by other programs)")
 
     g = p.add_argument_group("run folder")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/<dataset>_<method>_s<seed>, with a "
