@@ -86,7 +86,8 @@ def _register_train(subparsers) -> None:
     g = p.add_argument_group("run folder")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/<dataset>_<method>_s<seed>, with a "
                    "suffix when it exists)")
-    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (default: "
+                   "runs/<dataset>_<method>_s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     g.add_argument("--checkpoint-every", type=int, help=f"epochs between checkpoints (default "
                    f"{d.checkpoint_every})")
