@@ -183,7 +183,8 @@ def _prepare_mole(model: nn.Module, options: dict) -> nn.Module:
                          temperature=options["temperature"])
 
 
-# The engine switches to stage 2 (DMLoRAConfig.stage2_fraction); the frozen branches then sit out in DDP.
+# The engine switches to stage 2 itself (DMLoRAConfig.stage2_fraction) and re-wraps DDP then. Dropped branches
+# still get a (zero) gradient, so DDP need not look for unused parameters.
 register_method(Method("dmlora", "Dropout Mixture LoRA: branches, gradual branch dropout, two-stage scalars",
                        _prepare_dmlora, (
     Option("branches", int, 4, "number of parallel LoRA branches K"),
@@ -197,7 +198,7 @@ register_method(Method("dmlora", "Dropout Mixture LoRA: branches, gradual branch
     Option("rescale", _bool, True, "scale kept branches by 1/(1-p) in training", flag="--no-rescale"),
     Option("stage2_fraction", float, 0.1, "share of training in stage 2 (per-layer scales only, lr / 10)"),
     TARGETS,
-), skips_parameters=True))
+)))
 # The balance loss comes from mlae.aux_losses as "balance"; the engine weighs it by `balance_weight`.
 register_method(Method("mole", "Mixture of LoRA Experts: learned gates over frozen trained adapters", _prepare_mole, (
     Option("experts_from", str, [], "trained adapters to mix (mlae .safetensors files or PEFT LoRA folders)",
