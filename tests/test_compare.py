@@ -1,0 +1,112 @@
+"""`mlae compare`: method variants, aggregation conventions, and a small end-to-end comparison."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from statistics import mean, stdev
+
+import pytest
+
+from mlae.cli import main
+from mlae.commands.compare import Variant, aggregate, parse_methods
+from mlae.recipes import RecipeError
+
+pytest.importorskip("yaml")
+testing = pytest.importorskip("mlae.data.testing")
+
+TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--patch-size", "4"]
+FAST = ["--epochs", "1", "--batch-size", "16", "--warmup-epochs", "0"]
+
+
+def test_method_variants():
+    v = parse_methods("mlae, mlae[dropout=0], mlae[adaptive=false,coeff_init=2],"
+                      "lora[lr=1e-3,target_modules=qkv,proj,rank=4],nomask=mlae[dropout=0,adaptive=false]")
+    assert [x.label for x in v] == ["mlae", "mlae[dropout=0]", "mlae[adaptive=false,coeff_init=2]",
+                                    "lora[lr=1e-3,target_modules=qkv,proj,rank=4]", "nomask"]
+    assert v[0] == Variant("mlae", "mlae", {})
+    assert v[1].overrides == {"dropout": 0.0}
+    assert v[2].overrides == {"adaptive": False, "coeff_init": 2.0}
+    assert v[3].overrides == {"lr": 1e-3, "target_modules": ["qkv", "proj"], "rank": 4}
+    assert v[4].method == "mlae" and v[4].overrides == {"dropout": 0.0, "adaptive": False}
+    assert len({x.slug for x in v}) == 5 and all("/" not in x.slug for x in v)
+    for bad in ("mlae,mlae", "lora[dropout=0.1]", "mlae[dropout=0", "nosuch", "mlae[seed=1]", "mlae[dropout]",
+                "dmlora[schedule=sideways]"):
+        with pytest.raises(RecipeError):
+            parse_methods(bad)
+
+
+def test_domain_and_overall_follow_the_vtab_convention():
+    variants = [Variant("m", "lora")]
+    datasets = ["vtab:cifar", "vtab:dtd", "vtab:eurosat"]
+    values = {("vtab:cifar", 0): 60.0, ("vtab:dtd", 0): 70.0, ("vtab:eurosat", 0): 90.0,
+              ("vtab:cifar", 1): 62.0, ("vtab:dtd", 1): 72.0, ("vtab:eurosat", 1): 94.0}
+    rows = [{"method": "m", "dataset": d, "seed": s, "top1": v} for (d, s), v in values.items()]
+    table = aggregate(rows, variants, datasets, [0, 1])["table"]["m"]
+    assert table["natural"] == [65.0, 67.0] and table["specialized"] == [90.0, 94.0]
+    # overall = mean of the domain means, not of the datasets
+    assert table["overall"] == [77.5, 80.5]
+    # a seed missing a dataset leaves that seed out of its domain (and of overall)
+    table = aggregate(rows[:-1], variants, datasets, [0, 1])["table"]["m"]
+    assert table["specialized"] == [90.0] and table["overall"] == [77.5] and table["vtab:cifar"] == [60.0, 62.0]
+
+
+@pytest.fixture(scope="module")
+def vtab_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vtab")
+    for name in ("cifar", "eurosat"):
+        testing.make_vtab_folder(root, name=name, n_train=24, n_test=24, size=32, num_classes=4)
+    return root
+
+
+def test_compare_two_methods_two_tasks_two_seeds(vtab_root, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "lora,nomask=mlae[dropout=0]", "--datasets", "vtab:cifar,vtab:eurosat",
+            "--seeds", "0,1", "--out", str(out), "--data-root", str(vtab_root), *TINY, *FAST, "--jobs", "2"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 8
+    assert {(r["method"], r["dataset"], r["seed"]) for r in rows} == {
+        (m, d, s) for m in ("lora", "nomask") for d in ("vtab:cifar", "vtab:eurosat") for s in ("0", "1")}
+    for r in rows:
+        results = json.loads((Path(r["out"]) / "results.json").read_text())
+        assert float(r["top1"]) == pytest.approx(100 * results["top1"], abs=1e-3)
+        assert results["method"] == ("lora" if r["method"] == "lora" else "mlae")
+        assert int(r["trainable_params"]) == results["params"]["trainable"]
+    nomask = json.loads((out / "runs" / "nomask" / "vtab-cifar" / "s0" / "results.json").read_text())
+    assert nomask["out"].endswith("s0")
+    import yaml
+
+    assert yaml.safe_load((out / "runs" / "nomask" / "vtab-cifar" / "s0" / "config.yaml").read_text())[
+        "dropout"] == 0.0
+
+    # summary.md: mean ± std over the two seeds, per dataset, per domain and overall, with the paper beside ours
+    summary = (out / "summary.md").read_text()
+    lora_cifar = [float(r["top1"]) for r in rows if r["method"] == "lora" and r["dataset"] == "vtab:cifar"]
+    line = next(l for l in summary.splitlines() if l.startswith("| vtab:cifar |"))
+    assert f"{mean(lora_cifar):.1f} ± {stdev(lora_cifar):.1f}" in line
+    assert "| 67.1 |" in line  # the paper's LoRA on CIFAR-100
+    assert "paper: lora" in summary and "paper: MLAE (decomposition + adaptive)" in summary
+    assert "**natural**" in summary and "**specialized**" in summary and "**overall**" in summary
+    stats = list(csv.DictReader(open(out / "summary.csv")))
+    overall = next(r for r in stats if r["method"] == "lora" and r["scope"] == "overall")
+    assert overall["n_seeds"] == "2" and overall["paper"] == str(round((67.1 + 95.3) / 2, 1))  # CIFAR-100 and EuroSAT
+    for domain in ("natural", "specialized"):
+        assert (out / f"bars_{domain}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A second invocation skips every finished run.
+    before = {r["out"]: (Path(r["out"]) / "results.json").stat().st_mtime_ns for r in rows}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "8 already finished, 0 to run" in capsys.readouterr().out
+    assert before == {o: (Path(o) / "results.json").stat().st_mtime_ns for o in before}
+
+    # ... and refuses to mix in runs made with other settings.
+    assert main([*argv, "--epochs", "2"]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_train_options_that_compare_replaces_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--methods", "lora", "--out", "x", "--dataset", "suite:digits"])
+    assert "--datasets" in capsys.readouterr().err
