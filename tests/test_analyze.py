@@ -212,6 +212,9 @@ def test_attention_plot_panels():
     fig = analyze.plot_attention(images, ["base", "all experts", "expert 1"], torch.rand(2, 3, 8, 8))
     assert len(fig.axes) == 2 * (1 + 3)
     assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "base", "all experts", "expert 1"]
+    fig = analyze.plot_attention(images, ["base", "all experts"], torch.rand(2, 2, 8, 8), relative=True)
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["image", "base", "all experts − base"]
+    assert fig.axes[2].images[1].get_clim() == (-1, 1)
 
 
 def test_attention_errors(runs, tmp_path, capsys):
@@ -294,7 +297,7 @@ def test_ablation_runs_end_to_end_through_compare(vtab_root, tmp_path):
     pytest.importorskip("mlae.commands.compare")
     out = tmp_path / "abl"
     assert main(["analyze", "ablation", "rank", "--datasets", "vtab:cifar", "--data-root", str(vtab_root),
-                 "--out", str(out), *TINY, *FAST]) == 0
+                 "--out", str(out), "--jobs", "2", *TINY, *FAST]) == 0
     summary = (out / "summary.md").read_text()
     for v in ablations.preset("rank").variants:
         assert v.label in summary

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["register", "resolve_run", "run_labels", "similarity_report", "plot_similarity", "plot_matrix",
-           "attention_maps", "plot_attention"]
+           "write_similarity", "attention_maps", "plot_attention"]
 
 ADAPTER_FILE = "adapter.safetensors"
 MEAN = "mean"  # --layer value / row label of the mean over adapted layers
@@ -222,13 +222,20 @@ def _json_safe(obj):
     return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
+def _wrap(text: str) -> str:
+    """Descriptions are wrapped by hand: the raw formatter keeps the epilogs' line breaks."""
+    import textwrap
+
+    return textwrap.fill(text, 100)
+
+
 def _register_similarity(sub) -> None:
     p = sub.add_parser(
         "similarity", help="expert cosine similarity per layer and overall (paper Fig. 4, 5)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Cosine similarity between the flattened experts c_i·B_i·A_i of each adapted layer, averaged "
-        "over expert pairs and layers (paper appendix A.4). LoRA runs: each rank-1 component b_j·a_jᵀ is an "
-        "'expert'. Compare e.g. LoRA, LoRA+Dropout and MLAE trained on the same task.",
+        description=_wrap("Cosine similarity between the flattened experts c_i·B_i·A_i of each adapted layer, "
+        "averaged over expert pairs and layers (paper appendix A.4). LoRA runs: each rank-1 component b_j·a_jᵀ is "
+        "an 'expert'. Compare e.g. LoRA, LoRA+Dropout and MLAE trained on the same task."),
         epilog="writes: similarity.png (bars per layer, one series per run), similarity_matrix_<run>.png (the "
         "E×E matrix of --layer per run), similarity.json and similarity.md\n\n"
         "example: mlae analyze similarity runs/cifar_lora_s0 runs/cifar_mlae_s0 --out analysis/cifar")
@@ -382,8 +389,11 @@ def attention_maps(model: nn.Module, x: torch.Tensor, block: int,
     return columns, maps
 
 
-def plot_attention(images: torch.Tensor, columns: list[str], maps: torch.Tensor, title: str = ""):
-    """Grid: one row per image; columns: the image, then each map over the image (min-max scaled per panel)."""
+def plot_attention(images: torch.Tensor, columns: list[str], maps: torch.Tensor, title: str = "",
+                   relative: bool = False):
+    """Grid: one row per image; columns: the image, then each map over the image, min-max scaled per panel.
+    ``relative``: every map after the first (``base``) is shown as its difference to it, scaled by its largest
+    magnitude (red: more attention than the backbone, blue: less) -- small updates are invisible otherwise."""
     import torch.nn.functional as F
 
     plt = _pyplot()
@@ -393,17 +403,23 @@ def plot_attention(images: torch.Tensor, columns: list[str], maps: torch.Tensor,
     up = F.interpolate(maps.reshape(n * c, 1, *maps.shape[2:]).float(), size=size, mode="bilinear",
                        align_corners=False).reshape(n, c, *size)
     lo, hi = up.amin((-2, -1), keepdim=True), up.amax((-2, -1), keepdim=True)
-    up = (up - lo) / (hi - lo).clamp_min(1e-12)
+    scaled = (up - lo) / (hi - lo).clamp_min(1e-12)
+    if relative:
+        diff = up[:, 1:] - up[:, :1]
+        scaled[:, 1:] = diff / diff.abs().amax((-2, -1), keepdim=True).clamp_min(1e-12)
     for r in range(n):
         img = images[r].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
         axes[r, 0].imshow(img)
         for j in range(c):
             axes[r, j + 1].imshow(img)
-            axes[r, j + 1].imshow(up[r, j].cpu().numpy(), cmap="jet", alpha=0.5)
+            style = {"cmap": "RdBu_r", "vmin": -1, "vmax": 1} if relative and j else {"cmap": "jet", "vmin": 0,
+                                                                                       "vmax": 1}
+            axes[r, j + 1].imshow(scaled[r, j].cpu().numpy(), alpha=0.6 if relative and j else 0.5, **style)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    for j, name in enumerate(["image", *columns]):
+    names = ["image", columns[0], *(f"{name} − {columns[0]}" if relative else name for name in columns[1:])]
+    for j, name in enumerate(names):
         axes[0, j].set_title(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -415,10 +431,10 @@ def _register_attention(sub) -> None:
     p = sub.add_parser(
         "attention", help="per-expert CLS attention maps of one block (paper Fig. 6)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="For a few test images of the run's dataset: the CLS token's attention to the patches in "
+        description=_wrap("For a few test images of the run's dataset: the CLS token's attention to the patches in "
         "block B (softmax(q·kᵀ/√d) from the block's qkv output, averaged over heads) for the backbone without "
         "adapters ('base'), the fine-tuned model ('all experts') and, for each expert i, the fine-tuned model with "
-        "block B's qkv update restricted to expert i. LoRA runs show their rank-1 components as experts.",
+        "block B's qkv update restricted to expert i. LoRA runs show their rank-1 components as experts."),
         epilog="writes: attention_block<B>.png (rows: images; columns: image, base, all experts, expert 1..E) "
         "and attention_block<B>.json (the maps)\n\n"
         "example: mlae analyze attention runs/cifar_mlae_s0 --block 5 --images 4 --out analysis/cifar")
@@ -432,6 +448,8 @@ def _register_attention(sub) -> None:
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the run's)")
     p.add_argument("--data-root", metavar="DIR", help="dataset folder (default: the run's)")
     p.add_argument("--split", choices=["test", "val"], default="test", help="split to take the images from")
+    p.add_argument("--relative", action="store_true", help="show every map after 'base' as its difference to the "
+                   "base map (red: more attention, blue: less); the saved maps stay absolute")
     p.set_defaults(func=run_attention)
 
 
@@ -471,7 +489,7 @@ def run_attention(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         plt = _pyplot()
         fig = plot_attention(shown, columns, maps, f"{label} ({meta.get('method')}): CLS attention, block "
-                             f"{block}, other blocks {args.other_blocks}")
+                             f"{block}, other blocks {args.other_blocks}", relative=args.relative)
         stem = f"attention_block{block}"
         fig.savefig(out / f"{stem}.png", dpi=120)
         plt.close(fig)
@@ -504,11 +522,11 @@ def _register_ablation(sub) -> None:
         "ablation", parents=parents, conflict_handler="resolve",
         help="run one of the paper's ablation tables as a preset of method variants (through mlae compare)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Presets of labelled method variants reproducing the MLAE paper's ablations on our data: "
+        description=_wrap("Presets of labelled method variants reproducing the MLAE paper's ablations on our data: "
         "components (Table 5), masking (Table 4), rank (Table 12), coeff-init (Table 14), dropout (Table 15), "
         "input-dropout (expert masking vs LoRA input dropout vs none). A preset is run by `mlae compare` (finished "
         "runs are skipped, so the command can be repeated); train options (--epochs, --backbone, --config, ...) "
-        "apply to every variant. --list shows the presets' variants, --dry-run the compare command.",
+        "apply to every variant. --list shows the presets' variants, --dry-run the compare command."),
         epilog="example: mlae analyze ablation rank --datasets suite:all --seeds 0,1 --out runs/ablation_rank "
         "--epochs 20")
     p.add_argument("preset", nargs="?", choices=PRESETS, help="which ablation: " + ", ".join(PRESETS))
