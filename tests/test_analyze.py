@@ -231,27 +231,27 @@ def test_attention_errors(runs, tmp_path, capsys):
 def test_presets_expand_to_the_papers_variants():
     assert set(ablations.PRESETS) == {"components", "masking", "rank", "coeff-init", "dropout", "input-dropout"}
     comp = ablations.preset("components", p=0.3).variants
-    assert [(v.method, v.options.get("dropout"), v.options.get("adaptive")) for v in comp] == [
+    assert [(v.method, v.overrides.get("dropout"), v.overrides.get("adaptive")) for v in comp] == [
         ("mlae", 0.0, False), ("mlae", 0.0, True), ("mlae", 0.3, False), ("mlae", 0.3, True), ("lora", None, None)]
 
     rank = ablations.preset("rank").variants
     mlae_rows = [v for v in rank if v.method == "mlae"]
-    assert [(v.options["experts"], v.options["expert_rank"]) for v in mlae_rows] == [(8, 1), (4, 2), (2, 4)]
-    assert {v.options["experts"] * v.options["expert_rank"] for v in mlae_rows} == {8}
-    assert [v.options["rank"] for v in rank if v.method == "lora"] == [8]
+    assert [(v.overrides["experts"], v.overrides["expert_rank"]) for v in mlae_rows] == [(8, 1), (4, 2), (2, 4)]
+    assert {v.overrides["experts"] * v.overrides["expert_rank"] for v in mlae_rows} == {8}
+    assert [v.overrides["rank"] for v in rank if v.method == "lora"] == [8]
 
     masking = ablations.preset("masking").variants
     assert len(masking) == 15
-    by = {(v.options["masking"], v.options["pattern"]) for v in masking}
+    by = {(v.overrides["masking"], v.overrides["pattern"]) for v in masking}
     for pattern in ("incremental", "decremental", "hourglass", "protruding"):
         assert {("fixed", pattern), ("stochastic", pattern), ("mixed", pattern)} <= by
     assert ("fixed", "random") in by and ("stochastic", "uniform") in by and ("stochastic", "random") not in by
 
-    assert [v.options["dropout"] for v in ablations.preset("dropout").variants] == [0, .1, .3, .5, .7, .9]
-    assert [v.options["coeff_init"] for v in ablations.preset("coeff-init").variants] == [
+    assert [v.overrides["dropout"] for v in ablations.preset("dropout").variants] == [0, .1, .3, .5, .7, .9]
+    assert [v.overrides["coeff_init"] for v in ablations.preset("coeff-init").variants] == [
         .125, .25, .5, 1, 2, 4]
     inp = ablations.preset("input-dropout", p=0.7).variants
-    assert [(v.method, v.options.get("dropout", v.options.get("lora_dropout"))) for v in inp] == [
+    assert [(v.method, v.overrides.get("dropout", v.overrides.get("lora_dropout"))) for v in inp] == [
         ("mlae", 0.7), ("lora-dropout", 0.7), ("mlae", 0.0), ("lora", None)]
     with pytest.raises(ValueError, match="unknown ablation preset"):
         ablations.preset("nope")
@@ -259,7 +259,7 @@ def test_presets_expand_to_the_papers_variants():
 
 @pytest.mark.parametrize("name", ablations.PRESETS)
 def test_every_variant_builds_and_parses_as_a_compare_method(name):
-    compare = pytest.importorskip("mlae.commands.compare")
+    from mlae.commands import compare
     from mlae.engine import TrainConfig
     from mlae.recipes import get_method
 
@@ -267,14 +267,13 @@ def test_every_variant_builds_and_parses_as_a_compare_method(name):
     argv = ablations.compare_argv(pr, ["suite:digits"], [0, 1], "out", ["--epochs", "2"])
     assert argv[0] == "compare" and argv[-2:] == ["--epochs", "2"]
     parsed = compare.parse_methods(argv[argv.index("--methods") + 1])
-    assert [(v.label, v.method, v.overrides) for v in parsed] == [(v.label, v.method, v.options) for v in pr.variants]
+    assert [(v.label, v.method, v.overrides) for v in parsed] == [(v.label, v.method, v.overrides) for v in pr.variants]
     for v in pr.variants:  # the options are the method's own and build a model
-        options = TrainConfig(method=v.method, method_options=v.options).options()
+        options = TrainConfig(method=v.method, method_options=v.overrides).options()
         get_method(v.method).prepare(make_tiny_vit(depth=2), options)
 
 
 def test_ablation_list_and_dry_run(capsys):
-    pytest.importorskip("mlae.commands.compare")
     from mlae.cli import build_parser
 
     assert main(["analyze", "ablation", "--list"]) == 0
@@ -294,7 +293,6 @@ def test_ablation_list_and_dry_run(capsys):
 
 
 def test_ablation_runs_end_to_end_through_compare(vtab_root, tmp_path):
-    pytest.importorskip("mlae.commands.compare")
     out = tmp_path / "abl"
     assert main(["analyze", "ablation", "rank", "--datasets", "vtab:cifar", "--data-root", str(vtab_root),
                  "--out", str(out), "--jobs", "2", *TINY, *FAST]) == 0

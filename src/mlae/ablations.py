@@ -1,7 +1,8 @@
 """Ablation presets: the MLAE paper's ablation tables as lists of labelled method variants.
 
-A preset is data: each :class:`Variant` is a method of :data:`mlae.recipes.METHODS` plus option overrides,
-written for ``mlae compare`` as ``method[key=value,...]``. ``mlae analyze ablation PRESET`` runs a preset through
+A preset is data: each variant (``mlae compare``'s :class:`~mlae.commands.compare.Variant`) is a labelled
+method of :data:`mlae.recipes.METHODS` plus option overrides, written for ``mlae compare`` as
+``LABEL=method[key=value,...]``. ``mlae analyze ablation PRESET`` runs a preset through
 compare's machinery; :func:`compare_argv` is the mapping from a preset to compare's command line.
 
 =============== ============================ ================================================================
@@ -10,7 +11,7 @@ preset          paper                        variants
 components      Table 5                      decomposition only (p=0, frozen c), + adaptive, + mask, + mask +
                                              adaptive (= MLAE), LoRA r=8 as reference
 masking         Table 4                      fixed / stochastic / mixed masking × the per-layer patterns
-rank            Tables 12 (and 4.5)          E experts of rank k at constant E·k = 8: 8×1, 4×2, 2×4; LoRA r=8
+rank            Table 12                     E experts of rank k at constant E·k = 8: 8×1, 4×2, 2×4; LoRA r=8
 coeff-init      Table 14                     coefficient init 0.125 … 4
 dropout         Table 15                     expert dropout p ∈ {0, .1, .3, .5, .7, .9}
 input-dropout   Fig. 4 / §4.3 (LoRA+Dropout) expert masking vs LoRA input dropout vs none, all at rank 8
@@ -21,34 +22,15 @@ per-dataset values are in Table 10 / ``configs/``).
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Variant", "Preset", "PRESETS", "DEFAULT_P", "preset", "compare_argv", "format_presets"]
+from .commands.compare import Variant
+
+__all__ = ["Preset", "PRESETS", "DEFAULT_P", "preset", "method_spec", "compare_argv", "format_presets"]
 
 DEFAULT_P = 0.5
 BUDGET = 8  # E·k of every MLAE variant and the LoRA rank of the references: one trainable budget throughout
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of an ablation table: ``method`` with ``options`` overriding its defaults."""
-
-    label: str
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if re.search(r"[=\[\],]", self.label):
-            raise ValueError(f"variant label {self.label!r} may not contain '=', '[', ']' or ','")
-
-    @property
-    def spec(self) -> str:
-        """``method[key=value,...]``, the form ``mlae compare --methods`` takes."""
-        if not self.options:
-            return self.method
-        return f"{self.method}[{','.join(f'{k}={_text(v)}' for k, v in self.options.items())}]"
 
 
 @dataclass(frozen=True)
@@ -57,6 +39,13 @@ class Preset:
     paper: str
     help: str
     variants: tuple[Variant, ...]
+
+
+def method_spec(v: Variant) -> str:
+    """``method[key=value,...]``: a variant as ``mlae compare --methods`` writes it (without its label)."""
+    if not v.overrides:
+        return v.method
+    return f"{v.method}[{','.join(f'{k}={_text(val)}' for k, val in v.overrides.items())}]"
 
 
 def _text(value: Any) -> str:
@@ -150,7 +139,7 @@ def compare_argv(preset_: Preset, datasets: list[str], seeds: list[int], out: st
                  extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The ``mlae compare`` command line running every variant of ``preset_`` (labelled ``LABEL=METHOD[...]``) on
     ``datasets`` × ``seeds``; ``extra`` are further compare/train options (e.g. ``["--epochs", "20"]``)."""
-    return ["compare", "--methods", ",".join(f"{v.label}={v.spec}" for v in preset_.variants),
+    return ["compare", "--methods", ",".join(f"{v.label}={method_spec(v)}" for v in preset_.variants),
             "--datasets", ",".join(datasets), "--seeds", ",".join(str(s) for s in seeds),
             "--out", str(out), *extra]
 
@@ -162,5 +151,5 @@ def format_presets(p: float = DEFAULT_P) -> str:
         pr = preset(name, p)
         lines.append(f"{name} ({pr.paper}): {pr.help}")
         width = max(len(v.label) for v in pr.variants)
-        lines += [f"  {v.label:<{width}}  {v.spec}" for v in pr.variants]
+        lines += [f"  {v.label:<{width}}  {method_spec(v)}" for v in pr.variants]
     return "\n".join(lines)

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def _load(path: Path) -> tuple[nn.Module, dict]:
     from ..engine import load_trained
 
     model, meta = load_trained(path)
-    mlae.unmerge(model)
+    mlae.unmerge(model)  # the attention columns need the frozen weight and the update apart
     return model, meta
 
 
@@ -511,15 +510,10 @@ ABLATION_OWN = {"analysis", "preset", "list", "p", "datasets", "seeds", "compare
 
 def _register_ablation(sub) -> None:
     from ..ablations import DEFAULT_P, PRESETS
+    from .compare import refuse_options, train_parent
 
-    try:
-        from .compare import refuse_options, train_parent
-    except ImportError:  # compare not installed: the presets can still be listed
-        parents, refuse_options = [], None
-    else:
-        parents = [train_parent()]
     p = sub.add_parser(
-        "ablation", parents=parents, conflict_handler="resolve",
+        "ablation", parents=[train_parent()], conflict_handler="resolve",
         help="run one of the paper's ablation tables as a preset of method variants (through mlae compare)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_wrap("Presets of labelled method variants reproducing the MLAE paper's ablations on our data: "
@@ -540,11 +534,10 @@ def _register_ablation(sub) -> None:
     g.add_argument("--jobs", type=int, metavar="N", help="runs in parallel (see mlae compare --help)")
     g.add_argument("--config", metavar="FILE", help="YAML recipe for every run")
     g.add_argument("--dry-run", action="store_true", help="print the mlae compare command instead of running it")
-    if refuse_options is not None:
-        refuse_options(p, {"--dataset": "; use --datasets", "--method": "; the preset chooses the methods",
-                           "--seed": "; use --seeds", "--resume": " (mlae compare resumes by itself)",
-                           "--overwrite": " (delete a run folder to redo it)",
-                           "--quiet": " (each run's output goes to its train.log)"})
+    refuse_options(p, {"--dataset": "; use --datasets", "--method": "; the preset chooses the methods",
+                       "--seed": "; use --seeds", "--resume": " (mlae compare resumes by itself)",
+                       "--overwrite": " (delete a run folder to redo it)",
+                       "--quiet": " (each run's output goes to its train.log)"})
     p.set_defaults(func=run_ablation, _flags=lambda given: _option_flags(p, given))
 
 
