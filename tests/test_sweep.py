@@ -147,3 +147,30 @@ def test_grid_needs_values_and_tpe_runs_with_ranges(vtab_root, tmp_path, capsys)
     assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "3", "--param",
                       "coeff_init=0.25:4:log", "--param", "dropout=0,0.5")) == 1
     assert "epochs" in capsys.readouterr().err
+
+
+def test_hopeless_trials_are_pruned_and_final_uses_test(tmp_path, monkeypatch):
+    """With a stand-in for the engine: the median pruner stops a trial that trails the others at mid-training,
+    trials train with split=val and only the final run with split=test."""
+    import mlae.engine
+
+    calls = []
+
+    def fake_train(cfg, *, on_epoch_end=None):
+        calls.append((cfg.split, cfg.options()["dropout"], cfg.options()["coeff_init"]))
+        value = 0.9 - cfg.options()["dropout"] * cfg.options()["coeff_init"] / 2  # (0.5, 2) is far behind
+        for epoch in range(1, cfg.epochs + 1):
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, {"epoch": epoch, f"{cfg.split}_top1": value})
+        return {"top1": value, "best_val_top1": value, "epochs": cfg.epochs, "wall_time_s": 0.0,
+                "params": {"trainable": 1}, "eval_split": cfg.split}
+
+    monkeypatch.setattr(mlae.engine, "train", fake_train)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--dataset", "suite:digits", "--epochs", "4", *GRID, "--out", str(out)]) == 0
+    states = {(t.params["dropout"], t.params["coeff_init"]): t.state.name
+              for t in _trials(f"sqlite:///{out / 'study.db'}", "sweep")}
+    assert states == {(0.0, 0.5): "COMPLETE", (0.0, 2.0): "COMPLETE", (0.5, 0.5): "COMPLETE", (0.5, 2.0): "PRUNED"}
+    assert [c[0] for c in calls] == ["val"] * 4 + ["test"]
+    assert calls[-1][1] == 0.0  # the best (val) configuration is the one retrained
+    assert "pruned" in (out / "trials.md").read_text()
