@@ -109,6 +109,22 @@ def test_similarity_layer_choice(runs, tmp_path):
     assert main(["analyze", "similarity", str(runs["mlae"]), "--layer", "nope", "--out", str(tmp_path)]) == 1
 
 
+def test_similarity_per_dataset_averages_seeds():
+    def report(series, dataset, value):
+        return {"series": series, "dataset": dataset, "mean": value, "mean_abs": abs(value),
+                "layers": {"blocks.0.attn.qkv": {"mean": value, "mean_abs": abs(value), "experts": 8}}}
+
+    reports = {"a": report("lora", "cifar", 0.2), "b": report("lora", "cifar", 0.4), "c": report("lora", "dtd", 0.1),
+               "d": report("mlae", "cifar", 0.05), "e": report("mlae", "dtd", -0.05)}
+    table = analyze.by_dataset(reports)
+    assert table["lora"] == pytest.approx({"cifar": 0.3, "dtd": 0.1})
+    assert table["mlae"] == pytest.approx({"cifar": 0.05, "dtd": -0.05})
+    (ax,) = analyze.plot_by_dataset(table).axes
+    assert len(ax.containers) == 2 and all(len(bars) == 2 + 1 for bars in ax.containers)
+    assert ax.containers[0][-1].get_height() == pytest.approx(0.2)  # lora's mean over the two datasets
+    assert "per dataset" in analyze._markdown(reports)
+
+
 def test_mean_matrix_over_layers_with_different_expert_counts():
     model = mlae.apply(make_tiny_vit(depth=4), mlae.MLAEConfig(masking="fixed", pattern="incremental", experts=4))
     torch.manual_seed(0)
@@ -299,13 +315,12 @@ def test_ablation_runs_end_to_end_through_compare(vtab_root, tmp_path):
     summary = (out / "summary.md").read_text()
     for v in ablations.preset("rank").variants:
         assert v.label in summary
-    folders = sorted(p.parent for p in out.glob("runs/*/*/s0/adapter.safetensors"))
-    assert len(folders) == 4
-    # the runs feed straight into the similarity analysis
-    assert main(["analyze", "similarity", *map(str, folders), "--out", str(tmp_path / "sim")]) == 0
-    experts = {k: v["layers"]["blocks.0.attn.qkv"]["experts"]
-               for k, v in json.loads((tmp_path / "sim" / "similarity.json").read_text()).items()}
-    assert sorted(experts.values()) == [2, 4, 8, 8]
+    # the comparison folder feeds straight into the similarity analysis: one series per variant
+    assert len(analyze.expand_runs([out])) == 4
+    assert main(["analyze", "similarity", str(out), "--out", str(tmp_path / "sim")]) == 0
+    report = json.loads((tmp_path / "sim" / "similarity.json").read_text())
+    experts = {r["series"]: r["layers"]["blocks.0.attn.qkv"]["experts"] for r in report.values()}
+    assert experts == {"8x_rank_1": 8, "4x_rank_2": 4, "2x_rank_4": 2, "lora_r8": 8}
 
 
 def test_help_of_every_subcommand(capsys):
@@ -313,5 +328,5 @@ def test_help_of_every_subcommand(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["analyze", sub, "--help"])
         assert exit_.value.code == 0
-        assert "example:" in capsys.readouterr().out
+        assert "example" in capsys.readouterr().out
     assert main(["analyze"]) == 2

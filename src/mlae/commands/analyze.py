@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["register", "resolve_run", "run_labels", "similarity_report", "plot_similarity", "plot_matrix",
-           "write_similarity", "attention_maps", "plot_attention"]
+__all__ = ["register", "resolve_run", "expand_runs", "series_of", "run_labels", "similarity_report",
+           "plot_similarity", "by_dataset", "plot_by_dataset", "plot_matrix", "write_similarity", "attention_maps",
+           "plot_attention"]
 
 ADAPTER_FILE = "adapter.safetensors"
 MEAN = "mean"  # --layer value / row label of the mean over adapted layers
@@ -53,6 +54,32 @@ def resolve_run(run: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"run folder or adapter file not found: {path}")
     return path
+
+
+def expand_runs(runs: list[str | Path]) -> list[Path]:
+    """RUN arguments: run folders, adapter files, or ``mlae compare`` output folders (standing for every finished
+    adapter run in their ``runs/<variant>/<dataset>/s<seed>`` folders)."""
+    out = []
+    for run in map(Path, runs):
+        if run.is_dir() and not (run / ADAPTER_FILE).exists() and (run / "runs").is_dir():
+            found = sorted(p.parent for p in run.glob(f"runs/*/*/s*/{ADAPTER_FILE}"))
+            if not found:
+                raise FileNotFoundError(f"{run} is an `mlae compare` folder without finished adapter runs")
+            out += found
+        else:
+            out.append(run)
+    return out
+
+
+def series_of(path: Path, meta: dict, label: str | None = None) -> str:
+    """The method a run stands for in per-dataset summaries: ``label`` if given, else the variant folder of an
+    ``mlae compare`` layout (``runs/<variant>/<dataset>/s<seed>/adapter.safetensors``), else the run's method."""
+    if label:
+        return label
+    parts = path.parent.parts
+    if len(parts) >= 4 and parts[-4] == "runs" and re.fullmatch(r"s\d+", parts[-1]):
+        return parts[-3]
+    return str(meta.get("method") or "?")
 
 
 def run_labels(runs: list[str | Path]) -> list[str]:
@@ -148,27 +175,52 @@ def _short(name: str) -> str:
     return re.sub(r"^(blocks|layers?|encoder\.layers?)\.", "", name)
 
 
-def plot_similarity(reports: dict[str, dict], key: str = "mean"):
-    """Grouped bars: one group per adapted layer plus the overall mean, one series (bar colour) per run."""
+def _grouped_bars(groups: list[str], series: dict[str, list[float]], xlabel: str, ylabel: str):
     plt = _pyplot()
-    names: list[str] = []
-    for r in reports.values():
-        names += [n for n in r["layers"] if n not in names]
-    groups = [*map(_short, names), "mean"]
-    width = 0.8 / len(reports)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(groups) * max(1, len(reports)) ** 0.5 + 2), 3.8))
-    for i, (label, r) in enumerate(reports.items()):
-        values = [r["layers"].get(n, {}).get(key, float("nan")) for n in names] + [r[key]]
-        xs = [g + (i - (len(reports) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=f"{label} ({key} {r[key]:.3f})")
-    ax.set_xticks(range(len(groups)), groups, rotation=45 if len(groups) > 8 else 0, ha="right"
-                  if len(groups) > 8 else "center")
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(groups) * max(1, len(series)) ** 0.5 + 2), 3.8))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, values, width, label=label)
+    tilt = len(groups) > 8
+    ax.set_xticks(range(len(groups)), groups, rotation=45 if tilt else 0, ha="right" if tilt else "center")
     ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_ylabel("expert cosine similarity" + (" |cos|" if key == "mean_abs" else ""))
-    ax.set_xlabel("adapted layer")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def _ylabel(key: str) -> str:
+    return "expert cosine similarity" + (" |cos|" if key == "mean_abs" else "")
+
+
+def plot_similarity(reports: dict[str, dict], key: str = "mean"):
+    """Grouped bars: one group per adapted layer plus the overall mean, one series (bar colour) per run."""
+    names: list[str] = []
+    for r in reports.values():
+        names += [n for n in r["layers"] if n not in names]
+    series = {f"{label} ({key} {r[key]:.3f})": [r["layers"].get(n, {}).get(key, float("nan")) for n in names]
+              + [r[key]] for label, r in reports.items()}
+    return _grouped_bars([*map(_short, names), "mean"], series, "adapted layer", _ylabel(key))
+
+
+def by_dataset(reports: dict[str, dict], key: str = "mean") -> dict[str, dict[str, float]]:
+    """{series: {dataset: overall similarity averaged over the series' runs (seeds) on that dataset}}."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in reports.values():
+        values.setdefault(r["series"], {}).setdefault(r["dataset"], []).append(r[key])
+    return {s: {d: _nanmean(v) for d, v in per.items()} for s, per in values.items()}
+
+
+def plot_by_dataset(table: dict[str, dict[str, float]], key: str = "mean"):
+    """Paper Fig. 4: one group per dataset plus the mean over datasets, one series per method."""
+    datasets: list[str] = []
+    for per in table.values():
+        datasets += [d for d in per if d not in datasets]
+    series = {s: [per.get(d, float("nan")) for d in datasets] + [_nanmean(per.values())] for s, per in table.items()}
+    return _grouped_bars([*datasets, "mean"], series, "dataset", _ylabel(key))
 
 
 def plot_matrix(report: dict, title: str, absolute: bool = False):
@@ -209,6 +261,16 @@ def _markdown(reports: dict[str, dict]) -> str:
             cells = [reports[lb]["layers"].get(n, {}).get(key) for lb in labels]
             lines.append(f"| {n} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells) + " |")
         lines += ["| **mean** | " + " | ".join(f"**{reports[lb][key]:.4f}**" for lb in labels) + " |", ""]
+    table = by_dataset(reports)
+    datasets = sorted({r["dataset"] for r in reports.values()})
+    if len(datasets) > 1:
+        lines += ["### Overall expert cosine similarity per dataset (mean over seeds)", "",
+                  "| dataset | " + " | ".join(table) + " |", "|---|" + "---:|" * len(table)]
+        for d in datasets:
+            lines.append(f"| {d} | " + " | ".join("" if d not in per else f"{per[d]:.4f}" for per in table.values())
+                         + " |")
+        lines += ["| **mean** | " + " | ".join(f"**{_nanmean(per.values()):.4f}**" for per in table.values())
+                  + " |", ""]
     return "\n".join(lines)
 
 
@@ -236,9 +298,12 @@ def _register_similarity(sub) -> None:
         "averaged over expert pairs and layers (paper appendix A.4). LoRA runs: each rank-1 component b_j·a_jᵀ is "
         "an 'expert'. Compare e.g. LoRA, LoRA+Dropout and MLAE trained on the same task."),
         epilog="writes: similarity.png (bars per layer, one series per run), similarity_matrix_<run>.png (the "
-        "E×E matrix of --layer per run), similarity.json and similarity.md\n\n"
-        "example: mlae analyze similarity runs/cifar_lora_s0 runs/cifar_mlae_s0 --out analysis/cifar")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their adapter.safetensors files)")
+        "E×E matrix of --layer per run), similarity.json and similarity.md; for runs on several datasets also "
+        "similarity_by_dataset.png (Fig. 4: bars per dataset, one series per method, mean over seeds)\n\n"
+        "examples: mlae analyze similarity runs/cifar_lora_s0 runs/cifar_mlae_s0 --out analysis/cifar\n"
+        "          mlae analyze similarity runs/compare --out analysis/compare   (a whole `mlae compare` folder)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their adapter.safetensors files), or "
+                   "`mlae compare` output folders (all their finished adapter runs)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and tables")
     p.add_argument("--layer", default=MEAN, help="layer of the E×E matrices: an index into the adapted layers "
                    "(0 = first, -1 = last), a module name (suffix) such as blocks.3.attn.qkv, or 'mean' for the "
@@ -253,15 +318,17 @@ def run_similarity(args: argparse.Namespace) -> int:
     from .train import _fail
 
     try:
-        labels = args.labels.split(",") if args.labels else run_labels(args.runs)
-        if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
-            raise ValueError(f"--labels needs {len(args.runs)} distinct names, got {args.labels!r}")
+        runs = expand_runs(args.runs)
+        labels = args.labels.split(",") if args.labels else run_labels(runs)
+        if len(labels) != len(runs) or len(set(labels)) != len(labels):
+            raise ValueError(f"--labels needs {len(runs)} distinct names, got {args.labels!r}")
         reports = {}
-        for label, run in zip(labels, args.runs):
+        for label, run in zip(labels, runs):
             path = resolve_run(run)
             model, meta = _load(path)
             try:
                 reports[label] = {"adapter": str(path), "method": meta.get("method"), "dataset": meta.get("dataset"),
+                                  "series": series_of(path, meta, label if args.labels else None),
                                   **similarity_report(model, args.layer)}
             except ValueError as err:
                 raise ValueError(f"{run}: {err}") from None
@@ -280,6 +347,10 @@ def write_similarity(reports: dict[str, dict], out: Path, absolute: bool = False
     fig = plot_similarity(reports, key)
     fig.savefig(out / "similarity.png", dpi=120)
     plt.close(fig)
+    if len({r["dataset"] for r in reports.values()}) > 1:
+        fig = plot_by_dataset(by_dataset(reports, key), key)
+        fig.savefig(out / "similarity_by_dataset.png", dpi=120)
+        plt.close(fig)
     for label, r in reports.items():
         fig = plot_matrix(r, f"{label} ({r.get('method') or '?'}): expert similarity", absolute)
         fig.savefig(out / f"similarity_matrix_{_filename(label)}.png", dpi=120)
