@@ -142,10 +142,16 @@ def test_mean_matrix_over_layers_with_different_expert_counts():
     assert matrix[0, i].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_similarity_refuses_runs_without_adapters(vtab_root, tmp_path, capsys):
+def test_similarity_refuses_runs_without_experts(vtab_root, runs, tmp_path, capsys):
     run = _train(vtab_root, tmp_path / "linear", "--method", "linear")
     assert main(["analyze", "similarity", str(run), "--out", str(tmp_path / "o")]) == 1
     assert "no adapter layers" in capsys.readouterr().err
+    mole = _train(vtab_root, tmp_path / "mole", "--method", "mole", "--experts-from",
+                  str(runs["mlae"] / "adapter.safetensors"), str(runs["lora"] / "adapter.safetensors"))
+    assert main(["analyze", "similarity", str(mole), "--out", str(tmp_path / "o")]) == 1
+    assert "no expert similarity for MoLELinear" in capsys.readouterr().err
+    assert main(["analyze", "attention", str(mole), "--block", "0", "--out", str(tmp_path / "o")]) == 1
+    assert "no per-expert updates" in capsys.readouterr().err
     assert main(["analyze", "similarity", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
 
 

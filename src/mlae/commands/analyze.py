@@ -142,8 +142,11 @@ def similarity_report(model: nn.Module, layer: str | int | None = None) -> dict:
     layers = list(mlae.adapter_layers(model))
     if not layers:
         raise ValueError("the model has no adapter layers (a linear probe or full fine-tuning run?)")
-    per_layer = mlae.expert_similarity(model, per_layer=True)
-    matrices = {name: mlae.similarity_matrix(lay).double() for name, lay in layers}
+    try:
+        per_layer = mlae.expert_similarity(model, per_layer=True)
+        matrices = {name: mlae.similarity_matrix(lay).double() for name, lay in layers}
+    except TypeError as err:  # e.g. MoLE: gated, input-dependent updates have no fixed experts
+        raise ValueError(f"no expert similarity for {type(layers[0][1]).__name__}: {err}") from None
     rows = {name: {"mean": per_layer[name],
                    "mean_abs": _nanmean(_offdiag(m).abs()) if m.shape[0] > 1 else float("nan"),
                    "experts": int(m.shape[0])} for name, m in matrices.items()}
@@ -445,7 +448,10 @@ def attention_maps(model: nn.Module, x: torch.Tensor, block: int,
     with _adapters_off(model):
         x_base = _attention_input(model, blk, x)
     x_up = _attention_input(model, blk, x) if other_blocks == "adapted" else x_base
-    a, b = (t.detach() for t in layer.factors())
+    try:
+        a, b = (t.detach() for t in layer.factors())
+    except TypeError as err:  # e.g. MoLE
+        raise ValueError(f"no per-expert updates in {type(layer).__name__}: {err}") from None
     base_up = layer.base(x_up)
     columns = ["base", "all experts"]
     outputs = [layer.base(x_base), layer(x_up)]
