@@ -225,7 +225,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             tensors[f"rng.{rank}.{key}"] = value.contiguous()
         rng_info.append(info)
     state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
-             "metrics": metrics, "rng": rng_info}
+             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads()}
     _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mlae-checkpoint-1",
                                                                           "state": json.dumps(state)}))
 
@@ -407,6 +407,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     if resume:
         state = load_checkpoint(out / CHECKPOINT, model, optimizer, dist_info.rank)
         metrics, first_epoch = state["metrics"], state["epoch"] + 1
+        if device.type == "cpu" and not cfg.threads:
+            torch.set_num_threads(state["threads"])  # CPU results depend on the thread count
     else:
         # Distinct global RNG streams per rank (drop-path, masks) once the model is identical everywhere.
         seed_everything(cfg.seed * 1_000_003 + 7919 * (dist_info.rank + 1))
