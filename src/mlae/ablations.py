@@ -81,8 +81,9 @@ _STOCHASTIC = ("incremental", "hourglass", "decremental", "protruding", "uniform
 
 def _masking(p: float) -> tuple[Variant, ...]:
     fixed = [_mlae(f"fixed {pat}", masking="fixed", pattern=pat, dropout=0.0) for pat in _FIXED]
-    # The stochastic patterns are per-layer dropout rates; only "uniform" reads p.
-    stochastic = [_mlae(f"stochastic {pat}", masking="stochastic", pattern=pat, dropout=p) for pat in _STOCHASTIC]
+    # The stochastic patterns are per-layer dropout rates (appendix A.5); only "uniform" reads p.
+    stochastic = [_mlae(f"stochastic {pat}", masking="stochastic", pattern=pat,
+                        **({"dropout": p} if pat == "uniform" else {})) for pat in _STOCHASTIC]
     mixed = [_mlae(f"mixed {pat}", masking="mixed", pattern=pat, dropout=p) for pat in _FIXED]
     return (*fixed, *stochastic, *mixed)
 
