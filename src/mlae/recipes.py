@@ -149,7 +149,7 @@ def _prepare_full(model: nn.Module, options: dict) -> nn.Module:
 register_method(Method("mlae", "Masked LoRA Experts", _prepare_mlae, (
     Option("experts", int, 8, "number of experts per adapted layer"),
     Option("expert_rank", int, 1, "rank of each expert"),
-    Option("dropout", float, 0.0, "expert dropout probability p of the stochastic masks"),
+    Option("dropout", float, 0.5, "expert dropout probability p of the stochastic masks"),
     Option("coeff_init", float, 1.0, "initial expert coefficient c_i"),
     Option("adaptive", _bool, True, "train the expert coefficients (--no-adaptive freezes them at --coeff-init)",
            flag="--no-adaptive"),
