@@ -110,3 +110,34 @@ def test_train_options_that_compare_replaces_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--methods", "lora", "--out", "x", "--dataset", "suite:digits"])
     assert "--datasets" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_path, monkeypatch):
+    """An unfinished run with a checkpoint is resumed when its settings are those asked for, else restarted."""
+    import subprocess
+
+    import yaml
+
+    from mlae.commands import compare
+
+    argv = ["compare", "--methods", "lora", "--datasets", "vtab:cifar", "--out", str(tmp_path / "c"),
+            "--data-root", str(vtab_root), *TINY, *FAST]
+    folder = tmp_path / "c" / "runs" / "lora" / "vtab-cifar" / "s0"
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.safetensors").write_bytes(b"")
+    assert main(argv) == 1  # the stand-in "fails": nothing finished
+    assert commands[-1][-1] == "--overwrite"  # the run's settings are unknown: start over
+    recipe = yaml.safe_load((folder / "compare.yaml").read_text())
+    assert recipe["epochs"] == 1
+    (folder / "config.yaml").write_text(yaml.safe_dump({**recipe, "threads": 1}))  # as `mlae train` writes it
+    assert main(argv) == 1
+    assert commands[-1][-1] == "--resume"
+    assert main([*argv, "--epochs", "2"]) == 1
+    assert commands[-1][-1] == "--overwrite"

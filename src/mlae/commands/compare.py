@@ -38,7 +38,7 @@ __all__ = ["Variant", "parse_methods", "parse_seeds", "train_parent", "given_tra
 RESULTS = "results.json"
 RUN_RECIPE = "compare.yaml"
 # Settings that may change between invocations without invalidating a finished run.
-VOLATILE = ("out", "runs_dir", "threads", "device", "checkpoint_every", "progress")
+VOLATILE = ("out", "runs_dir", "threads", "device", "checkpoint_every", "progress", "resume", "overwrite")
 
 
 # --------------------------------------------------------------------------------------------- train options
@@ -269,8 +269,6 @@ class Run:
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Variant], list[str], list[int], list[Run]]:
-    import yaml
-
     from ..data import expand_specs
 
     variants = parse_methods(args.methods)
@@ -288,17 +286,26 @@ def plan(args: argparse.Namespace) -> tuple[list[Variant], list[str], list[int],
                 cfg = resolve_config(given, dataset=d, method=v.method, seed=s, out=str(folder), **v.overrides)
                 config = {k: val for k, val in cfg.to_dict().items() if k not in ("threads", "runs_dir")}
                 runs.append(Run(v, d, s, folder, config))
-                stored = folder / RUN_RECIPE
-                if (folder / RESULTS).exists() and stored.exists():
-                    before = yaml.safe_load(stored.read_text()) or {}
-                    changed = sorted(k for k in set(before) | set(config) if k not in VOLATILE
-                                     and before.get(k) != config.get(k))
+                if (folder / RESULTS).exists():
+                    changed = _changed(folder / RUN_RECIPE, config)
                     if changed:
                         raise RecipeError(
                             f"{folder} holds a finished run made with other settings ("
-                            + ", ".join(f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in changed[:5])
+                            + ", ".join(changed[:5])
                             + "); use another --out, or delete that run folder to redo it")
     return variants, datasets, seeds, runs
+
+
+def _changed(stored: Path, config: dict) -> list[str] | None:
+    """The settings (other than volatile ones) in which a stored configuration (compare.yaml, or the engine's
+    config.yaml) differs from ``config``, as "key: old -> new"; None when there is no such file."""
+    import yaml
+
+    if not stored.exists():
+        return None
+    before = yaml.safe_load(stored.read_text()) or {}
+    return [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
+            if k not in VOLATILE and before.get(k) != config.get(k)]
 
 
 def _devices(args: argparse.Namespace) -> list[str | None]:
@@ -339,11 +346,12 @@ def run_compare(args: argparse.Namespace) -> int:
 
     def execute(run: Run) -> None:
         run.folder.mkdir(parents=True, exist_ok=True)
+        # `--resume` continues with the run folder's own config.yaml: only when the settings are unchanged.
+        resume = (run.folder / "checkpoint.safetensors").exists() and _changed(run.folder / "config.yaml",
+                                                                               run.config) == []
         (run.folder / RUN_RECIPE).write_text(yaml.safe_dump(run.config, sort_keys=False))
         cmd = [sys.executable, "-m", "mlae", "train", "--config", str(run.folder / RUN_RECIPE),
-               "--out", str(run.folder), "--quiet"]
-        if (run.folder / "checkpoint.safetensors").exists():
-            cmd.append("--resume")
+               "--out", str(run.folder), "--quiet", "--resume" if resume else "--overwrite"]
         if threads:
             cmd += ["--workers", str(threads)]
         with lock:
