@@ -636,7 +636,8 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
             note.append(f"re-run of {r['retry_of']}")
         if r["error"]:
             note.append(str(r["error"]).replace("|", "/")[:80])
-        cells = [r["number"], r["state"].lower(), *[r[p.name] for p in space],
+        cells = [r["number"], r["state"].lower(),
+                 *[f"{r[p.name]:.4g}" if isinstance(r[p.name], float) else r[p.name] for p in space],
                  "" if r["val_top1"] == "" else f"{r['val_top1']:.2f}", r["epochs_run"], r["duration_s"],
                  "; ".join(note)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
