@@ -30,6 +30,9 @@ def test_method_variants():
     assert v[3].overrides == {"lr": 1e-3, "target_modules": ["qkv", "proj"], "rank": 4}
     assert v[4].method == "mlae" and v[4].overrides == {"dropout": 0.0, "adaptive": False}
     assert len({x.slug for x in v}) == 5 and all("/" not in x.slug for x in v)
+    spaced = parse_methods(" no mask = mlae [dropout=0, coeff_init=2] , lora ")
+    assert [(x.label, x.method, x.overrides) for x in spaced] == [
+        ("no mask", "mlae", {"dropout": 0.0, "coeff_init": 2.0}), ("lora", "lora", {})]
     for bad in ("mlae,mlae", "lora[dropout=0.1]", "mlae[dropout=0", "nosuch", "mlae[seed=1]", "mlae[dropout]",
                 "dmlora[schedule=sideways]"):
         with pytest.raises(RecipeError):

@@ -106,7 +106,7 @@ class Variant:
         return re.sub(r"[^A-Za-z0-9._=+-]+", "_", self.label.replace("[", "_").replace("]", "")).strip("_")
 
 
-_VARIANT = re.compile(r"^(?:(?P<label>[^=\[\]]+)=)?(?P<method>[\w.-]+)(?:\[(?P<opts>.*)\])?$")
+_VARIANT = re.compile(r"^\s*(?:(?P<label>[^=\[\]]+?)\s*=\s*)?(?P<method>[\w.-]+)\s*(?:\[(?P<opts>.*)\])?\s*$")
 
 
 def _split_top(text: str) -> list[str]:
@@ -157,7 +157,7 @@ def parse_methods(text: str) -> list[Variant]:
     """``"mlae,mlae[dropout=0,coeff_init=2],nomask=mlae[dropout=0]"`` -> variants (labels unique)."""
     variants = []
     for item in _split_top(text):
-        m = _VARIANT.match(re.sub(r"\s+", "", item) if "[" not in item else item.strip())
+        m = _VARIANT.match(item)
         if not m:
             raise RecipeError(f"cannot parse method {item!r}: expected METHOD, METHOD[opt=value,...] or "
                               "LABEL=METHOD[...]")
