@@ -69,7 +69,7 @@ class TrainConfig:
     data_root: str | None = None
     split: str = "test"              # "test": train on train+val, report test; "val": hold out a validation split
     # optimisation
-    epochs: int = 10
+    epochs: int = 8
     warmup_epochs: int = 1
     batch_size: int = 64
     lr: float = 5e-4
