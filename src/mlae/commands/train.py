@@ -244,6 +244,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def export_file(adapter: str, fmt: str, out: str) -> Path:
     import mlae
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
     from ..engine import load_trained, merged_state_dict, timm_spec
     from ..io import atomic_save_file
 
@@ -253,5 +254,9 @@ def export_file(adapter: str, fmt: str, out: str) -> Path:
     mlae.merge(model)
     name, kwargs = timm_spec(meta)
     header = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
-              "num_classes": str(meta["num_classes"])}
+              "num_classes": str(meta["num_classes"]),
+              # inputs: resized to image_size, scaled to [0, 1], normalised with these statistics
+              "image_size": str(meta["image_size"]),
+              "input_mean": json.dumps(meta.get("input_mean") or list(IMAGENET_MEAN)),
+              "input_std": json.dumps(meta.get("input_std") or list(IMAGENET_STD))}
     return atomic_save_file(merged_state_dict(model), out, header)
