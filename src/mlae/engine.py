@@ -429,84 +429,87 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
     bar = _progress_bar(cfg, dist_info, total_steps, (first_epoch - 1) * steps_per_epoch)
     model.train()
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        order = _order(len(task.train), cfg.seed, epoch, dist_info)
-        augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + dist_info.rank)
-        loss_sum = torch.zeros((), device=device)
-        aux_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for i in range(steps_per_epoch):
-            step = (epoch - 1) * steps_per_epoch + i
-            if step >= stage2_at and not in_stage2:
-                start_stage2(model)
-                net, in_stage2 = wrap(model), True  # DDP must see the newly trainable scales
-            if step < stage2_at:
-                lr = lr_at(step, stage2_at, warmup_steps, cfg.lr)
-            else:
-                lr = lr_at(step - stage2_at, total_steps - stage2_at, 0, cfg.lr / 10)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            mlae.set_progress(model, step / max(1, total_steps - 1))
-            idx = order[i * per_rank_batch:(i + 1) * per_rank_batch]
-            x = inputs(task.train.images[idx], train=True, generator=augment_rng)
-            y = task.train.labels[idx].to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-            aux = sum((aux_weights.get(name, 1.0) * value.float()
-                       for name, value in mlae.aux_losses(model).items()), torch.zeros((), device=device))
-            total = loss + aux
-            if dist_info.enabled:
-                check = total.detach().clone()
-                dist.all_reduce(check)
-            else:
-                check = total
-            if not torch.isfinite(check):
-                raise TrainingError(f"loss became {check.item()} at epoch {epoch}, step {i + 1}/{steps_per_epoch}"
-                                    f" (lr {lr:.3g}); try a lower --lr. Files written so far are kept in {out}")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            aux_sum += aux.detach() * len(idx)
-            correct += (logits.detach().argmax(-1) == y).sum()
-            seen += len(idx)
-            if bar is not None and (i % 5 == 4 or i == steps_per_epoch - 1):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen * dist_info.world_size / (time.perf_counter() - t0):.0f}",
-                                refresh=False)
+    try:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            order = _order(len(task.train), cfg.seed, epoch, dist_info)
+            augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + dist_info.rank)
+            loss_sum = torch.zeros((), device=device)
+            aux_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            for i in range(steps_per_epoch):
+                step = (epoch - 1) * steps_per_epoch + i
+                if step >= stage2_at and not in_stage2:
+                    start_stage2(model)
+                    net, in_stage2 = wrap(model), True  # DDP must see the newly trainable scales
+                if step < stage2_at:
+                    lr = lr_at(step, stage2_at, warmup_steps, cfg.lr)
+                else:
+                    lr = lr_at(step - stage2_at, total_steps - stage2_at, 0, cfg.lr / 10)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                mlae.set_progress(model, step / max(1, total_steps - 1))
+                idx = order[i * per_rank_batch:(i + 1) * per_rank_batch]
+                x = inputs(task.train.images[idx], train=True, generator=augment_rng)
+                y = task.train.labels[idx].to(device, non_blocking=True)
+                with autocast(device, precision):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+                aux = sum((aux_weights.get(name, 1.0) * value.float()
+                           for name, value in mlae.aux_losses(model).items()), torch.zeros((), device=device))
+                total = loss + aux
+                if dist_info.enabled:
+                    check = total.detach().clone()
+                    dist.all_reduce(check)
+                else:
+                    check = total
+                if not torch.isfinite(check):
+                    raise TrainingError(f"loss became {check.item()} at epoch {epoch}, step {i + 1}/{steps_per_epoch}"
+                                        f" (lr {lr:.3g}); try a lower --lr. Files written so far are kept in {out}")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(idx)
+                aux_sum += aux.detach() * len(idx)
+                correct += (logits.detach().argmax(-1) == y).sum()
+                seen += len(idx)
+                if bar is not None and (i % 5 == 4 or i == steps_per_epoch - 1):
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    img_s=f"{seen * dist_info.world_size / (time.perf_counter() - t0):.0f}",
+                                    refresh=False)
+                if bar is not None:
+                    bar.update()
+            train_time = time.perf_counter() - t0
+            loss_total, aux_total, correct_total, seen_total = _all_reduce(
+                [loss_sum.item(), aux_sum.item(), correct.item(), seen], device, dist_info)
+            eval_top1 = None
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                eval_top1 = evaluate(model, task.eval, inputs, precision=precision, dist_info=dist_info)
+            m = {"epoch": epoch, "lr": lr, "train_loss": loss_total / seen_total,
+                 "train_top1": correct_total / seen_total, f"{task.eval_name}_top1": eval_top1,
+                 "images_per_s": seen_total / train_time,
+                 "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
+            if aux_weights or aux_total:
+                m["aux_loss"] = aux_total / seen_total
+            metrics.append(m)
             if bar is not None:
-                bar.update()
-        train_time = time.perf_counter() - t0
-        loss_total, aux_total, correct_total, seen_total = _all_reduce(
-            [loss_sum.item(), aux_sum.item(), correct.item(), seen], device, dist_info)
-        eval_top1 = None
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            eval_top1 = evaluate(model, task.eval, inputs, precision=precision, dist_info=dist_info)
-        m = {"epoch": epoch, "lr": lr, "train_loss": loss_total / seen_total, "train_top1": correct_total / seen_total,
-             f"{task.eval_name}_top1": eval_top1, "images_per_s": seen_total / train_time,
-             "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
-        if aux_weights or aux_total:
-            m["aux_loss"] = aux_total / seen_total
-        metrics.append(m)
+                bar.set_description(f"epoch {epoch}/{cfg.epochs}" + (
+                    f" {task.eval_name} {eval_top1:.3f}" if eval_top1 is not None else ""))
+            rng = [get_rng_state()]
+            if dist_info.enabled:
+                rng = [None] * dist_info.world_size
+                dist.all_gather_object(rng, get_rng_state())
+            if dist_info.is_main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
+                    save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, m)
+    finally:
         if bar is not None:
-            bar.set_description(f"epoch {epoch}/{cfg.epochs}" + (
-                f" {task.eval_name} {eval_top1:.3f}" if eval_top1 is not None else ""))
-        rng = [get_rng_state()]
-        if dist_info.enabled:
-            rng = [None] * dist_info.world_size
-            dist.all_gather_object(rng, get_rng_state())
-        if dist_info.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
-                save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, m)
-    if bar is not None:
-        bar.close()
+            bar.close()
 
     results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
     if dist_info.is_main:
