@@ -122,11 +122,8 @@ def create_backbone(name: str | os.PathLike | None = None, *, num_classes: int, 
     if patch_size is not None:
         extra["patch_size"] = patch_size
     if _looks_like_path(name):
-        if not pretrained:
-            return _timm_model(arch or DEFAULT_ARCH, False, num_classes, drop_path_rate, extra)
         model = _timm_model(arch or DEFAULT_ARCH, False, num_classes, drop_path_rate, extra)
-        load_checkpoint(model, name)
-        return model
+        return load_checkpoint(model, name) if pretrained else model
     return _timm_model(name, pretrained, num_classes, drop_path_rate, extra)
 
 
