@@ -49,6 +49,14 @@ class AdapterConfig:
         if self.modules_to_save is not None:
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
 
+    def _require_positive_int(self, *names: str) -> None:
+        """Validate integer-valued fields (a float like 2.0 is accepted and stored as 2; True is not)."""
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            setattr(self, name, int(v))
+
     # --- what a method provides -------------------------------------------------------------------
     def layer_plan(self, names: list[str]) -> list[dict[str, Any]]:
         """Per-layer constructor arguments for the adapted modules ``names`` (in model order)."""

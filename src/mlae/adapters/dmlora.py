@@ -67,11 +67,7 @@ class DMLoRAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("branches", "rank"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-            setattr(self, name, int(v))
+        self._require_positive_int("branches", "rank")
         if not self.rank_per_branch and self.rank % self.branches:
             raise ValueError(f"rank {self.rank} cannot be split over {self.branches} branches; choose a multiple "
                              "or set rank_per_branch=True")

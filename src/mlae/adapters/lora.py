@@ -26,13 +26,11 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if int(self.rank) != self.rank or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        self._require_positive_int("rank")
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be finite, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        self.rank = int(self.rank)
 
     def create_layer(self, base: nn.Linear, **_) -> "LoRALinear":
         return LoRALinear(base, self.rank, self.alpha / self.rank, self.dropout)

@@ -56,11 +56,7 @@ class MLAEConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("experts", "expert_rank"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-            setattr(self, name, int(v))
+        self._require_positive_int("experts", "expert_rank")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
