@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .recipes import get_method
-from .utils import (DistInfo, auto_threads, autocast, get_rng_state, init_distributed, resolve_device,
+from .utils import (DistInfo, atomic_write, atomic_write_text, auto_threads, autocast, get_rng_state, init_distributed, resolve_device,
                     resolve_precision, seed_everything, set_rng_state)
 
 __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
@@ -194,16 +194,6 @@ def _clear_run_files(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -226,7 +216,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         rng_info.append(info)
     state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
              "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads()}
-    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mlae-checkpoint-1",
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mlae-checkpoint-1",
                                                                           "state": json.dumps(state)}))
 
 
@@ -417,7 +407,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
         if not resume:
             _clear_run_files(out)
         _write_config(out / "config.yaml", cfg, out)
-        _write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
     def wrap(model: nn.Module) -> nn.Module:
         if not dist_info.enabled:
@@ -515,7 +505,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     if dist_info.is_main:
         _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs))
         _plot_curves(out / "curves.png", metrics, task.eval_name)
-        _write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
         (out / CHECKPOINT).unlink(missing_ok=True)
         if cfg.progress:
             print(_summary(results), flush=True)
@@ -538,7 +528,7 @@ def _write_config(path: Path, cfg: TrainConfig, out: Path) -> None:
 
     d = cfg.to_dict()
     d["out"] = str(out)
-    _write_text(path, yaml.safe_dump(d, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
 
 
 def _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time) -> dict:
@@ -606,7 +596,7 @@ def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
     ax_acc.set_ylabel("top-1")
     ax_acc.legend()
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
+from .utils import atomic_write
 from .inject import CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, freeze_backbone
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "export_peft",
@@ -27,9 +28,8 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """safetensors ``save_file`` through a temporary file + rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

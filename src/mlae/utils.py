@@ -5,6 +5,7 @@ import contextlib
 import functools
 import os
 import random
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,3 +140,25 @@ def init_distributed(device: str | None = None) -> DistInfo:
             torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write a file through a uniquely named temporary file + ``os.replace``: a crash or a concurrent reader
+    never sees half a file, and a failed write leaves no temporary file behind. ``write(tmp_path: str)``."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)

@@ -31,6 +31,7 @@ from statistics import mean, stdev
 from typing import Any
 
 from ..recipes import RecipeError, get_method
+from ..utils import atomic_write, atomic_write_text
 
 __all__ = ["Variant", "parse_methods", "parse_seeds", "train_parent", "given_train_options", "run_compare",
            "summarize"]
@@ -414,13 +415,14 @@ def _row_of(run: Run) -> dict | None:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def aggregate(rows: list[dict], variants: list[Variant], datasets: list[str], seeds: list[int]) -> dict:
@@ -498,9 +500,7 @@ def summarize(out: Path, runs: list[Run], variants: list[Variant], datasets: lis
         lines.append(f"| {v.label} | " + " | ".join("–" if math.isnan(p[k]) else f"{p[k]:,.0f}" for k in (
             "adapter_params", "head_params", "trainable_params", "wall_time_s")) + " |")
     text = "\n".join(lines) + "\n"
-    tmp = out / "summary.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "summary.md")
+    atomic_write_text(out / "summary.md", text)
     for dom, names in domains.items():
         _bars(out / f"bars_{dom}.png", dom, names, variants, table, papers)
     return text
@@ -560,7 +560,5 @@ def _bars(path: Path, domain: str, names: list[str], variants: list[Variant], ta
     ax.set_title(f"{domain}" + (" (black bars: paper)" if papers else ""))
     ax.legend(fontsize=7, ncol=min(4, len(variants)))
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recipes import RecipeError, get_method
+from ..utils import atomic_write, atomic_write_text
 from .compare import given_train_options, refuse_options, resolve_config, train_parent
 
 __all__ = ["Param", "DEFAULT_SPACE", "parse_param", "load_space", "run_sweep", "write_reports"]
@@ -565,11 +566,6 @@ def best_trial(study):
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def trial_rows(study, space: list[Param]) -> list[dict]:
     rows = []
@@ -604,7 +600,7 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _atomic_text(out / "trials.csv", buf.getvalue())
+    atomic_write_text(out / "trials.csv", buf.getvalue())
 
     best = best_trial(study)
     if final is None and (out / "final" / "results.json").exists() and best is not None:
@@ -641,7 +637,7 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
                  "" if r["val_top1"] == "" else f"{r['val_top1']:.2f}", r["epochs_run"], r["duration_s"],
                  "; ".join(note)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    _atomic_text(out / "trials.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "trials.md", "\n".join(lines) + "\n")
 
     if best is not None:
         recipe = {k: v for k, v in base.items() if k not in ("threads", "progress")}
@@ -654,7 +650,7 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
         if final is not None:
             head.append(f"# retrained on train800val200: test top-1 {100 * final['top1']:.2f}% (final/results.json)")
         head.append("# mlae train --config best.yaml   trains this configuration")
-        _atomic_text(out / "best.yaml", "\n".join(head) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
+        atomic_write_text(out / "best.yaml", "\n".join(head) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
     _heatmap(out / "heatmap.png", rows, space)
 
 
@@ -718,7 +714,5 @@ def _heatmap(path: Path, rows: list[dict], space: list[Param]) -> None:
     extra = [n for n in names if n not in axes]
     ax.set_title("validation top-1 (%)" + (f" — best over {', '.join(extra)}" if extra else ""))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from ..utils import atomic_write
 
 __all__ = ["DatasetError", "Split", "Task", "Entry", "decode_entries", "cached_split", "to_rgb", "clear_cache"]
 
@@ -231,13 +232,7 @@ def _write_cache(paths: Sequence[Path], split: Split, key: str, info: dict) -> P
     for path in paths:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
             return path
         except OSError:
             continue  # read-only data folder: try the next location
