@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -109,6 +110,15 @@ class AdapterLayer(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+    def init_factors(self, rank: int) -> None:
+        """Trainable low-rank factors initialised as in LoRA: ``A`` kaiming-uniform (a=√5), ``B = 0``, so the
+        update starts at zero. Stacked experts/branches get the same per-slice init, because the fan-in of
+        every ``[k, in]`` slice of ``A`` is ``in``, the same as the whole tensor's."""
+        dev = self.base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     # --- to implement ----------------------------------------------------------------------------
     def delta(self, x: torch.Tensor) -> torch.Tensor:

@@ -98,10 +98,7 @@ class DMLoRALinear(AdapterLayer):
         self.p_max, self.schedule, self.rescale, self.stage2_fraction = p_max, schedule, rescale, stage2_fraction
         self.p = 0.0  # current drop probability, set by set_progress
         self.stage2 = False
-        rank = branches * branch_rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # each branch is initialised like a LoRA A
+        self.init_factors(branches * branch_rank)  # each branch is initialised like a LoRA
         # α_l: frozen at the global α in stage 1, learned in stage 2.
         self.lora_alpha = nn.Parameter(torch.tensor(float(alpha), device=dev), requires_grad=False)
 

@@ -39,10 +39,7 @@ class LoRAConfig(AdapterConfig):
 class LoRALinear(AdapterLayer):
     def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float):
         super().__init__(base)
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.init_factors(rank)
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

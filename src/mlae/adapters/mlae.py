@@ -96,11 +96,7 @@ class MLAELinear(AdapterLayer):
         dev = base.weight.device
         self.experts, self.expert_rank, self.p = experts, expert_rank, dropout
         self.scale, self.granularity = scale, granularity
-        self.lora_A = nn.Parameter(torch.empty(experts * expert_rank, base.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, experts * expert_rank, device=dev))
-        # Every expert is initialised on its own like a LoRA A (kaiming-uniform, a=√5); the fan-in of each
-        # [k, in] slice is `in`, the same as the stacked tensor's, so one call gives each expert that init.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.init_factors(experts * expert_rank)  # every expert gets LoRA's init on its own slice
         coeff = torch.full((experts,), float(coeff_init), device=dev)
         if adaptive:
             self.coeff = nn.Parameter(coeff)
