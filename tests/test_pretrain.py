@@ -76,3 +76,20 @@ def test_fractal_images_are_not_degenerate():
     assert ((ink > 0.03) & (ink < 0.97)).all()
     # two instances of a class are similar, but not identical (per-instance jitter)
     assert not np.array_equal(x[0], x[1])
+
+
+def test_pretrain_refuses_to_overwrite_existing_weights(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / WEIGHTS_FILE).write_bytes(b"precious")
+    args = ["pretrain", "--classes", "2", "--per-class", "4", "--eval-per-class", "1", "--epochs", "1",
+            "--batch-size", "4", "--depth", "1", "--dim", "32", "--heads", "2", "--out", str(out), "--quiet"]
+    try:
+        main(args)
+        raise AssertionError("expected a refusal")
+    except SystemExit as e:
+        assert "--overwrite" in str(e) and WEIGHTS_FILE in str(e)
+    assert (out / WEIGHTS_FILE).read_bytes() == b"precious"
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / WEIGHTS_FILE).read_bytes() != b"precious"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import fractals
 from .backbones import (CARD_FILE, EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD, WEIGHTS_FILE,
                         _is_head, build_embedded)
+from .utils import atomic_write, atomic_write_text
 
 __all__ = ["register", "run", "pretrain"]
 
@@ -68,11 +69,18 @@ def register(subparsers) -> None:
     g.add_argument("--img-size", type=int, default=d["img_size"])
     p.add_argument("--out", type=Path, default=Path("embedded_vit"),
                    help="output directory for the weights and the JSON card")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace weights already in --out (otherwise refused before any work starts)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    existing = Path(args.out) / WEIGHTS_FILE
+    if existing.exists() and not args.overwrite:
+        # checked up front: finding out after an hour of pretraining that the result cannot be written is worse
+        raise SystemExit(f"mlae pretrain: {existing} already exists; pass --overwrite to replace it "
+                         f"(e.g. the shipped weights) or choose another --out")
     card = pretrain(**{k: getattr(args, k) for k in (
         "classes", "per_class", "eval_per_class", "epochs", "steps", "batch_size", "lr", "weight_decay",
         "warmup", "label_smoothing", "drop_path", "seed", "threads", "depth", "dim", "heads", "patch_size",
@@ -181,7 +189,8 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
              if not _is_head(k)}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "mlae-embedded-vit", "seed": str(seed)})
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(
+        state, tmp, metadata={"format": "mlae-embedded-vit", "seed": str(seed)}))
     command = (f"mlae pretrain --classes {classes} --per-class {per_class} --epochs {epochs} "
                f"--batch-size {batch_size} --lr {lr:g} --weight-decay {weight_decay:g} --seed {seed} --threads {threads} "
                f"--depth {depth} --dim {dim} --heads {heads} --patch-size {patch_size} --img-size {img_size}"
@@ -215,6 +224,5 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
         "torch": torch.__version__,
         "evaluation": None,
     }
-    with open(out / CARD_FILE, "w") as f:
-        json.dump(card, f, indent=2, ensure_ascii=False)
+    atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2, ensure_ascii=False))
     return card
