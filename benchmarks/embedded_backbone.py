@@ -74,6 +74,7 @@ def linear_probe(task_name: str, init: str, seed: int = 0) -> float:
     from mlae.engine import Inputs, backbone_stats
 
     task = load_task(f"suite:{task_name}", seed=seed)
+    torch.manual_seed(seed)  # the random-init backbone must be the same one on every run
     model = create_backbone("embedded", num_classes=task.num_classes, pretrained=init == "pretrained",
                             drop_path_rate=0.0).eval()
     mean, std = backbone_stats("embedded", model)
