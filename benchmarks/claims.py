@@ -33,14 +33,23 @@ CLAIMS = [  # (claim, better label, worse label)
 SIMILARITY = ("5. MLAE's experts are less similar than LoRA's rank-1 components", "mlae", "lora")
 
 
-def verdict(better: list[float], worse: list[float]) -> tuple[float, str]:
+def welch(better: list[float], worse: list[float]) -> tuple[float, float]:
+    """Mean difference in the claimed direction and its standard error (seeds independent)."""
     diff = mean(better) - mean(worse)
-    se = math.sqrt(stdev(better) ** 2 / len(better) + stdev(worse) ** 2 / len(worse))
+    return diff, math.sqrt(stdev(better) ** 2 / len(better) + stdev(worse) ** 2 / len(worse))
+
+
+def call(diff: float, se: float) -> str:
     if diff > 2 * se:
-        return diff, "holds"
+        return "holds"
     if diff < -2 * se:
-        return diff, "does not hold"
-    return diff, "within noise"
+        return "does not hold"
+    return "within noise"
+
+
+def verdict(better: list[float], worse: list[float]) -> tuple[float, str]:
+    diff, se = welch(better, worse)
+    return diff, call(diff, se)
 
 
 def fmt(values: list[float], digits: int = 1) -> str:
@@ -58,14 +67,18 @@ def main() -> None:
             acc[row["method"], row["dataset"]].append(float(row["top1"]))
             folders[row["method"], row["dataset"]].append(row["out"])
     datasets = sorted({d for _, d in acc})
+    # per claim and dataset: (difference, its standard error); the pooled row averages the per-dataset
+    # differences (each dataset weighs the same) with SE = sqrt(sum SE_d^2) / D
+    cells: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
     print("| claim | dataset | claimed better | claimed worse | difference | verdict |")
     print("|---|---|---|---|---|---|")
     for dataset in datasets:
         for claim, a, b in CLAIMS:
             if (a, dataset) in acc and (b, dataset) in acc:
-                diff, v = verdict(acc[a, dataset], acc[b, dataset])
+                diff, se = welch(acc[a, dataset], acc[b, dataset])
+                cells[claim][dataset] = (diff, se)
                 print(f"| {claim} | {dataset} | {a} {fmt(acc[a, dataset])} | {b} {fmt(acc[b, dataset])} | "
-                      f"{diff:+.1f} | {v} |")
+                      f"{diff:+.1f} | {call(diff, se)} |")
         claim, a, b = SIMILARITY
         sims = {}
         for label in (a, b):
@@ -73,9 +86,26 @@ def main() -> None:
                            for o in folders.get((label, dataset), [])]
         if sims[a] and sims[b]:
             # Lower similarity is the claim, so "better" is the negated similarity.
-            diff, v = verdict([-s for s in sims[a]], [-s for s in sims[b]])
+            diff, se = welch([-s for s in sims[a]], [-s for s in sims[b]])
+            cells[claim][dataset] = (diff, se)
             print(f"| {claim} | {dataset} | {a} cos {fmt(sims[a], 3)} | {b} cos {fmt(sims[b], 3)} | "
-                  f"{-diff:+.3f} | {v} |")
+                  f"{-diff:+.3f} | {call(diff, se)} |")
+    if len(datasets) < 2:
+        return
+    print()
+    print("| claim | " + " | ".join(datasets) + " | all datasets (mean difference ± SE) | verdict |")
+    print("|---|" + "---|" * (len(datasets) + 2))
+    for claim in [c for c, _, _ in CLAIMS[:7]] + [SIMILARITY[0]] + [c for c, _, _ in CLAIMS[7:]]:
+        row = cells.get(claim, {})
+        if not row:
+            continue
+        unit, scale = ("cos", -1.0) if claim == SIMILARITY[0] else ("", 1.0)  # similarity: show the raw change
+        digits = 3 if unit else 1
+        per = [f"{scale * row[d][0]:+.{digits}f} ({call(*row[d])})" if d in row else "–" for d in datasets]
+        diffs = [row[d] for d in datasets if d in row]
+        pooled = mean(d for d, _ in diffs), math.sqrt(sum(se ** 2 for _, se in diffs)) / len(diffs)
+        print(f"| {claim} | " + " | ".join(per) +
+              f" | {scale * pooled[0]:+.{digits}f} ± {pooled[1]:.{digits}f} | **{call(*pooled)}** |")
 
 
 if __name__ == "__main__":
