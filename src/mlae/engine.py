@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .recipes import get_method
-from .utils import (DistInfo, atomic_write, atomic_write_text, auto_threads, autocast, get_rng_state, init_distributed, resolve_device,
-                    resolve_precision, seed_everything, set_rng_state)
+from .utils import (DistInfo, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
+                    get_rng_state, init_distributed, resolve_device, resolve_precision, seed_everything,
+                    set_rng_state)
 
 __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
            "load_trained", "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
@@ -200,24 +201,21 @@ def _clear_run_files(out: Path) -> None:
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                     step: int, metrics: list[dict], rng: list[tuple[dict, dict]]) -> None:
     """Trainable parameters, optimizer state, RNG states (one per rank) and progress, without pickle."""
-    from safetensors.torch import save_file
-
     # Everything the optimizer holds, trainable now or not (DMLoRA's stage 2 freezes the branches it trained).
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in held}
+    tensors = {f"model.{n}": p for n, p in model.named_parameters() if id(p) in held}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
     rng_info = []
     for rank, (rng_tensors, info) in enumerate(rng):
         for key, value in rng_tensors.items():
-            tensors[f"rng.{rank}.{key}"] = value.contiguous()
+            tensors[f"rng.{rank}.{key}"] = value
         rng_info.append(info)
     state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
              "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mlae-checkpoint-1",
-                                                                          "state": json.dumps(state)}))
+    atomic_save_file(tensors, path, {"format": "mlae-checkpoint-1", "state": json.dumps(state)})
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
@@ -569,7 +567,6 @@ def weights_metadata(cfg: TrainConfig, task, inputs: Inputs) -> dict[str, Any]:
 
 def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any]) -> None:
     import mlae
-    from .io import atomic_save_file
 
     if adapter:
         mlae.save_adapter(model, out / "adapter.safetensors", metadata=meta)

@@ -11,26 +11,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
-from .utils import atomic_write
 from .inject import CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, freeze_backbone
+from .utils import atomic_save_file
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "export_peft",
            "atomic_save_file"]
 
 FORMAT = "mlae.adapter/1"
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """safetensors ``save_file`` through a temporary file + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return path
 
 
 def _saved_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import fractals
 from .backbones import (CARD_FILE, EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD, WEIGHTS_FILE,
                         _is_head, build_embedded)
-from .utils import atomic_write, atomic_write_text
+from .utils import atomic_save_file, atomic_write_text
 
 __all__ = ["register", "run", "pretrain"]
 
@@ -113,7 +113,6 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
              drop_path: float, seed: int, threads: int, depth: int, dim: int, heads: int, patch_size: int,
              img_size: int, out: Path, quiet: bool = False, bf16: bool = True) -> dict[str, Any]:
     """Render the fractal data, train, evaluate on fresh renders, write weights + card; returns the card."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     t0 = time.time()
@@ -189,8 +188,7 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
              if not _is_head(k)}
-    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(
-        state, tmp, metadata={"format": "mlae-embedded-vit", "seed": str(seed)}))
+    atomic_save_file(state, out / WEIGHTS_FILE, {"format": "mlae-embedded-vit", "seed": str(seed)})
     command = (f"mlae pretrain --classes {classes} --per-class {per_class} --epochs {epochs} "
                f"--batch-size {batch_size} --lr {lr:g} --weight-decay {weight_decay:g} --seed {seed} --threads {threads} "
                f"--depth {depth} --dim {dim} --heads {heads} --patch-size {patch_size} --img-size {img_size}"

@@ -7,6 +7,7 @@ import os
 import random
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -154,6 +155,18 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """safetensors ``save_file`` through :func:`atomic_write` (parent folder created), so a crash never leaves
+    half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..utils import atomic_write
+from ..utils import atomic_save_file
 
 __all__ = ["DatasetError", "Split", "Task", "Entry", "decode_entries", "cached_split", "to_rgb", "clear_cache"]
 
@@ -225,14 +225,11 @@ def _read_cache(path: Path, key: str) -> Split | None:
 
 
 def _write_cache(paths: Sequence[Path], split: Split, key: str, info: dict) -> Path | None:
-    from safetensors.torch import save_file
-
     meta = {"key": key, "format": CACHE_FORMAT, "info": json.dumps(info)}
     tensors = {"images": split.images.contiguous(), "labels": split.labels.contiguous()}
     for path in paths:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            atomic_save_file(tensors, path, meta)
             return path
         except OSError:
             continue  # read-only data folder: try the next location
