@@ -47,11 +47,6 @@ def call(diff: float, se: float) -> str:
     return "within noise"
 
 
-def verdict(better: list[float], worse: list[float]) -> tuple[float, str]:
-    diff, se = welch(better, worse)
-    return diff, call(diff, se)
-
-
 def fmt(values: list[float], digits: int = 1) -> str:
     return f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}"
 
@@ -99,8 +94,8 @@ def main() -> None:
         row = cells.get(claim, {})
         if not row:
             continue
-        unit, scale = ("cos", -1.0) if claim == SIMILARITY[0] else ("", 1.0)  # similarity: show the raw change
-        digits = 3 if unit else 1
+        # similarity: show the change in cosine itself (negative is the claim), to 3 decimals
+        scale, digits = (-1.0, 3) if claim == SIMILARITY[0] else (1.0, 1)
         per = [f"{scale * row[d][0]:+.{digits}f} ({call(*row[d])})" if d in row else "–" for d in datasets]
         diffs = [row[d] for d in datasets if d in row]
         pooled = mean(d for d, _ in diffs), math.sqrt(sum(se ** 2 for _, se in diffs)) / len(diffs)

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlae.utils import atomic_write_text
+
 TASKS = ["digits", "dsprites_loc", "dsprites_ori", "clevr_count", "clevr_dist", "smallnorb_azi",
          "smallnorb_ele", "textures"]
 INITS = ["pretrained", "random"]
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     if args.update_card:
         card = json.loads(CARD.read_text())
         card["evaluation"] = {**report, "table": md}
-        CARD.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(CARD, json.dumps(card, indent=2, ensure_ascii=False) + "\n")  # the shipped card
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from mlae import fractals
@@ -84,11 +85,9 @@ def test_pretrain_refuses_to_overwrite_existing_weights(tmp_path):
     (out / WEIGHTS_FILE).write_bytes(b"precious")
     args = ["pretrain", "--classes", "2", "--per-class", "4", "--eval-per-class", "1", "--epochs", "1",
             "--batch-size", "4", "--depth", "1", "--dim", "32", "--heads", "2", "--out", str(out), "--quiet"]
-    try:
+    with pytest.raises(SystemExit) as refused:
         main(args)
-        raise AssertionError("expected a refusal")
-    except SystemExit as e:
-        assert "--overwrite" in str(e) and WEIGHTS_FILE in str(e)
+    assert "--overwrite" in str(refused.value) and WEIGHTS_FILE in str(refused.value)
     assert (out / WEIGHTS_FILE).read_bytes() == b"precious"
     assert main(args + ["--overwrite"]) == 0
     assert (out / WEIGHTS_FILE).read_bytes() != b"precious"

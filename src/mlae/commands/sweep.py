@@ -566,7 +566,6 @@ def best_trial(study):
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
-
 def trial_rows(study, space: list[Param]) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
