@@ -105,7 +105,7 @@ def cli_run(task_name: str, method: str, init: str, epochs: int, out: Path, work
     if init == "random":
         cmd.append("--no-pretrained")
     if workers:
-        cmd += ["--workers", str(workers)]
+        cmd += ["--threads", str(workers)]
     if lr:
         cmd += ["--lr", str(lr)]
     subprocess.run(cmd, check=True)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                     help="linear probe protocol (see the module docstring)")
     ap.add_argument("--epochs", type=int, default=5, help="mlae train epochs (and --probe cli epochs)")
     ap.add_argument("--lr", type=float, default=None, help="mlae train learning rate (default: the CLI's)")
-    ap.add_argument("--workers", type=int, default=None, help="torch threads (passed to mlae train)")
+    ap.add_argument("--threads", "--workers", dest="workers", type=int, default=None, help="torch threads (passed to mlae train)")
     ap.add_argument("--out", type=Path, default=Path("runs/embedded_backbone"))
     ap.add_argument("--inits", default=",".join(INITS), help="comma-separated: pretrained, random (a partial "
                     "run; results accumulate in <out>/embedded_backbone.partial.json)")

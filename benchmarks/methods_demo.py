@@ -1,7 +1,7 @@
 """LoRA vs MLAE vs DMLoRA on a few suite tasks, then one multitask MoLE over the task LoRAs just trained.
 
 Part 1 -- per task and method, one ``mlae train`` run (the embedded pretrained ViT, the CLI's defaults for each
-method, ``--epochs 6 --lr 2e-3 --eval-every 6 --workers 1``, seed 0); top-1 on the test split after the last epoch.
+method, ``--epochs 6 --lr 2e-3 --eval-every 6 --threads 1``, seed 0); top-1 on the test split after the last epoch.
 
 Part 2 -- one MoLE model for all the tasks: the shared pretrained backbone (it is the same whatever the number of
 classes), the tasks' LoRAs from part 1 as frozen experts (``mlae.mole_from_adapters``), the gates shared by the
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=6, help="epochs of every part-1 run")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--mt-epochs", type=int, default=3, help="passes over the round-robin mixture (part 2)")
-    p.add_argument("--workers", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -66,7 +66,7 @@ def train_runs(args, tasks: list[str], out: Path) -> dict[str, dict[str, dict]]:
             d = run_dir(out, task, method)
             if not (d / "results.json").exists():
                 argv = ["train", "--dataset", f"suite:{task}", "--method", method, "--epochs", str(args.epochs),
-                        "--lr", str(args.lr), "--eval-every", str(args.epochs), "--workers", str(args.workers),
+                        "--lr", str(args.lr), "--eval-every", str(args.epochs), "--threads", str(args.threads),
                         "--seed", str(args.seed), "--out", str(d), "--quiet", "--overwrite"]
                 print("mlae " + " ".join(argv), flush=True)
                 code = main(argv)
@@ -112,7 +112,7 @@ def multitask(args, tasks: list[str], out: Path) -> dict:
     from mlae.engine import EVAL_BATCH, Inputs, backbone_stats, build_backbone, lr_at
     from mlae.utils import autocast, resolve_precision
 
-    torch.set_num_threads(args.workers)
+    torch.set_num_threads(args.threads)
     dev = torch.device("cpu")
     precision = resolve_precision("auto", dev)
     experts = [run_dir(out, t, "lora") / "adapter.safetensors" for t in tasks]

@@ -136,7 +136,7 @@ def _cli(*args: str) -> list[str]:
 
 def test_resume_after_sigkill_matches_uninterrupted_run(vtab_root, tmp_path):
     args = ["train", "--dataset", "vtab:cifar", "--data-root", str(vtab_root), *TINY, "--method", "mlae",
-            "--dropout", "0.5", "--epochs", "4", "--batch-size", "16", "--workers", "1", "--quiet"]
+            "--dropout", "0.5", "--epochs", "4", "--batch-size", "16", "--threads", "1", "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*args, "--out", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -174,7 +174,7 @@ def test_ddp_two_gloo_processes(vtab_root, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mlae",
            "train", "--dataset", "vtab:cifar", "--data-root", str(vtab_root), *TINY, *FAST, "--epochs", "2",
-           "--workers", "1", "--device", "cpu", "--out", str(out)]
+           "--threads", "1", "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -261,7 +261,7 @@ def test_train_and_eval_commands(tmp_path):
     testing.make_vtab_folder(root, name="cifar", n_train=32, n_test=24, size=32)
     base = ["train", "--dataset", "vtab:cifar", "--data-root", str(root), "--backbone", "test_vit", "--no-pretrained",
             "--img-size", "32", "--patch-size", "4", "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "0",
-            "--workers", "1", "--quiet"]
+            "--threads", "1", "--quiet"]
     assert main([*base, "--method", "lora", "--rank", "2", "--out", str(tmp_path / "a")]) == 0
     assert main([*base, "--method", "dmlora", "--out", str(tmp_path / "b")]) == 0
     assert main([*base, "--method", "mole", "--out", str(tmp_path / "m"), "--balance-weight", "0.5",

@@ -18,7 +18,7 @@ pytest.importorskip("yaml")
 testing = pytest.importorskip("mlae.data.testing")
 
 TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--patch-size", "4"]
-FAST = ["--batch-size", "16", "--warmup-epochs", "0", "--workers", "1"]
+FAST = ["--batch-size", "16", "--warmup-epochs", "0", "--threads", "1"]
 GRID = ["--param", "dropout=0,0.5", "--param", "coeff_init=0.5,2"]
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import set_attention
 from .recipes import get_method
 from .utils import (DistInfo, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
                     get_rng_state, init_distributed, resolve_device, resolve_precision, seed_everything,
@@ -77,6 +78,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     precision: str = "auto"
+    attention: str = "auto"          # auto | fused | math (mlae.attention: math on CPU + bf16, fused elsewhere)
     device: str | None = None
     threads: int = 0                 # torch CPU threads; 0 = auto (the cores not kept busy by other programs)
     # run folder and bookkeeping
@@ -90,6 +92,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_method(self.method)
+        from .attention import ATTENTION_CHOICES
+
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
         if self.split not in ("test", "val"):
             raise ValueError(f"split must be test or val, not {self.split!r}")
         for name in ("epochs", "batch_size", "checkpoint_every", "eval_every"):
@@ -369,6 +375,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
     inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model))
     model = method.prepare(model, options).to(device)
+    attention = set_attention(model, cfg.attention, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = mlae.count_parameters(model)
@@ -500,6 +507,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
             bar.close()
 
     results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
+    results["attention"] = attention
     if dist_info.is_main:
         _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs))
         _plot_curves(out / "curves.png", metrics, task.eval_name)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fractals
+from .attention import ATTENTION_CHOICES, set_attention
 from .backbones import (CARD_FILE, EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD, WEIGHTS_FILE,
                         _is_head, build_embedded)
 from .utils import atomic_save_file, atomic_write_text
@@ -61,6 +62,8 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, default=d["seed"])
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     g.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
+                   help="attention kernel (auto: math on a CPU under bf16, where the fused backward is slow)")
     g = p.add_argument_group("architecture (a timm VisionTransformer)")
     g.add_argument("--depth", type=int, default=d["depth"])
     g.add_argument("--dim", type=int, default=d["dim"], help="embedding width")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     card = pretrain(**{k: getattr(args, k) for k in (
         "classes", "per_class", "eval_per_class", "epochs", "steps", "batch_size", "lr", "weight_decay",
         "warmup", "label_smoothing", "drop_path", "seed", "threads", "depth", "dim", "heads", "patch_size",
-        "img_size", "out", "quiet")}, bf16=not args.no_bf16)
+        "img_size", "out", "quiet", "attention")}, bf16=not args.no_bf16)
     acc = card["pretraining"]["heldout_top1"]
     print(f"fractal held-out top-1 {acc:.4f}; wrote {Path(args.out) / WEIGHTS_FILE} and {CARD_FILE}")
     return 0
@@ -111,7 +114,8 @@ def _accuracy(model, images: torch.Tensor, labels: torch.Tensor, bf16: bool, bat
 def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, steps: int | None,
              batch_size: int, lr: float, weight_decay: float, warmup: float, label_smoothing: float,
              drop_path: float, seed: int, threads: int, depth: int, dim: int, heads: int, patch_size: int,
-             img_size: int, out: Path, quiet: bool = False, bf16: bool = True) -> dict[str, Any]:
+             img_size: int, out: Path, quiet: bool = False, bf16: bool = True,
+             attention: str = "auto") -> dict[str, Any]:
     """Render the fractal data, train, evaluate on fresh renders, write weights + card; returns the card."""
     from tqdm import tqdm
 
@@ -128,6 +132,7 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
     arch = dict(EMBEDDED_ARCH, img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=depth,
                 num_heads=heads)
     model = build_embedded(arch, num_classes=classes, drop_path_rate=drop_path)
+    attention = set_attention(model, attention, device="cpu", precision="bf16" if bf16 else "fp32")
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
@@ -209,7 +214,8 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
         "recipe": {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule":
                    f"linear warmup {warmup:g} of steps, cosine to 0", "batch_size": batch_size,
                    "label_smoothing": label_smoothing, "drop_path": drop_path,
-                   "precision": "bf16 autocast" if bf16 else "fp32", "threads": threads},
+                   "precision": "bf16 autocast" if bf16 else "fp32", "threads": threads,
+                   "attention": attention},
         "epochs": epochs,
         "steps": step,
         "steps_planned": total,

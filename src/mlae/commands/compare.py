@@ -354,7 +354,7 @@ def run_compare(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "mlae", "train", "--config", str(run.folder / RUN_RECIPE),
                "--out", str(run.folder), "--quiet", "--resume" if resume else "--overwrite"]
         if threads:
-            cmd += ["--workers", str(threads)]
+            cmd += ["--threads", str(threads)]
         with lock:
             device = free.pop()
         env = dict(os.environ)

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..attention import ATTENTION_CHOICES
 from ..recipes import METHODS, RecipeError, get_method, load_recipe, resolve_recipe
 
 
@@ -80,8 +81,11 @@ def _register_train(subparsers) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast where the "
                    "hardware supports it (default)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--workers", dest="threads", type=int, help="CPU threads for torch (default: the cores not kept "
+    g.add_argument("--attention", choices=list(ATTENTION_CHOICES), help="attention kernel: auto = math on a CPU "
+                   "under bf16 (its fused backward is slow there), fused elsewhere (default auto)")
+    g.add_argument("--threads", dest="threads", type=int, help="CPU threads for torch (default: the cores not kept "
                    "busy by other programs)")
+    g.add_argument("--workers", dest="threads", type=_deprecated_workers, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("run folder")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/<dataset>_<method>_s<seed>, with a "
@@ -95,6 +99,12 @@ def _register_train(subparsers) -> None:
                    f"evaluated (default {d.eval_every})")
     g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar or summary")
     p.set_defaults(func=run_train)
+
+
+def _deprecated_workers(text: str) -> int:
+    print("mlae: warning: --workers is deprecated and will be removed; it sets torch threads, use --threads",
+          file=sys.stderr)
+    return int(text)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -170,8 +180,11 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the one the adapter was trained on)")
     p.add_argument("--data-root", metavar="DIR")
     p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--device")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the hardware supports it")
+    p.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
+                   help="attention kernel (auto: math on a CPU under bf16, fused elsewhere)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", metavar="JSON", help="also write the result to this JSON file")
     p.add_argument("--experts", metavar="I,J,...", type=lambda t: [int(i) for i in t.split(",") if i.strip()],
                    help="MoLE only: keep these experts (0-based, in --experts-from order); the gate weights are "
@@ -182,7 +195,8 @@ def _register_eval(subparsers) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     try:
         result = evaluate_file(args.adapter, dataset=args.dataset, data_root=args.data_root, split=args.split,
-                               precision=args.precision, device=args.device, experts=args.experts)
+                               precision=args.precision, device=args.device, experts=args.experts,
+                               attention=args.attention)
     except Exception as err:
         return _fail(err)
     print(f"{result['dataset']} ({result['eval_split']}, {result['images']} images): top-1 "
@@ -194,8 +208,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | None = None, split: str = "test",
-                  precision: str = "auto", device: str | None = None, experts: list[int] | None = None) -> dict:
+                  precision: str = "auto", device: str | None = None, experts: list[int] | None = None,
+                  attention: str = "auto") -> dict:
     from ..adapters.mole import select_experts
+    from ..attention import set_attention
     from ..data import load_task
     from ..engine import Inputs, evaluate, load_trained
     from ..utils import resolve_device, resolve_precision
@@ -212,7 +228,9 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
         raise ValueError(f"{path} has a {meta['num_classes']}-class head but {task.name} has {task.num_classes} "
                          "classes")
     inputs = Inputs(task.augment, int(meta["image_size"]), dev, meta.get("input_mean"), meta.get("input_std"))
-    top1 = evaluate(model.to(dev), task.eval, inputs, precision=prec)
+    model = model.to(dev)
+    set_attention(model, attention, device=dev, precision=prec)
+    top1 = evaluate(model, task.eval, inputs, precision=prec)
     key = f"{task.eval_name}_top1"
     return {"adapter": str(path), "dataset": task.name, "eval_split": task.eval_name, "images": len(task.eval),
             "top1": top1, key: top1, "method": meta.get("method"), "precision": prec,
