@@ -135,8 +135,8 @@ def test_rng_state_round_trip():
 
 
 def _tiny_config(tmp_path, **kw) -> TrainConfig:
+    kw = {"epochs": 2, **kw}
     return TrainConfig(dataset="suite:digits", backbone="test_vit", pretrained=False, img_size=32, patch_size=4,
-                       epochs=2,
                        batch_size=64, out=str(tmp_path / "run"), progress=False, **kw)
 
 
@@ -173,3 +173,13 @@ def test_on_epoch_end_can_stop_the_run(tmp_path):
         engine.train(_tiny_config(tmp_path, method="linear"), on_epoch_end=callback)
     assert len(seen) == 1 and 0 <= seen[0][1] <= 1
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_default_evaluates_about_four_times_and_always_the_last_epoch(tmp_path):
+    assert [TrainConfig(epochs=e).eval_interval for e in (1, 4, 8, 100)] == [1, 1, 2, 25]
+    assert TrainConfig(epochs=8, eval_every=3).eval_interval == 3
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=-1)
+    engine.train(_tiny_config(tmp_path, method="linear", epochs=6))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines if m["test_top1"] is not None] == [2, 4, 6]

@@ -21,7 +21,7 @@ from . import fractals
 from .attention import ATTENTION_CHOICES, set_attention
 from .backbones import (CARD_FILE, EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD, WEIGHTS_FILE,
                         _is_head, build_embedded)
-from .utils import atomic_save_file, atomic_write_text
+from .utils import atomic_save_file, atomic_write_text, resolve_precision
 
 __all__ = ["register", "run", "pretrain"]
 
@@ -61,7 +61,10 @@ def register(subparsers) -> None:
     g.add_argument("--drop-path", type=float, default=d["drop_path"], help="stochastic depth rate")
     g.add_argument("--seed", type=int, default=d["seed"])
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    g.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 (emulated "
+                   "bf16 ran a ViT step 8x slower than fp32 on an AVX2-only CPU)")
+    g.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
     g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention kernel (auto: math on a CPU under bf16, where the fused backward is slow)")
     g = p.add_argument_group("architecture (a timm VisionTransformer)")
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     card = pretrain(**{k: getattr(args, k) for k in (
         "classes", "per_class", "eval_per_class", "epochs", "steps", "batch_size", "lr", "weight_decay",
         "warmup", "label_smoothing", "drop_path", "seed", "threads", "depth", "dim", "heads", "patch_size",
-        "img_size", "out", "quiet", "attention")}, bf16=not args.no_bf16)
+        "img_size", "out", "quiet", "attention")},
+        bf16=resolve_precision(args.precision, torch.device("cpu")) == "bf16")
     acc = card["pretraining"]["heldout_top1"]
     print(f"fractal held-out top-1 {acc:.4f}; wrote {Path(args.out) / WEIGHTS_FILE} and {CARD_FILE}")
     return 0
@@ -197,6 +201,7 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
     command = (f"mlae pretrain --classes {classes} --per-class {per_class} --epochs {epochs} "
                f"--batch-size {batch_size} --lr {lr:g} --weight-decay {weight_decay:g} --seed {seed} --threads {threads} "
                f"--depth {depth} --dim {dim} --heads {heads} --patch-size {patch_size} --img-size {img_size}"
+               + f" --precision {'bf16' if bf16 else 'fp32'}"
                + (f" --steps {steps}" if steps is not None else "") + f" --out {out}")
     card: dict[str, Any] = {
         "name": "mlae embedded ViT (FractalDB-style formula-driven pretraining)",

@@ -95,8 +95,8 @@ def _register_train(subparsers) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     g.add_argument("--checkpoint-every", type=int, help=f"epochs between checkpoints (default "
                    f"{d.checkpoint_every})")
-    g.add_argument("--eval-every", type=int, help=f"epochs between evaluations; the last epoch is always "
-                   f"evaluated (default {d.eval_every})")
+    g.add_argument("--eval-every", type=int, help="epochs between evaluations; the last epoch is always "
+                   "evaluated (default 0: about four evaluations per run)")
     g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar or summary")
     p.set_defaults(func=run_train)
 
