@@ -1,6 +1,7 @@
 """Verdicts on the MLAE paper's claims from an `mlae compare` folder (used for docs/REPRODUCTION.md).
 
     python benchmarks/claims.py runs/repro            # prints the Markdown table
+    python benchmarks/claims.py --regime docs/results/paper_regime.csv   # the paper-regime study's tables
 
 Each claim compares two method labels of the compare run (mean ± std over seeds of last-epoch test top-1).
 Verdict: "holds" when the mean difference in the claimed direction exceeds twice its standard error
@@ -51,46 +52,31 @@ def fmt(values: list[float], digits: int = 1) -> str:
     return f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("compare_dir", type=Path)
-    args = ap.parse_args()
-    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
-    folders: dict[tuple[str, str], list[str]] = defaultdict(list)
-    with open(args.compare_dir / "results.csv") as f:
-        for row in csv.DictReader(f):
-            acc[row["method"], row["dataset"]].append(float(row["top1"]))
-            folders[row["method"], row["dataset"]].append(row["out"])
-    datasets = sorted({d for _, d in acc})
-    # per claim and dataset: (difference, its standard error); the pooled row averages the per-dataset
-    # differences (each dataset weighs the same) with SE = sqrt(sum SE_d^2) / D
-    cells: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+def verdicts(acc: dict[tuple[str, str], list[float]], claims, datasets: list[str],
+             extra: dict[str, dict[str, tuple[float, float]]] | None = None,
+             extra_cells: list[str] | None = None) -> None:
+    """Print the per-dataset verdict table of ``claims`` (claim, better label, worse label) and, over several
+    datasets, the pooled one. ``extra`` holds precomputed (difference, SE) cells per claim and dataset (claim
+    5's similarity); ``extra_cells`` their per-dataset table rows."""
+    cells: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict, extra or {})
     print("| claim | dataset | claimed better | claimed worse | difference | verdict |")
     print("|---|---|---|---|---|---|")
     for dataset in datasets:
-        for claim, a, b in CLAIMS:
-            if (a, dataset) in acc and (b, dataset) in acc:
+        for claim, a, b in claims:
+            if len(acc.get((a, dataset), [])) > 1 and len(acc.get((b, dataset), [])) > 1:
                 diff, se = welch(acc[a, dataset], acc[b, dataset])
                 cells[claim][dataset] = (diff, se)
                 print(f"| {claim} | {dataset} | {a} {fmt(acc[a, dataset])} | {b} {fmt(acc[b, dataset])} | "
                       f"{diff:+.1f} | {call(diff, se)} |")
-        claim, a, b = SIMILARITY
-        sims = {}
-        for label in (a, b):
-            sims[label] = [mlae.expert_similarity(load_trained(Path(o) / "adapter.safetensors")[0])
-                           for o in folders.get((label, dataset), [])]
-        if sims[a] and sims[b]:
-            # Lower similarity is the claim, so "better" is the negated similarity.
-            diff, se = welch([-s for s in sims[a]], [-s for s in sims[b]])
-            cells[claim][dataset] = (diff, se)
-            print(f"| {claim} | {dataset} | {a} cos {fmt(sims[a], 3)} | {b} cos {fmt(sims[b], 3)} | "
-                  f"{-diff:+.3f} | {call(diff, se)} |")
+    for line in extra_cells or []:
+        print(line)
     if len(datasets) < 2:
         return
     print()
     print("| claim | " + " | ".join(datasets) + " | all datasets (mean difference ± SE) | verdict |")
     print("|---|" + "---|" * (len(datasets) + 2))
-    for claim in [c for c, _, _ in CLAIMS[:7]] + [SIMILARITY[0]] + [c for c, _, _ in CLAIMS[7:]]:
+    order = [c for c, _, _ in claims[:7]] + [SIMILARITY[0]] + [c for c, _, _ in claims[7:]]
+    for claim in order:
         row = cells.get(claim, {})
         if not row:
             continue
@@ -101,6 +87,93 @@ def main() -> None:
         pooled = mean(d for d, _ in diffs), math.sqrt(sum(se ** 2 for _, se in diffs)) / len(diffs)
         print(f"| {claim} | " + " | ".join(per) +
               f" | {scale * pooled[0]:+.{digits}f} ± {pooled[1]:.{digits}f} | **{call(*pooled)}** |")
+
+
+def from_compare(compare_dir: Path) -> None:
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    folders: dict[tuple[str, str], list[str]] = defaultdict(list)
+    with open(compare_dir / "results.csv") as f:
+        for row in csv.DictReader(f):
+            acc[row["method"], row["dataset"]].append(float(row["top1"]))
+            folders[row["method"], row["dataset"]].append(row["out"])
+    datasets = sorted({d for _, d in acc})
+    sim_cells: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+    lines = []
+    claim, a, b = SIMILARITY
+    for dataset in datasets:
+        sims = {label: [mlae.expert_similarity(load_trained(Path(o) / "adapter.safetensors")[0])
+                        for o in folders.get((label, dataset), [])] for label in (a, b)}
+        if len(sims[a]) > 1 and len(sims[b]) > 1:
+            # Lower similarity is the claim, so "better" is the negated similarity.
+            diff, se = welch([-s for s in sims[a]], [-s for s in sims[b]])
+            sim_cells[claim][dataset] = (diff, se)
+            lines.append(f"| {claim} | {dataset} | {a} cos {fmt(sims[a], 3)} | {b} cos {fmt(sims[b], 3)} | "
+                         f"{-diff:+.3f} | {call(diff, se)} |")
+    verdicts(acc, CLAIMS, datasets, sim_cells, lines)
+
+
+REGIME_CLAIMS = CLAIMS + [("7. DMLoRA beats LoRA", "dmlora", "lora"),
+                          ("selecting MLAE's p on test instead of val200", "mlae (test-selected)", "mlae"),
+                          ("selecting LoRA's alpha on test instead of val200", "lora (test-selected)", "lora")]
+
+
+def from_regime(path: Path) -> None:
+    """Tables of docs/REPRODUCTION.md's paper-regime section from the committed CSV of benchmarks/paper_regime.py."""
+    from mlae.data import SUITE_TASKS
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["split"] != "test" or r["selected_by"] in ("trial", "candidate"):
+            continue
+        label = r["variant"] + (" (test-selected)" if r["selected_by"] == "test" else "")
+        acc[label, r["dataset"]].append(float(r["test_top1"]))
+    datasets = sorted({d for _, d in acc})
+    print("## Regime: rank-8 LoRA (α = 8), seed 0\n")
+    print("| dataset | train top-1 (eval mode) | test top-1 | test gain over the last quarter of training |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if r["variant"] == "lora-default":
+            print(f"| {r['dataset']} | {r['train_top1']} | {r['test_top1']} | {r.get('test_gain_last_quarter', '')} |")
+    print("\n## Selected hyperparameters (p for MLAE, α for LoRA) per dataset\n")
+    print("| dataset | MLAE p (val200) | MLAE p (test) | LoRA α (val200) | LoRA α (test) |\n|---|---|---|---|---|")
+    for d in datasets:
+        pick = {(r["variant"], r["selected_by"]): r for r in rows if r["dataset"] == d}
+        cells = [pick.get((m, by), {}).get(col, "–") for m, col in (("mlae", "p"), ("lora", "alpha"))
+                 for by in ("val", "test")]
+        print(f"| {d} | " + " | ".join(cells[i] for i in (0, 1, 2, 3)) + " |")
+    print("\n## Test top-1 (%), mean over seeds\n")
+    labels = sorted({label for label, _ in acc}, key=lambda x: (x not in ("lora", "mlae"), x))
+    print("| variant | " + " | ".join(datasets) + " | mean over tasks | mean of domain means |")
+    print("|---|" + "---|" * (len(datasets) + 2))
+    for label in labels:
+        means = {d: mean(acc[label, d]) for d in datasets if acc.get((label, d))}
+        if len(means) < len(datasets):
+            task_mean = domain_mean = "–"
+        else:
+            domains = defaultdict(list)
+            for d, v in means.items():
+                domains[SUITE_TASKS[d.split(":", 1)[1]][1]].append(v)
+            task_mean = f"{mean(means.values()):.1f}"
+            domain_mean = f"{mean(mean(v) for v in domains.values()):.1f}"
+        print(f"| {label} | " + " | ".join(f"{means[d]:.1f}" if d in means else "–" for d in datasets) +
+              f" | {task_mean} | {domain_mean} |")
+    print("\n## Verdicts\n")
+    verdicts(acc, REGIME_CLAIMS, datasets)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("compare_dir", type=Path, nargs="?", help="an mlae compare output folder")
+    ap.add_argument("--regime", type=Path, metavar="CSV", help="instead: docs/results/paper_regime.csv")
+    args = ap.parse_args()
+    if (args.compare_dir is None) == (args.regime is None):
+        ap.error("give a compare folder or --regime CSV (one of them)")
+    if args.regime:
+        from_regime(args.regime)
+    else:
+        from_compare(args.compare_dir)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,11 @@ def test_train_options_that_compare_replaces_are_refused(capsys):
     assert "--datasets" in capsys.readouterr().err
 
 
+def _mode(cmd: list[str]) -> str:
+    (mode,) = [arg for arg in cmd if arg in ("--overwrite", "--resume")]
+    return mode
+
+
 def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_path, monkeypatch):
     """An unfinished run with a checkpoint is resumed when its settings are those asked for, else restarted."""
     import subprocess
@@ -136,11 +141,11 @@ def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_pat
     folder.mkdir(parents=True)
     (folder / "checkpoint.safetensors").write_bytes(b"")
     assert main(argv) == 1  # the stand-in "fails": nothing finished
-    assert commands[-1][-1] == "--overwrite"  # the run's settings are unknown: start over
+    assert _mode(commands[-1]) == "--overwrite"  # the run's settings are unknown: start over
     recipe = yaml.safe_load((folder / "compare.yaml").read_text())
     assert recipe["epochs"] == 1
     (folder / "config.yaml").write_text(yaml.safe_dump({**recipe, "threads": 1}))  # as `mlae train` writes it
     assert main(argv) == 1
-    assert commands[-1][-1] == "--resume"
+    assert _mode(commands[-1]) == "--resume"
     assert main([*argv, "--epochs", "2"]) == 1
-    assert commands[-1][-1] == "--overwrite"
+    assert _mode(commands[-1]) == "--overwrite"

@@ -514,7 +514,12 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
         if bar is not None:
             bar.close()
 
+    # How far the adapter fits its training images, measured as the test split is (eval mode: no masks, no
+    # augmentation). The running train_top1 of the last epoch is taken under masking and drop-path, which
+    # understates memorisation exactly for the regularised methods.
+    train_eval_top1 = evaluate(model, task.train, inputs, precision=precision, dist_info=dist_info)
     results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
+    results["train_eval_top1"] = train_eval_top1
     results["attention"] = attention
     if dist_info.is_main:
         _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs))

@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Any
+from typing import Any, Callable
 
 from ..recipes import RecipeError, get_method
 from ..utils import atomic_write, atomic_write_text, cpu_jobs
 
-__all__ = ["Variant", "parse_methods", "parse_seeds", "train_parent", "given_train_options", "run_compare",
+__all__ = ["Run", "Variant", "execute_runs", "parse_methods", "parse_seeds", "train_parent", "given_train_options", "run_compare",
            "summarize"]
 
 RESULTS = "results.json"
@@ -309,9 +309,8 @@ def _changed(stored: Path, config: dict) -> list[str] | None:
             if k not in VOLATILE and before.get(k) != config.get(k)]
 
 
-def _devices(args: argparse.Namespace) -> list[str | None]:
+def _devices(device: str | None) -> list[str | None]:
     """One entry per parallel job: a CUDA_VISIBLE_DEVICES value, or None on CPU."""
-    device = getattr(args, "device", None)
     if device is None or str(device).startswith("cuda"):
         try:
             import torch
@@ -324,27 +323,21 @@ def _devices(args: argparse.Namespace) -> list[str | None]:
     return [None]
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | None = None, device: str | None = None,
+                 on_done: Callable[[Run], None] | None = None) -> list[str]:
+    """Train ``todo`` (each an `mlae train` subprocess writing into its run folder, resumed when its checkpoint
+    has the same settings), ``jobs`` at a time; returns one line per failed run. ``on_done(run)`` is called
+    (serially) after every finished run."""
     import yaml
 
-    try:
-        variants, datasets, seeds, runs = plan(args)
-    except Exception as err:
-        return _fail(err)
-    out = Path(args.compare_out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [r for r in runs if not (r.folder / RESULTS).exists()]
-    print(f"{len(runs)} runs ({len(variants)} methods × {len(datasets)} datasets × {len(seeds)} seeds): "
-          f"{len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
-
-    gpus = _devices(args)
+    gpus = _devices(device)
     if gpus[0] is None:
-        jobs, threads = cpu_jobs(len(todo), args.jobs, getattr(args, "threads", None))
+        jobs, threads = cpu_jobs(len(todo), jobs, threads)
         if todo:
             print(f"CPU: {jobs} job(s) in parallel × {threads} torch thread(s) each (--jobs / --threads override)",
                   flush=True)
     else:
-        jobs, threads = args.jobs or len(gpus), getattr(args, "threads", None)
+        jobs = jobs or len(gpus)
     free = list(gpus) * max(1, math.ceil(jobs / len(gpus)))
     lock = threading.Lock()
     failures: list[str] = []
@@ -360,28 +353,47 @@ def run_compare(args: argparse.Namespace) -> int:
         if threads:
             cmd += ["--threads", str(threads)]
         with lock:
-            device = free.pop()
+            gpu = free.pop()
         env = dict(os.environ)
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         try:
             with open(run.folder / "train.log", "a") as log:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         finally:
             with lock:
-                free.append(device)
+                free.append(gpu)
         name = f"{run.variant.label} / {run.dataset} / seed {run.seed}"
         if rc == 0 and (run.folder / RESULTS).exists():
             top1 = json.loads((run.folder / RESULTS).read_text())["top1"]
             print(f"done   {name}: top-1 {100 * top1:.2f}%", flush=True)
+            if on_done is not None:
+                with lock:
+                    on_done(run)
         else:
             with lock:
                 failures.append(f"{name} (exit {rc}; see {run.folder / 'train.log'})")
             print(f"FAILED {name} (exit {rc}; see {run.folder / 'train.log'})", flush=True)
 
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(execute, todo))
+    return failures
+
+
+def run_compare(args: argparse.Namespace) -> int:
     try:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            list(pool.map(execute, todo))
+        variants, datasets, seeds, runs = plan(args)
+    except Exception as err:
+        return _fail(err)
+    out = Path(args.compare_out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in runs if not (r.folder / RESULTS).exists()]
+    print(f"{len(runs)} runs ({len(variants)} methods × {len(datasets)} datasets × {len(seeds)} seeds): "
+          f"{len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
+
+    try:
+        failures = execute_runs(todo, jobs=args.jobs, threads=getattr(args, "threads", None),
+                                device=getattr(args, "device", None))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue", file=sys.stderr)
         return 130
@@ -415,7 +427,9 @@ def _row_of(run: Run) -> dict | None:
             "top1": round(100 * r["top1"], 4), "adapter_params": r["params"]["adapter"],
             "head_params": r["params"]["head"], "trainable_params": r["params"]["trainable"],
             "epochs": r["epochs"], "wall_time_s": round(r["wall_time_s"], 2),
-            "train_images_per_s": round(r["train_images_per_s"], 1), "out": str(run.folder)}
+            "train_images_per_s": round(r["train_images_per_s"], 1),
+            "train_eval_top1": "" if r.get("train_eval_top1") is None else round(100 * r["train_eval_top1"], 4),
+            "out": str(run.folder)}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,299 @@
+"""The paper's setting on the suite: adapters that memorise, p chosen on validation, every claim re-tested.
+
+Runs the study in parts, each resumable, and appends one row per finished run to a CSV that is committed
+(``docs/results/paper_regime.csv``), so that the study grows across machines and sessions and the report
+(``python benchmarks/claims.py --regime docs/results/paper_regime.csv``) regenerates from the repository alone.
+
+    python benchmarks/paper_regime.py regime  --epochs 100 --lr 2e-3     # does rank-8 LoRA memorise? (seed 0)
+    python benchmarks/paper_regime.py select  --epochs 100 --lr 2e-3     # trials on train800 -> val200 (seed 0)
+    python benchmarks/paper_regime.py test    --epochs 100 --lr 2e-3     # candidates on test; chosen x 3 seeds
+    python benchmarks/paper_regime.py claims  --epochs 100 --lr 2e-3     # the other variants, 3 seeds
+    python benchmarks/paper_regime.py status                             # what is done, what is left
+
+Protocol (rows' ``selected_by``):
+- ``trial``: MLAE with every p of ``--p-grid`` and LoRA with every alpha of ``--alpha-grid`` (the same number
+  of trials), trained on train800, scored on val200, seed 0.
+- ``candidate``: each trial's configuration trained on train800val200 and tested, seed 0 (what a repository
+  that selects on test looks at).
+- ``val``: the configuration with the best val200 top-1, trained on train800val200 with every seed and tested:
+  variant ``mlae`` / ``lora``. ``test``: the same for the configuration with the best seed-0 test top-1 (the
+  gain that protocol manufactures is the difference). A ``val`` and a ``test`` row may come from one run.
+- ``fixed``: the claims' other variants, at the p chosen on validation where they mask stochastically.
+``train_top1`` is measured in eval mode on the training images after the last epoch.
+A run is identified by (dataset, configuration, seed, split, epochs, lr, backbone): rows already in the CSV are
+not run again; run folders live under ``--runs`` (not committed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from mlae.commands.compare import RESULTS, Run, dataset_slug, execute_runs, parse_methods, resolve_config
+from mlae.data import expand_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV = ROOT / "docs" / "results" / "paper_regime.csv"
+COLUMNS = ["dataset", "method", "variant", "config", "seed", "split", "selected_by", "epochs", "lr", "p",
+           "coeff_init", "alpha", "train_top1", "val_top1", "test_top1", "test_gain_last_quarter", "seconds",
+           "backbone", "cpu"]
+P_GRID = "0,0.1,0.3,0.5,0.7,0.9"          # the paper's grid (Table 10's values come from it)
+ALPHA_GRID = "2,4,8,16,32,64"              # rank 8: update scale alpha / r from 1/4 to 8
+SEEDS = "0,1,42"
+# The claims' variants besides the selected mlae / lora. "{p}" is the p chosen on validation for the task.
+CLAIM_VARIANTS = ("mlae-p0=mlae[dropout=0],lora-dropout,mlae-frozen-c=mlae[dropout={p},adaptive=false],"
+                  "fixed-incremental=mlae[masking=fixed,pattern=incremental],"
+                  "fixed-protruding=mlae[masking=fixed,pattern=protruding],"
+                  "mixed-hourglass=mlae[dropout={p},masking=mixed,pattern=hourglass],"
+                  "mlae-4x2=mlae[dropout={p},experts=4,expert_rank=2],"
+                  "mlae-2x4=mlae[dropout={p},experts=2,expert_rank=4],dmlora")
+
+
+def _cpu_name() -> str:
+    """The CPU model (timings in ``seconds`` are only comparable between rows of one CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+CPU = _cpu_name()
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One line per finished run, appended (and flushed) at once: a killed study loses no finished run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.csv = Path(args.csv)
+        self.datasets = expand_specs(args.datasets)
+        self.seeds = [int(s) for s in args.seeds.split(",")]
+        self.base = {"epochs": args.epochs, "lr": args.lr}
+        if args.backbone:
+            self.base["backbone"] = args.backbone
+        for key in ("img_size", "patch_size", "batch_size", "warmup_epochs"):
+            if getattr(args, key) is not None:
+                self.base[key] = getattr(args, key)
+        if args.no_pretrained:
+            self.base["pretrained"] = False
+
+    # --------------------------------------------------------------------------------------- bookkeeping
+    def key(self, run: Run) -> tuple:
+        """A run's identity: every method option (resolved, so that ``lora`` and ``lora[alpha=8]`` are one run)
+        and the study's settings."""
+        return (run.dataset, run.variant.method, _options(run), str(run.seed), run.config["split"],
+                str(self.args.epochs), f"{self.args.lr:g}", self.args.backbone or "")
+
+    def done(self) -> dict[tuple, list[dict]]:
+        """The CSV's rows by run identity."""
+        out: dict[tuple, list[dict]] = {}
+        for r in read_rows(self.csv):
+            key = (r["dataset"], r["method"], r["config"], r["seed"], r["split"], r["epochs"], r["lr"], r["backbone"])
+            out.setdefault(key, []).append(r)
+        return out
+
+    def run_of(self, label: str, dataset: str, seed: int, split: str) -> Run:
+        (v,) = parse_methods(label)
+        folder = Path(self.args.runs) / split / v.slug / dataset_slug(dataset) / f"s{seed}"
+        cfg = resolve_config(dict(self.base), dataset=dataset, method=v.method, seed=seed, split=split,
+                             out=str(folder), progress=False, **v.overrides)
+        config = {k: val for k, val in cfg.to_dict().items() if k not in ("threads", "runs_dir")}
+        return Run(v, dataset, seed, folder, config)
+
+    def execute(self, wanted: list[tuple[str, str, int, str, str, str]]) -> None:
+        """``wanted``: (label, dataset, seed, split, variant, selected_by); runs every one not yet in the CSV
+        (a run whose rows exist under another role is not trained again: its result is copied)."""
+        done = self.done()
+        todo: dict[tuple, Run] = {}
+        roles: dict[tuple, list[tuple[str, str]]] = {}
+        for label, dataset, seed, split, variant, selected_by in wanted:
+            run = self.run_of(label, dataset, seed, split)
+            key = self.key(run)
+            rows = done.get(key, [])
+            if any((r["variant"], r["selected_by"]) == (variant, selected_by) for r in rows):
+                continue
+            if rows:  # the same run under another role: record it again, no training
+                row = {**rows[0], "variant": variant, "selected_by": selected_by}
+                append_row(self.csv, row)
+                done[key].append(row)
+                continue
+            todo.setdefault(key, run)
+            if (variant, selected_by) not in roles.setdefault(key, []):
+                roles[key].append((variant, selected_by))
+
+        def on_done(run: Run) -> None:
+            r = json.loads((run.folder / RESULTS).read_text())
+            opts = run.config
+            for variant, selected_by in roles[self.key(run)]:
+                append_row(self.csv, {
+                    "dataset": run.dataset, "method": run.variant.method, "variant": variant,
+                    "config": _options(run), "seed": run.seed,
+                    "split": opts["split"], "selected_by": selected_by, "epochs": self.args.epochs,
+                    "lr": f"{self.args.lr:g}", "p": opts.get("dropout", ""), "coeff_init": opts.get("coeff_init", ""),
+                    "alpha": opts.get("alpha", ""), "train_top1": _pct(r.get("train_eval_top1")),
+                    "val_top1": _pct(r.get("val_top1")), "test_top1": _pct(r.get("test_top1")),
+                    "test_gain_last_quarter": _last_quarter_gain(run.folder / "metrics.jsonl"),
+                    "seconds": round(r["wall_time_s"], 1), "backbone": self.args.backbone or "",
+                    "cpu": CPU})
+
+        print(f"{len(todo)} run(s) to train ({len(wanted) - len(todo)} of {len(wanted)} wanted are in {self.csv})",
+              flush=True)
+        failures = execute_runs(list(todo.values()), jobs=self.args.jobs, threads=self.args.threads,
+                                on_done=on_done)
+        if failures:
+            raise SystemExit("failed runs:\n  " + "\n  ".join(failures))
+
+    # --------------------------------------------------------------------------------------- selection
+    def grid(self, family: str) -> list[str]:
+        if family == "mlae":
+            return [f"mlae[dropout={p}]" for p in self.args.p_grid.split(",")]
+        return [f"lora[alpha={a}]" for a in self.args.alpha_grid.split(",")]
+
+    def chosen(self, dataset: str, family: str, by: str) -> str | None:
+        """The grid label with the best val200 (``by="val"``) or seed-0 test (``by="test"``) top-1; ties go to
+        the first in grid order. None while some of its rows are missing."""
+        rows = {(r["variant"], r["selected_by"]): r for r in read_rows(self.csv) if r["dataset"] == dataset
+                and r["epochs"] == str(self.args.epochs) and r["lr"] == f"{self.args.lr:g}"
+                and r["backbone"] == (self.args.backbone or "")}
+        scores = []
+        for label in self.grid(family):
+            row = rows.get((label, "trial" if by == "val" else "candidate"))
+            if row is None:
+                return None
+            scores.append((float(row["val_top1" if by == "val" else "test_top1"]), label))
+        best = max(s for s, _ in scores)
+        return next(label for s, label in scores if s == best)
+
+    # --------------------------------------------------------------------------------------- parts
+    def part_regime(self) -> None:
+        self.execute([("lora", d, 0, "test", "lora-default", "fixed") for d in self.datasets])
+
+    def part_select(self) -> None:
+        self.execute([(label, d, 0, "val", label, "trial") for d in self.datasets
+                      for family in ("mlae", "lora") for label in self.grid(family)])
+
+    def part_test(self) -> None:
+        wanted = [(label, d, 0, "test", label, "candidate") for d in self.datasets
+                  for family in ("mlae", "lora") for label in self.grid(family)]
+        self.execute(wanted)
+        wanted = []
+        for d in self.datasets:
+            for family in ("mlae", "lora"):
+                for by in ("val", "test"):
+                    label = self.chosen(d, family, by)
+                    if label is None:
+                        print(f"{d}: {family} trials or candidates missing; run the select part first",
+                              file=sys.stderr)
+                        continue
+                    wanted += [(label, d, s, "test", family, by) for s in self.seeds]
+        self.execute(wanted)
+
+    def part_claims(self) -> None:
+        wanted = []
+        for d in self.datasets:
+            label = self.chosen(d, "mlae", "val")
+            if label is None:
+                print(f"{d}: no p chosen on validation yet; run the select part first", file=sys.stderr)
+                continue
+            p = parse_methods(label)[0].overrides["dropout"]
+            for v in parse_methods(self.args.claim_variants.replace("{p}", f"{p:g}")):
+                spec = v.method + ("[" + ",".join(f"{k}={_text(x)}" for k, x in v.overrides.items()) + "]"
+                                   if v.overrides else "")
+                wanted += [(spec, d, s, "test", v.label, "fixed") for s in self.seeds]
+        self.execute(wanted)
+
+    def part_status(self) -> None:
+        rows = read_rows(self.csv)
+        mine = [r for r in rows if r["epochs"] == str(self.args.epochs) and r["lr"] == f"{self.args.lr:g}"
+                and r["backbone"] == (self.args.backbone or "")]
+        print(f"{self.csv}: {len(rows)} rows, {len(mine)} with epochs {self.args.epochs}, lr {self.args.lr:g}, "
+              f"backbone {self.args.backbone or 'embedded'}")
+        for d in self.datasets:
+            by = {}
+            for r in mine:
+                if r["dataset"] == d:
+                    by[r["selected_by"]] = by.get(r["selected_by"], 0) + 1
+            chosen = {f"{f}/{s}": self.chosen(d, f, s) for f in ("mlae", "lora") for s in ("val", "test")}
+            print(f"  {d}: {by or 'nothing yet'}; chosen: {chosen}")
+
+
+def _options(run: Run) -> str:
+    from mlae.recipes import get_method
+
+    return json.dumps({k: run.config[k] for k in get_method(run.variant.method).defaults()}, sort_keys=True)
+
+
+def _last_quarter_gain(metrics: Path) -> str:
+    """Points the evaluated split gained between the evaluation at 3/4 of training and the last one: about 0
+    once accuracy has stopped rising ("" with fewer than two evaluations)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    key = next((k for k in ("test_top1", "val_top1") if any(m.get(k) is not None for m in rows)), None)
+    evals = [(m["epoch"], m[key]) for m in rows if key and m.get(key) is not None]
+    if len(evals) < 2:
+        return ""
+    last_epoch, last = evals[-1]
+    before = [acc for epoch, acc in evals[:-1] if epoch <= 0.75 * last_epoch]
+    return f"{100 * (last - before[-1]):.2f}" if before else ""
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["regime", "select", "test", "claims", "status"])
+    ap.add_argument("--datasets", default="suite:all")
+    ap.add_argument("--seeds", default=SEEDS)
+    ap.add_argument("--epochs", type=int, required=True)
+    ap.add_argument("--lr", type=float, required=True)
+    ap.add_argument("--p-grid", default=P_GRID)
+    ap.add_argument("--alpha-grid", default=ALPHA_GRID)
+    ap.add_argument("--claim-variants", default=CLAIM_VARIANTS, help="compare-style variants of the claims part; "
+                    "{p} stands for the p chosen on validation")
+    ap.add_argument("--backbone", default=None, help="as `mlae train --backbone` (default: the embedded ViT)")
+    ap.add_argument("--no-pretrained", action="store_true", help="(tests) random initial weights")
+    ap.add_argument("--img-size", type=int)
+    ap.add_argument("--patch-size", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--warmup-epochs", type=int)
+    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: one per free core)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1 per job)")
+    ap.add_argument("--runs", default=os.environ.get("MLAE_REGIME_RUNS", "runs/paper_regime"),
+                    help="run folders (not committed)")
+    ap.add_argument("--csv", default=str(CSV), help="the committed table of results")
+    args = ap.parse_args(argv)
+    study = Study(args)
+    getattr(study, f"part_{args.part}")()
+
+
+if __name__ == "__main__":
+    main()
