@@ -290,8 +290,10 @@ def test_vtab_list_with_byte_order_mark_and_class_names(tmp_path):
         load_task("vtab:svhn", data_root=tmp_path)
 
 
-def test_fgvc_class_names_come_from_per_class_image_folders(tmp_path):
+def test_fgvc_class_names_from_image_folders_and_byte_order_mark(tmp_path):
     make_fgvc_folder(tmp_path, "StanfordDogs", n_train=120, n_val=1, n_test=2, size=8, num_classes=120)
+    listing = tmp_path / "StanfordDogs" / "train.json"
+    listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes())  # a byte-order mark is not json syntax
     task = load_task("fgvc:StanfordDogs", data_root=tmp_path, image_size=8)
     assert task.classes[:2] == ["000.class", "001.class"] and len(task.classes) == 120
     # names for some classes only would shift the others: none then
