@@ -165,15 +165,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def backbone_fingerprint(model: nn.Module) -> str | None:
-    """SHA-256 of the frozen backbone: every state_dict tensor except the adapters' own and the head's, under
-    the plain model's names (``x.base.weight`` counts as ``x.weight``), so a plain backbone and the same
-    backbone with adapters applied agree. ``None`` when a layer was merged without keeping its original."""
+    """SHA-256 of the frozen backbone: every parameter except the adapters' own and the head's, under the
+    plain model's names (``x.base.weight`` counts as ``x.weight``), so a plain backbone and the same backbone
+    with adapters applied agree. Buffers are left out: running statistics (BatchNorm) move in training even
+    when frozen. ``None`` when a layer was merged without keeping its original."""
     layers = dict(adapter_layers(model))
     if any(layer.merged and layer._original_weight is None for layer in layers.values()):
         return None
     skip = [n + "." for n in getattr(model, HEADS_ATTR, None) or head_module_names(model)]
     h = hashlib.sha256()
-    for key, value in model.state_dict().items():
+    for key, value in model.named_parameters():
         owner, _, rest = key.rpartition(".base.")
         if owner in layers:
             if layers[owner].merged and rest == "weight":
