@@ -2,6 +2,7 @@
 then method-specific checks. A new method joins the matrix by adding a case to CASES."""
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -395,3 +396,69 @@ def test_set_progress_validates_and_aux_losses_empty_for_lora_mlae():
         mlae.set_progress(model, 1.5)
     model(x)
     assert mlae.aux_losses(model) == {}
+
+
+def make_torchvision_vit(seed: int = 0) -> nn.Module:
+    """torchvision's ViT at toy size (vit_b_16's layout: nn.MultiheadAttention, head at `heads.head`)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(seed)
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64, num_classes=5)
+
+
+def test_torchvision_vit_head_is_found_and_trained():
+    model = mlae.apply(make_torchvision_vit(), mlae.LoRAConfig(rank=2, target_modules=["mlp.0"]))
+    assert model.mlae_modules_to_save == ["heads"]
+    assert model.heads.head.weight.requires_grad
+    assert mlae.count_parameters(model)["head"] == 32 * 5 + 5
+
+
+def test_warns_when_no_head_is_trainable():
+    with pytest.warns(UserWarning, match="no classifier head of Sequential is trainable.*modules_to_save"):
+        mlae.apply(make_mlp(), mlae.LoRAConfig(rank=2, target_modules=["0"]))
+    with pytest.warns(UserWarning, match="no classifier head"):
+        mlae.freeze_backbone(make_mlp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # train_head=False says there is nothing to train besides the adapters
+        mlae.apply(make_mlp(), mlae.LoRAConfig(rank=2, target_modules=["0"], train_head=False))
+
+
+def test_multihead_attention_out_proj_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"encoder_layer_0\.self_attention\.out_proj \(and 1 more\).*"
+                                         "MultiheadAttention.*never run"):
+        mlae.apply(make_torchvision_vit(), mlae.LoRAConfig(rank=2, target_modules=["out_proj"]))
+
+
+@pytest.mark.parametrize("case", ["lora", "mlae-stochastic", "dmlora"])
+def test_merge_and_unload_gives_the_plain_model(case):
+    model, x = build(case)
+    with torch.no_grad():
+        expected = model(x)
+    plain = mlae.merge_and_unload(model)
+    assert not list(mlae.adapter_layers(plain)) and not hasattr(plain, "mlae_config")
+    fresh = make_tiny_vit(depth=3)
+    assert list(plain.state_dict()) == list(fresh.state_dict())
+    fresh.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_refuses_input_dependent_adapters():
+    model, _ = build("mole-layer")
+    with pytest.raises(TypeError, match="cannot be merged"):
+        mlae.merge_and_unload(model)
+    assert list(mlae.adapter_layers(model))  # nothing was unloaded
+
+
+def test_loading_onto_other_backbone_weights_is_noticed(tmp_path):
+    model, x = build("lora")
+    path = mlae.save_adapter(model, tmp_path / "a.safetensors")
+    # the fingerprint ignores adapters and head: the plain backbone it was applied to has the same one
+    assert mlae.backbone_fingerprint(make_tiny_vit(depth=3)) == mlae.backbone_fingerprint(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlae.load_adapter(make_tiny_vit(depth=3), path)
+    with pytest.warns(UserWarning, match="other backbone weights"):
+        mlae.load_adapter(make_tiny_vit(depth=3, seed=1), path)
+    with pytest.raises(ValueError, match="other backbone weights.*replaced"):
+        mlae.load_adapter(make_tiny_vit(depth=3, seed=1), path, check_backbone="error")

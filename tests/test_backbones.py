@@ -1,14 +1,16 @@
 """Backbone loading: embedded ViT, local checkpoints (.safetensors / .pth / Google .npz), clear errors."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from mlae.backbones import (EMBEDDED, BackboneError, backbone_input_size, create_backbone, embedded_card,
-                            load_checkpoint)
+from mlae.backbones import (EMBEDDED, WEIGHTS_FILE, BackboneError, backbone_input_size, create_backbone,
+                            embedded_card, load_checkpoint)
 
 # A tiny timm ViT so the tests run in seconds; `arch` + timm kwargs rebuild it for loading.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -202,3 +204,32 @@ def test_timm_name_without_network_gives_helpful_error(monkeypatch):
 def test_timm_name_random_init_and_input_size():
     model = create_backbone("vit_tiny_patch16_224", num_classes=3, pretrained=False, img_size=64)
     assert backbone_input_size(model) == 64 and model.head.out_features == 3
+
+
+def test_unreachable_hub_fails_in_seconds_and_suggests_offline_mode(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network, as offline
+    start = time.monotonic()
+    with pytest.raises(BackboneError, match=r"cannot reach the Hugging Face hub \(127\.0\.0\.1:9.*HF_HUB_OFFLINE=1"):
+        create_backbone("vit_tiny_patch16_224.augreg_in21k", num_classes=3)
+    assert time.monotonic() - start < 10
+
+
+def test_pretrain_output_folder_is_a_backbone_with_its_card(tmp_path):
+    from mlae.cli import main
+
+    assert main(["pretrain", "--classes", "3", "--per-class", "4", "--eval-per-class", "1", "--epochs", "1",
+                 "--steps", "1", "--batch-size", "4", "--depth", "1", "--dim", "32", "--heads", "2",
+                 "--img-size", "16", "--patch-size", "8", "--out", str(tmp_path / "bb"), "--quiet"]) == 0
+    for name in (tmp_path / "bb", tmp_path / "bb" / WEIGHTS_FILE):
+        model = create_backbone(name, num_classes=5)
+        assert (len(model.blocks), model.embed_dim, backbone_input_size(model)) == (1, 32, 16)
+        assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5) and model.head.out_features == 5
+    weights = load_file(str(tmp_path / "bb" / WEIGHTS_FILE))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"].float())
+    with pytest.raises(BackboneError, match="fixed architecture of its card"):
+        create_backbone(tmp_path / "bb", num_classes=5, img_size=32)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BackboneError, match="folder without embedded_vit.json"):
+        create_backbone(tmp_path / "plain", num_classes=5)

@@ -247,6 +247,68 @@ def test_folder_errors(tmp_path):
         load_task(f"folder:{tmp_path / 'empty'}")
 
 
+def _break_images(folder, n):
+    """Overwrite the first `n` images (sorted) under `folder` with bytes no decoder reads; returns their paths."""
+    bad = sorted(p for p in folder.rglob("*") if p.is_file())[:n]
+    for p in bad:
+        p.write_bytes(b"not an image")
+    return bad
+
+
+def test_folder_names_every_bad_image_in_one_error_and_can_skip_them(tmp_path):
+    make_image_folder(tmp_path / "f", per_class=4)
+    bad = _break_images(tmp_path / "f" / "cat", 2) + _break_images(tmp_path / "f" / "fox", 1)
+    with pytest.raises(DatasetError, match=r"3 of 12 images cannot be read.*--skip-bad-images") as err:
+        load_task(f"folder:{tmp_path / 'f'}", holdout=0.25)
+    assert all(str(p) in str(err.value) for p in bad)
+    with pytest.warns(RuntimeWarning, match="skipped 3 unreadable"):
+        task = load_task(f"folder:{tmp_path / 'f'}", holdout=0.25, skip_bad=True)
+    assert sorted(task.skipped) == sorted(map(str, bad)) and len(task.train) + len(task.eval) == 9
+    with pytest.raises(DatasetError, match="'folder:' datasets only"):
+        load_task("vtab:cifar", data_root=tmp_path, skip_bad=True)
+
+
+def test_folder_ignores_appledouble_files_and_warns_about_empty_classes(tmp_path):
+    make_image_folder(tmp_path / "f", per_class=3)
+    (tmp_path / "f" / "cat" / "._00000.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (tmp_path / "f" / "wolf").mkdir()
+    with pytest.warns(UserWarning, match=r"class folder\(s\) \['wolf'\] hold no images"):
+        task = load_task(f"folder:{tmp_path / 'f'}", holdout=0.34)
+    assert task.classes == ["cat", "dog", "fox", "wolf"] and len(task.train) + len(task.eval) == 9
+
+
+def test_vtab_list_with_byte_order_mark_and_class_names(tmp_path):
+    make_vtab_folder(tmp_path, "svhn", n_train=8, n_test=4, num_classes=4)
+    for listing in (tmp_path / "svhn").glob("*.txt"):
+        listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes())  # as Windows Notepad saves UTF-8
+    task = load_task("vtab:svhn", data_root=tmp_path)
+    assert len(task.train) == 10 and task.classes is None
+    (tmp_path / "svhn" / "classes.txt").write_text("\n".join(f"digit {k}" for k in range(10)) + "\n")
+    assert load_task("vtab:svhn", data_root=tmp_path).classes[3] == "digit 3"
+    (tmp_path / "svhn" / "classes.txt").write_text("zero\none\n")
+    with pytest.raises(DatasetError, match=r"classes\.txt: 2 class names for 10 classes"):
+        load_task("vtab:svhn", data_root=tmp_path)
+
+
+def test_fgvc_class_names_from_image_folders_and_byte_order_mark(tmp_path):
+    make_fgvc_folder(tmp_path, "StanfordDogs", n_train=120, n_val=1, n_test=2, size=8, num_classes=120)
+    listing = tmp_path / "StanfordDogs" / "train.json"
+    listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes())  # a byte-order mark is not json syntax
+    task = load_task("fgvc:StanfordDogs", data_root=tmp_path, image_size=8)
+    assert task.classes[:2] == ["000.class", "001.class"] and len(task.classes) == 120
+    # names for some classes only would shift the others: none then
+    make_fgvc_folder(tmp_path, "CUB", n_train=4, n_val=1, n_test=2, size=8)
+    assert load_task("fgvc:CUB", data_root=tmp_path, image_size=8).classes is None  # 4 of 200 classes seen
+
+
+@pytest.mark.parametrize("name", list(SUITE_TASKS))
+def test_suite_tasks_name_their_classes(name):
+    task = load_task(f"suite:{name}", split="val")
+    assert len(task.classes) == task.num_classes == len(set(task.classes))
+    assert {"digits": "3", "clevr_count": "6 objects", "smallnorb_azi": "azimuth 60 deg"}.get(name, task.classes[3]) \
+        == task.classes[3]
+
+
 # --------------------------------------------------------------------------------------------- decoding
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr", "I", "I;16", "F"])

@@ -8,6 +8,8 @@
   works offline. ``pretrained=False`` gives the same architecture randomly initialised.
 * a timm model name, e.g. ``vit_base_patch16_224.orig_in21k`` (the paper's ViT-B/16 ImageNet-21k) — weights
   come from the Hugging Face hub through timm, which needs network access.
+* a folder written by ``mlae pretrain --out DIR`` (``embedded_vit.safetensors`` + ``embedded_vit.json``), or
+  that weights file itself: the architecture and input statistics come from the card in the folder.
 * a local file — Google's ``.npz`` ViT checkpoints (``ViT-B_16.npz`` as VPT/NOAH/SPT load it),
   ``.safetensors``, or ``.pth``/``.pt``/``.bin`` (read with ``torch.load(weights_only=True)``: never
   unpickles arbitrary objects). ``arch`` names the timm architecture the file fits (default
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ __all__ = [
     "create_backbone",
     "backbone_input_size",
     "embedded_card",
+    "card_folder",
     "build_embedded",
     "load_checkpoint",
     "DEFAULT_ARCH",
@@ -52,6 +56,9 @@ EMBEDDED_ARCH: dict[str, Any] = {
     "depth": 4,
     "num_heads": 3,
 }
+# Seconds to wait for the Hugging Face hub before calling the machine offline (huggingface_hub's own retries
+# took 47 s to give up).
+HUB_PROBE_TIMEOUT = 3.0
 EMBEDDED_MEAN = (0.5, 0.5, 0.5)
 EMBEDDED_STD = (0.5, 0.5, 0.5)
 
@@ -65,9 +72,19 @@ def _weights_dir() -> Path:
     return Path(str(resources.files("mlae") / "weights"))
 
 
-def embedded_card() -> dict[str, Any]:
-    """The JSON card shipped with the embedded weights (architecture, recipe, evaluation); ``{}`` if absent."""
-    path = _weights_dir() / CARD_FILE
+def card_folder(name: str | os.PathLike | None) -> Path | None:
+    """The folder of a backbone given as ``mlae pretrain`` output (the folder or its weights file), else None."""
+    if name is None or str(name) == EMBEDDED:
+        return None
+    path = Path(name).expanduser()
+    folder = path if path.is_dir() else path.parent if path.name == WEIGHTS_FILE else None
+    return folder if folder is not None and (folder / CARD_FILE).is_file() else None
+
+
+def embedded_card(folder: Path | None = None) -> dict[str, Any]:
+    """The JSON card of the embedded weights (architecture, recipe, evaluation) shipped with mlae, or the one in
+    ``folder`` (``mlae pretrain`` output); ``{}`` if absent."""
+    path = (folder or _weights_dir()) / CARD_FILE
     if not path.is_file():
         return {}
     with open(path) as f:
@@ -91,16 +108,18 @@ def build_embedded(arch: dict[str, Any] | None = None, *, num_classes: int, drop
     return model
 
 
-def _create_embedded(num_classes: int, pretrained: bool, drop_path_rate: float) -> nn.Module:
-    card = embedded_card()
+def _create_embedded(num_classes: int, pretrained: bool, drop_path_rate: float,
+                     folder: Path | None = None) -> nn.Module:
+    card = embedded_card(folder)
     inputs = card.get("input", {})
     model = build_embedded(card.get("arch"), num_classes=num_classes, drop_path_rate=drop_path_rate,
                            mean=inputs.get("mean", EMBEDDED_MEAN), std=inputs.get("std", EMBEDDED_STD))
     if pretrained:
-        path = _weights_dir() / WEIGHTS_FILE
+        path = (folder or _weights_dir()) / WEIGHTS_FILE
         if not path.is_file():
-            raise BackboneError(f"the embedded backbone's weights are missing ({path}); reinstall mlae or "
-                                "recreate them with `mlae pretrain --out src/mlae/weights`")
+            raise BackboneError(f"the backbone weights are missing ({path}); reinstall mlae or recreate them "
+                                f"with `mlae pretrain --out {path.parent}`" if folder is None else
+                                f"the backbone folder {folder} has a card but no weights ({path})")
         _load_into(model, _read_safetensors(path), str(path))
     return model
 
@@ -110,11 +129,14 @@ def create_backbone(name: str | os.PathLike | None = None, *, num_classes: int, 
                     drop_path_rate: float = 0.1, img_size: int | None = None, patch_size: int | None = None,
                     arch: str | None = None) -> nn.Module:
     """Build a ViT backbone with a fresh ``num_classes`` head (see the module docstring for ``name``)."""
-    if name is None or str(name) == EMBEDDED:
-        if img_size not in (None, 32) or patch_size not in (None, 4) or arch is not None:
-            raise BackboneError("the embedded backbone has a fixed architecture (32×32, patch 4); "
+    folder = card_folder(name)
+    if name is None or str(name) == EMBEDDED or folder is not None:
+        size = embedded_card(folder).get("arch", EMBEDDED_ARCH)
+        if img_size not in (None, size["img_size"]) or patch_size not in (None, size["patch_size"]) or arch:
+            raise BackboneError(f"{folder or 'the embedded backbone'} has the fixed architecture of its card "
+                                f"({size['img_size']}×{size['img_size']}, patch {size['patch_size']}); "
                                 "img_size/patch_size/arch apply to timm names and checkpoint files")
-        return _create_embedded(num_classes, pretrained, drop_path_rate)
+        return _create_embedded(num_classes, pretrained, drop_path_rate, folder)
     name = str(name)
     extra: dict[str, Any] = {}
     if img_size is not None:
@@ -152,6 +174,8 @@ def _timm_model(name: str, pretrained: bool, num_classes: int, drop_path_rate: f
                 extra: dict[str, Any]) -> nn.Module:
     import timm
 
+    if pretrained and (timm.is_model(name) or name.startswith("hf-hub:")):  # a misspelt name: say that instead
+        _check_hub_reachable(name)
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
                                  drop_path_rate=drop_path_rate, **extra)
@@ -168,6 +192,25 @@ def _timm_model(name: str, pretrained: bool, num_classes: int, drop_path_rate: f
         raise
 
 
+def _check_hub_reachable(name: str) -> None:
+    """Fail in seconds when the hub cannot be reached, instead of after huggingface_hub's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return  # timm then reads the local Hugging Face cache only, and fails at once if it is not there
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # behind a proxy a direct connection proves nothing
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as err:
+        raise BackboneError(
+            f"cannot reach the Hugging Face hub ({url.hostname}:{port}: {err}) to download {name!r}. Offline, set "
+            "HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache, pass a local checkpoint (e.g. "
+            "`--backbone /path/to/ViT-B_16.npz`), or use the embedded backbone (`--backbone embedded`)") from None
+
+
 def _download_error(name: str, err: BaseException) -> BackboneError:
     return BackboneError(
         f"could not download the pretrained weights of {name!r} ({type(err).__name__}: {err}). This needs "
@@ -180,6 +223,9 @@ def _download_error(name: str, err: BaseException) -> BackboneError:
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a local checkpoint into ``model`` (head excluded); raise BackboneError if it does not fit."""
     path = Path(path)
+    if path.is_dir():
+        raise BackboneError(f"{path} is a folder without {CARD_FILE}: pass a checkpoint file, or a folder written "
+                            "by `mlae pretrain --out`")
     if not path.is_file():
         raise BackboneError(f"checkpoint file not found: {path}")
     suffix = path.suffix.lower()

@@ -12,7 +12,7 @@ import sys
 # module name -> subcommands it registers (the module is imported only when present, so that partial
 # installs, e.g. without the training extras, still give a helpful --help).
 COMMAND_MODULES = [
-    "mlae.commands.train",     # train, eval, export
+    "mlae.commands.train",     # train, eval, predict, export
     "mlae.pretrain",           # pretrain
     "mlae.commands.sweep",     # sweep
     "mlae.commands.compare",   # compare

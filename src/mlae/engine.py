@@ -2,8 +2,8 @@
 
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
 ``checkpoint.safetensors`` (while training), the trained weights (``adapter.safetensors``, or
-``model.safetensors`` for full fine-tuning), ``results.json`` (written last: its presence marks a finished run)
-and ``curves.png``.
+``model.safetensors`` for full fine-tuning), ``results.json`` (written last: its presence marks a finished run),
+``curves.png`` (when matplotlib is installed) and ``tensorboard/`` (``--tensorboard``).
 
 Determinism: the data order and augmentation of epoch ``e`` are drawn from generators seeded by ``(seed, e)``,
 and the global RNG states (dropout, drop-path, expert masks) are checkpointed at epoch boundaries, so a run
@@ -70,6 +70,7 @@ class TrainConfig:
     # data
     data_root: str | None = None
     split: str = "test"              # "test": train on train+val, report test; "val": hold out a validation split
+    skip_bad_images: bool = False    # folder datasets: train without unreadable images (listed in results.json)
     # optimisation
     epochs: int = 8
     warmup_epochs: int = 1
@@ -89,6 +90,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     eval_every: int = 0              # epochs between evaluations; 0 = auto: about 4 points, the last epoch always
     progress: bool = True
+    tensorboard: bool = False        # also log to <out>/tensorboard (metrics.jsonl stays the record)
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -124,7 +126,7 @@ class TrainConfig:
         """Flat mapping (method options at top level), as written to ``config.yaml``."""
         d = dataclasses.asdict(self)
         d.pop("method_options")
-        for transient in ("resume", "overwrite", "progress"):
+        for transient in ("resume", "overwrite", "progress", "tensorboard"):
             d.pop(transient)
         d.update(self.options())
         return d
@@ -323,9 +325,9 @@ def backbone_stats(backbone: str | None, model: nn.Module) -> tuple[tuple, tuple
     """Input statistics to feed ``backbone`` with. The embedded ViT was pretrained by us on [-1, 1] inputs and
     says so in its card; timm models and checkpoint files follow the field's protocol (ImageNet mean/std for
     VTAB-1k and FGVC, DESIGN.md §2) whatever their pretraining used."""
-    from .backbones import EMBEDDED
+    from .backbones import EMBEDDED, card_folder
 
-    if backbone not in (None, EMBEDDED):
+    if backbone not in (None, EMBEDDED) and card_folder(backbone) is None:  # `mlae pretrain` output has a card
         return None, None
     card = getattr(model, "pretrained_cfg", None) or {}
     if "mean" not in card or "std" not in card:
@@ -379,7 +381,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     seed_everything(cfg.seed)
     image_size = cfg.img_size or _input_size(build_backbone(cfg.backbone, 1, cfg.seed, **{**kwargs,
                                                                                            "pretrained": False}))
-    task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed)
+    task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed,
+                     skip_bad=cfg.skip_bad_images)
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
     inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model))
     model = method.prepare(model, options).to(device)
@@ -431,6 +434,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     net = wrap(model)
 
     bar = _progress_bar(cfg, dist_info, total_steps, (first_epoch - 1) * steps_per_epoch)
+    board = _open_tensorboard(out, first_epoch) if cfg.tensorboard and dist_info.is_main else None
     model.train()
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
@@ -508,11 +512,15 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
                     f.write(json.dumps(m) + "\n")
                 if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
                     save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng)
+            if board is not None:
+                _log_tensorboard(board, m, model)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, m)
     finally:
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
 
     # How far the adapter fits its training images, measured as the test split is (eval mode: no masks, no
     # augmentation). The running train_top1 of the last epoch is taken under masking and drop-path, which
@@ -542,6 +550,35 @@ def _progress_bar(cfg: TrainConfig, dist_info: DistInfo, total: int, initial: in
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
 
 
+def _open_tensorboard(out: Path, first_epoch: int):
+    """A SummaryWriter on ``<out>/tensorboard``, or None (with a note) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("mlae: warning: --tensorboard needs the tensorboard package (pip install 'mlae[tensorboard]'); "
+              "training without it (metrics.jsonl has every number)", file=sys.stderr)
+        return None
+    # purge_step: events a killed run logged after its last checkpoint are dropped, so resumed curves do not
+    # double back over the epochs that are trained again.
+    return SummaryWriter(str(out / "tensorboard"), purge_step=first_epoch)
+
+
+def _log_tensorboard(writer, m: dict, model: nn.Module) -> None:
+    """One epoch's metrics.jsonl line as scalars, plus the distribution of MLAE's expert coefficients."""
+    from .adapters.mlae import MLAELinear
+
+    for key, value in m.items():
+        if key != "epoch" and value is not None:
+            writer.add_scalar(key, value, m["epoch"])
+    coeffs = [layer.coeff.detach().float().cpu() for layer in model.modules() if isinstance(layer, MLAELinear)]
+    if coeffs:
+        c = torch.cat(coeffs)
+        for name, value in (("mean", c.mean()), ("std", c.std(correction=0)), ("min", c.min()), ("max", c.max())):
+            writer.add_scalar(f"coeff/{name}", float(value), m["epoch"])
+        writer.add_histogram("coeff", c, m["epoch"])
+    writer.flush()
+
+
 def _write_config(path: Path, cfg: TrainConfig, out: Path) -> None:
     import yaml
 
@@ -566,7 +603,8 @@ def _results(cfg, task, metrics, counts, precision, device, dist_info, out, star
         "train_images_per_s": sum(m["images_per_s"] for m in metrics) / len(metrics),
         "wall_time_s": time.time() - start_time,
         "precision": precision, "device": str(device), "world_size": dist_info.world_size,
-        "out": str(out),
+        "out": str(out), "classes": task.classes,
+        **({"skipped_images": task.skipped} if task.skipped else {}),
     })
     return results
 
@@ -578,12 +616,24 @@ def _summary(r: dict) -> str:
             f"{r['train_images_per_s']:.0f} img/s | {r['out']}")
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def weights_metadata(cfg: TrainConfig, task, inputs: Inputs) -> dict[str, Any]:
-    """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it."""
-    return {"backbone": cfg.backbone or "embedded", "backbone_kwargs": backbone_kwargs(cfg),
+    """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
+    are made absolute, so that the file works from any folder."""
+    from .backbones import EMBEDDED, _looks_like_path
+
+    backbone = cfg.backbone or EMBEDDED
+    prefix, _, rest = cfg.dataset.partition(":")
+    return {"backbone": _absolute(backbone) if backbone != EMBEDDED and _looks_like_path(backbone) else backbone,
+            "backbone_kwargs": backbone_kwargs(cfg),
             "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
-            "input_mean": inputs.mean, "input_std": inputs.std,
-            "dataset": task.name, "dataset_spec": cfg.dataset, "data_root": cfg.data_root, "method": cfg.method}
+            "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,
+            "dataset": task.name, "dataset_spec": f"folder:{_absolute(rest)}" if prefix == "folder" else cfg.dataset,
+            "data_root": _absolute(cfg.data_root), "method": cfg.method, "classes": task.classes,
+            "skip_bad_images": cfg.skip_bad_images}
 
 
 def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any]) -> None:
@@ -597,7 +647,12 @@ def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, An
 
 
 def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # plots are a convenience; results.json and metrics.jsonl are the record
+        print(f"note: matplotlib is not installed; no {path.name} (pip install matplotlib to get it)",
+              file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -655,19 +710,21 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if _read_header(path).get("format") == MODEL_FORMAT:
         model.load_state_dict(load_file(str(path)))
     else:
-        model = mlae.load_adapter(model, path)
+        # a replaced backbone checkpoint would give a meaningless accuracy: refuse it
+        model = mlae.load_adapter(model, path, check_backbone="error")
     return model.eval(), meta
 
 
 def timm_spec(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(model name, kwargs) such that ``timm.create_model(name, **kwargs)`` builds the architecture of a run's
     backbone, head included."""
-    from .backbones import DEFAULT_ARCH, EMBEDDED, EMBEDDED_ARCH, embedded_card
+    from .backbones import DEFAULT_ARCH, EMBEDDED, EMBEDDED_ARCH, card_folder, embedded_card
 
     kwargs = {k: v for k, v in meta["backbone_kwargs"].items() if k in ("img_size", "patch_size")}
     name = meta["backbone"]
-    if name == EMBEDDED:
-        kwargs = dict(embedded_card().get("arch") or EMBEDDED_ARCH)
+    folder = card_folder(name)
+    if name == EMBEDDED or folder is not None:
+        kwargs = dict(embedded_card(folder).get("arch") or EMBEDDED_ARCH)
         name = kwargs.pop("model_name")
     elif meta["backbone_kwargs"].get("arch") or Path(name).suffix:
         name = meta["backbone_kwargs"].get("arch") or DEFAULT_ARCH  # a checkpoint file of that architecture

@@ -1,7 +1,9 @@
 """Put adapters into any ``nn.Module`` by module-name patterns; freeze; merge; count parameters."""
 from __future__ import annotations
 
+import hashlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -9,11 +11,14 @@ from torch import nn
 
 from .adapters.base import AdapterConfig, AdapterLayer
 
-__all__ = ["apply", "merge", "unmerge", "adapter_layers", "freeze_backbone", "head_module_names",
-           "count_parameters", "set_progress", "aux_losses"]
+__all__ = ["apply", "merge", "unmerge", "merge_and_unload", "adapter_layers", "freeze_backbone",
+           "head_module_names", "count_parameters", "set_progress", "aux_losses", "backbone_fingerprint"]
 
 CONFIG_ATTR = "mlae_config"          # the applied AdapterConfig, kept on the model
 HEADS_ATTR = "mlae_modules_to_save"  # names of fully trained modules (the head)
+# What classifier heads are called outside timm: torchvision (ViT `heads.head`, ResNet `fc`, Swin `head`,
+# ConvNeXt/EfficientNet `classifier`), Hugging Face (`classifier`, `score`).
+HEAD_NAMES = ("head", "heads", "classifier", "fc", "score")
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -39,7 +44,23 @@ def head_module_names(model: nn.Module, modules_to_save: list[str] | None = None
             if m is head and n and any(True for _ in m.parameters()):
                 return [n]
         return []  # e.g. num_classes=0: nothing to train besides the adapters
-    return [n for n in ("head", "classifier", "fc") if n in names]
+    # The shallowest modules with a head's name, at most one level down: torchvision's ViT has `heads`
+    # (a Sequential holding `heads.head`); deeper matches (an `fc` inside a block) are not heads.
+    found = [n for n, m in names.items() if n and n.count(".") <= 1 and n.rpartition(".")[2] in HEAD_NAMES
+             and any(True for _ in m.parameters())]
+    depth = min((n.count(".") for n in found), default=0)
+    return [n for n in found if n.count(".") == depth]
+
+
+def _warn_if_no_head(model: nn.Module, heads: list[str], train_head: bool) -> None:
+    """A new task's head left frozen (or missing) trains nothing useful: say so instead of a random head."""
+    if not train_head:
+        return
+    modules = dict(model.named_modules())
+    if not any(p.requires_grad for n in heads for p in modules[n].parameters()):
+        warnings.warn(f"no classifier head of {type(model).__name__} is trainable (looked for get_classifier() "
+                      f"and modules named {'/'.join(HEAD_NAMES)}): name it with modules_to_save=[...], or pass "
+                      "train_head=False if there is none", UserWarning, stacklevel=3)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -59,8 +80,17 @@ def freeze_backbone(model: nn.Module, train_head: bool = True, modules_to_save: 
     model.requires_grad_(False)
     heads = head_module_names(model, modules_to_save)
     _set_trainable_heads(model, heads, train_head)
+    _warn_if_no_head(model, heads, train_head)
     setattr(model, HEADS_ATTR, heads)
     return model
+
+
+def _unsupported_targets(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> list[str]:
+    """Targets whose parent reads their weight directly instead of calling them: an adapter there never runs.
+    nn.MultiheadAttention passes ``out_proj.weight`` to F.multi_head_attention_forward (torchvision's ViT)."""
+    owners = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+              if isinstance(m, nn.MultiheadAttention)}
+    return [n for n, _ in targets if n in owners]
 
 
 def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -76,6 +106,12 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
         examples = ", ".join(n for n, _ in linear[:6]) or "none"
         raise ValueError(f"no nn.Linear of {type(model).__name__} matches target_modules {config.target_modules}; "
                          f"Linear modules in this model include: {examples}")
+    bad = _unsupported_targets(model, targets)
+    if bad:
+        raise ValueError(f"cannot adapt {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") +
+                         ": it is the out_proj of an nn.MultiheadAttention, whose forward reads out_proj.weight "
+                         "directly, so an adapter there would never run; target other Linear layers (e.g. the "
+                         "MLP's) or narrow target_modules")
     heads = head_module_names(model, config.modules_to_save) if config.train_head or config.modules_to_save else []
     if any(n in heads for n, _ in targets):
         raise ValueError(f"target_modules {config.target_modules} also match the head {heads}; "
@@ -90,6 +126,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
     _set_trainable_heads(model, heads, config.train_head)
+    _warn_if_no_head(model, heads, config.train_head)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, HEADS_ATTR, heads)
     return model
@@ -110,6 +147,45 @@ def unmerge(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.unmerge()
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put each merged base ``nn.Linear`` back where its adapter layer was (PEFT's
+    name): the result is the plain model, with the backbone's own state_dict keys and no trace of mlae.
+    In place; returns ``model``. Input-dependent adapters (MoLE) have no merged form and are refused."""
+    merge(model, keep_original=False)
+    for name, layer in list(adapter_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+    for attr in (CONFIG_ATTR, HEADS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def backbone_fingerprint(model: nn.Module) -> str | None:
+    """SHA-256 of the frozen backbone: every parameter except the adapters' own and the head's, under the
+    plain model's names (``x.base.weight`` counts as ``x.weight``), so a plain backbone and the same backbone
+    with adapters applied agree. Buffers are left out: running statistics (BatchNorm) move in training even
+    when frozen. ``None`` when a layer was merged without keeping its original."""
+    layers = dict(adapter_layers(model))
+    if any(layer.merged and layer._original_weight is None for layer in layers.values()):
+        return None
+    skip = [n + "." for n in getattr(model, HEADS_ATTR, None) or head_module_names(model)]
+    h = hashlib.sha256()
+    for key, value in model.named_parameters():
+        owner, _, rest = key.rpartition(".base.")
+        if owner in layers:
+            if layers[owner].merged and rest == "weight":
+                value = layers[owner]._original_weight
+            key = f"{owner}.{rest}"
+        elif any(key.startswith(p) for p in skip) or any(key.startswith(n + ".") for n in layers):
+            continue  # the head, and the adapters' own tensors
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
-from .inject import CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, freeze_backbone
+from .inject import CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, backbone_fingerprint, freeze_backbone
 from .utils import atomic_save_file
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "export_peft",
@@ -39,16 +40,19 @@ def _saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
     """Write the adapters, the trained head and the config to ``path`` (safetensors). ``metadata``: any
-    JSON-serialisable facts to keep with it (backbone name, number of classes, dataset...)."""
+    JSON-serialisable facts to keep with it (backbone name, number of classes, dataset...). A fingerprint of
+    the frozen backbone goes with it, so that loading onto other backbone weights is noticed."""
     config: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
     if config is None and not getattr(model, HEADS_ATTR, None):
         raise ValueError("the model has no adapters and no trained head to save; call mlae.apply first")
+    fingerprint = backbone_fingerprint(model)
     header = {
         "format": FORMAT,
         "config": config.to_json() if config is not None else "null",
         "adapted_modules": json.dumps([n for n, _ in adapter_layers(model)]),
         "modules_to_save": json.dumps(getattr(model, HEADS_ATTR, [])),
         "metadata": json.dumps(metadata or {}, sort_keys=True),
+        **({"backbone_sha256": fingerprint} if fingerprint else {}),
     }
     return atomic_save_file(_saved_state(model), path, header)
 
@@ -82,9 +86,13 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig | None:
     return None if d is None else config_from_dict(d)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str = "warn") -> nn.Module:
     """Apply the config saved in ``path`` to ``model`` (unless already applied) and load the weights.
-    Every tensor must fit the model; the error lists those that do not."""
+    Every tensor must fit the model; the error lists those that do not. When the model's frozen weights
+    differ from those the adapter was trained on (fingerprints differ), ``check_backbone`` says what to do:
+    ``"warn"``, ``"error"`` (ValueError) or ``"ignore"``."""
+    if check_backbone not in ("warn", "error", "ignore"):
+        raise ValueError(f"check_backbone must be warn, error or ignore, not {check_backbone!r}")
     header = _read_header(path)
     cfg_dict = json.loads(header["config"])
     saved_names, heads = json.loads(header["adapted_modules"]), json.loads(header["modules_to_save"])
@@ -119,6 +127,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if problems:
             raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:10]) +
                              ("\n  (a head shape mismatch means a different num_classes)" if heads else ""))
+        saved_fp = header.get("backbone_sha256")
+        own_fp = backbone_fingerprint(model) if saved_fp and check_backbone != "ignore" else saved_fp
+        if own_fp != saved_fp:
+            message = (f"{path} was trained on other backbone weights than this model's (fingerprint "
+                       f"{saved_fp[:12]} in the file, {(own_fp or 'none')[:12]} here): was the backbone "
+                       "checkpoint replaced or a different one passed? Its accuracy would be meaningless")
+            if check_backbone == "error":
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
         with torch.no_grad():
             for k in keys:
                 expected[k].copy_(f.get_tensor(k))

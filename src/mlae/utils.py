@@ -187,14 +187,31 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return info
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it, and setting it
+    briefly would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write a file through a uniquely named temporary file + ``os.replace``: a crash or a concurrent reader
-    never sees half a file, and a failed write leaves no temporary file behind. ``write(tmp_path: str)``."""
+    never sees half a file, and a failed write leaves no temporary file behind. ``write(tmp_path: str)``.
+    The file gets the mode a plain ``open()`` would give it (writers such as safetensors create 0600 files)."""
     path = os.fspath(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

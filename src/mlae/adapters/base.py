@@ -34,7 +34,8 @@ class AdapterConfig:
     """Keep the classifier head trainable (the adapters are useless for a new task without it)."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter. ``None``: the classifier head, found through
-    ``model.get_classifier()`` (timm) or a module named ``head``/``classifier``/``fc``."""
+    ``model.get_classifier()`` (timm) or the shallowest module named ``head``/``heads``/``classifier``/``fc``/
+    ``score`` (torchvision's ``heads``, Hugging Face's ``classifier``); a warning says when none is trainable."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -1,4 +1,4 @@
-"""`mlae train`, `mlae eval` and `mlae export`.
+"""`mlae train`, `mlae eval`, `mlae predict` and `mlae export`.
 
 Option precedence for `train`: the method's and TrainConfig's defaults < the `--config` recipe (its
 `per_dataset` entry for the dataset included) < options given on the command line. `--resume` starts from the
@@ -18,6 +18,7 @@ from ..recipes import METHODS, RecipeError, get_method, load_recipe, resolve_rec
 def register(subparsers) -> None:
     _register_train(subparsers)
     _register_eval(subparsers)
+    _register_predict(subparsers)
     _register_export(subparsers)
 
 
@@ -42,6 +43,8 @@ def _register_train(subparsers) -> None:
     g.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
     g.add_argument("--split", choices=["test", "val"], help="test: train on train+val, report test (default); "
                    "val: hold out a validation split and report it")
+    g.add_argument("--skip-bad-images", action="store_true", help="folder datasets: train without the images "
+                   "that cannot be read (listed in results.json) instead of stopping")
 
     g = p.add_argument_group("method options (each applies to the methods named in brackets)")
     seen: dict[str, list[str]] = {}
@@ -98,6 +101,8 @@ def _register_train(subparsers) -> None:
     g.add_argument("--eval-every", type=int, help="epochs between evaluations; the last epoch is always "
                    "evaluated (default 0: about four evaluations per run)")
     g.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar or summary")
+    g.add_argument("--tensorboard", action="store_true", help="also log loss, accuracy, lr and MLAE's coefficient "
+                   "statistics to <out>/tensorboard (needs the tensorboard package; metrics.jsonl stays the record)")
     p.set_defaults(func=run_train)
 
 
@@ -223,7 +228,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     prec = resolve_precision(precision, dev)
     spec = dataset or meta.get("dataset_spec") or meta["dataset"]
     task = load_task(spec, data_root=data_root if data_root is not None else meta.get("data_root"),
-                     image_size=int(meta["image_size"]), split=split, seed=int(meta.get("seed", 0)))
+                     image_size=int(meta["image_size"]), split=split, seed=int(meta.get("seed", 0)),
+                     skip_bad=bool(meta.get("skip_bad_images")) and spec.startswith("folder:"))
     if task.num_classes != int(meta["num_classes"]):
         raise ValueError(f"{path} has a {meta['num_classes']}-class head but {task.name} has {task.num_classes} "
                          "classes")
@@ -234,7 +240,61 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     key = f"{task.eval_name}_top1"
     return {"adapter": str(path), "dataset": task.name, "eval_split": task.eval_name, "images": len(task.eval),
             "top1": top1, key: top1, "method": meta.get("method"), "precision": prec,
+            "classes": task.classes or meta.get("classes"),
             **({"experts": experts} if experts is not None else {})}
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def _register_predict(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="classify image files with a trained adapter, by class name")
+    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors (or model.safetensors) "
+                   "of a run")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--top", type=int, default=1, help="classes to list per image")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--out", metavar="JSON", help="also write the predictions to this JSON file")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    try:
+        predictions = predict_files(args.adapter, args.images, top=args.top, device=args.device)
+    except Exception as err:
+        return _fail(err)
+    for item in predictions:
+        print(item["image"] + "\t" + "\t".join(f"{c['name']} {c['probability']:.3f}" for c in item["top"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(predictions, indent=2) + "\n")
+    return 0
+
+
+def predict_files(path: str, images: list[str], *, top: int = 1, device: str | None = None) -> list[dict]:
+    """Top-``top`` classes of each image, named by the class names stored with the weights (the label number
+    when the dataset had none), fed exactly as in evaluation."""
+    import torch
+
+    from ..data.base import Entry, decode_entries
+    from ..data.transforms import cache_size
+    from ..engine import EVAL_BATCH, Inputs, load_trained
+    from ..utils import resolve_device
+
+    model, meta = load_trained(path)
+    dev = resolve_device(device)
+    size, augment = int(meta["image_size"]), meta.get("augment", "none")
+    names = meta.get("classes") or [str(k) for k in range(int(meta["num_classes"]))]
+    split = decode_entries([Entry(Path(p), 0, p) for p in images], cache_size(augment, size), desc="images")
+    inputs = Inputs(augment, size, dev, meta.get("input_mean"), meta.get("input_std"))
+    model = model.to(dev)
+    with torch.inference_mode():
+        probs = torch.cat([model(inputs(split.images[i:i + EVAL_BATCH], train=False)).float().softmax(-1).cpu()
+                           for i in range(0, len(split), EVAL_BATCH)])
+    best = probs.topk(min(top, probs.shape[1]), dim=-1)
+    return [{"image": image, "top": [{"label": int(k), "name": names[int(k)], "probability": float(v)}
+                                     for v, k in zip(values, labels)]}
+            for image, values, labels in zip(images, best.values, best.indices)]
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -243,38 +303,81 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
 def _register_export(subparsers) -> None:
     p = subparsers.add_parser("export", help="fold an adapter into a plain timm checkpoint, or write a PEFT "
                               "LoRA adapter")
-    p.add_argument("--adapter", required=True, metavar="FILE")
+    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors of a run")
     p.add_argument("--format", choices=["merged", "peft"], default="merged",
-                   help="merged: safetensors state_dict of the merged model, loadable by plain timm; "
-                   "peft: a Hugging Face PEFT LoRA adapter folder")
-    p.add_argument("--out", required=True, metavar="PATH")
+                   help="merged: the merged model's state_dict, loadable by plain timm (a .safetensors file, or, "
+                   "for any other --out, a folder that timm.create_model('local-dir:FOLDER') loads with its "
+                   "input size and normalisation); peft: a Hugging Face PEFT LoRA adapter folder")
+    p.add_argument("--out", required=True, metavar="PATH", help="file or folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     try:
-        path = export_file(args.adapter, args.format, args.out)
+        path = export_file(args.adapter, args.format, args.out, overwrite=args.overwrite)
     except Exception as err:
         return _fail(err)
     print(f"wrote {path}")
     return 0
 
 
-def export_file(adapter: str, fmt: str, out: str) -> Path:
-    import mlae
-    from ..data import IMAGENET_MEAN, IMAGENET_STD
-    from ..engine import load_trained, merged_state_dict, timm_spec
-    from ..io import atomic_save_file
+def _file_sha256(path: str | Path) -> str:
+    import hashlib
 
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def timm_pretrained_cfg(meta: dict) -> dict:
+    """The inputs a merged model expects, in timm's ``pretrained_cfg`` terms (what resolve_data_config reads):
+    resized to image_size (FGVC: resized larger, then centre-cropped), [0, 1], normalised with these statistics."""
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
+    from ..data.transforms import fgvc_cache_size
+
+    size = int(meta["image_size"])
+    fgvc = meta.get("augment") == "fgvc"
+    return {"input_size": [3, size, size], "mean": list(meta.get("input_mean") or IMAGENET_MEAN),
+            "std": list(meta.get("input_std") or IMAGENET_STD), "interpolation": "bilinear" if fgvc else "bicubic",
+            "crop_pct": size / fgvc_cache_size(size) if fgvc else 1.0, "crop_mode": "center",
+            "num_classes": int(meta["num_classes"]), **({"label_names": meta["classes"]} if meta.get("classes") else {})}
+
+
+def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Path:
+    """``fmt="merged"``: a ``.safetensors`` ``out`` is one file (timm name, kwargs, pretrained_cfg and provenance in
+    its metadata); any other ``out`` is a folder in timm's ``local-dir:`` layout (``config.json`` +
+    ``model.safetensors``). ``fmt="peft"``: a PEFT adapter folder. An existing ``out`` needs ``overwrite``."""
+    import mlae
+    from ..engine import load_trained, merged_state_dict, timm_spec
+    from ..utils import atomic_save_file, atomic_write_text
+
+    target = Path(out)
+    if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
+        raise ValueError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
     model, meta = load_trained(adapter)
     if fmt == "peft":
         return mlae.export_peft(model, out)
     mlae.merge(model)
     name, kwargs = timm_spec(meta)
+    pretrained_cfg = timm_pretrained_cfg(meta)
+    provenance = {"method": meta.get("method"), "source_adapter": str(Path(adapter).resolve()),
+                  "source_sha256": _file_sha256(adapter), "backbone": meta.get("backbone"),
+                  "dataset": meta.get("dataset"), "classes": meta.get("classes")}
     header = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
-              "num_classes": str(meta["num_classes"]),
-              # inputs: resized to image_size, scaled to [0, 1], normalised with these statistics
-              "image_size": str(meta["image_size"]),
-              "input_mean": json.dumps(meta.get("input_mean") or list(IMAGENET_MEAN)),
-              "input_std": json.dumps(meta.get("input_std") or list(IMAGENET_STD))}
-    return atomic_save_file(merged_state_dict(model), out, header)
+              "num_classes": str(meta["num_classes"]), "image_size": str(meta["image_size"]),
+              "input_mean": json.dumps(pretrained_cfg["mean"]), "input_std": json.dumps(pretrained_cfg["std"]),
+              # timm.create_model(name, pretrained=True, pretrained_cfg_overlay={**this, "file": path}, **kwargs)
+              "pretrained_cfg": json.dumps(pretrained_cfg),
+              "mlae_provenance": json.dumps(provenance, sort_keys=True)}
+    if target.suffix == ".safetensors":
+        return atomic_save_file(merged_state_dict(model), target, header)
+    # timm's local-dir layout (timm.models.load_model_config_from_path reads it)
+    model_args = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    config = {"architecture": name.partition(".")[0], "num_classes": int(meta["num_classes"]),
+              "pretrained_cfg": pretrained_cfg, "model_args": model_args, "mlae_provenance": provenance}
+    atomic_save_file(merged_state_dict(model), target / "model.safetensors", header)
+    atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
+    return target

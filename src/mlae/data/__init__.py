@@ -57,23 +57,28 @@ def _root(data_root: str | Path | None, prefix: str) -> Path:
 
 
 def load_task(spec: str, *, data_root: str | Path | None = None, image_size: int = 32, split: str = "test",
-              holdout: float = 0.2, seed: int = 0, cache: bool = True) -> Task:
+              holdout: float = 0.2, seed: int = 0, cache: bool = True, skip_bad: bool = False) -> Task:
     """Load a task from a spec.
 
     split="test" trains on train+val (VTAB's train800val200) and evaluates on test, the paper protocol;
     split="val" trains on train (train800) and evaluates on val (val200), for hyperparameter search.
     `holdout` and `seed` choose the held-out images of folders without train/test sub-folders; `seed` also seeds
-    the embedded suite. `cache=False` decodes afresh and writes no cache file.
+    the embedded suite. `cache=False` decodes afresh and writes no cache file. `skip_bad` (folders only) trains
+    without the images that cannot be read, listed in `Task.skipped`, instead of stopping.
     """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     prefix, rest = _parse(spec)
+    if skip_bad and prefix != "folder":
+        raise DatasetError(f"skipping unreadable images applies to 'folder:' datasets only, not {spec!r} (a "
+                           "benchmark's splits must stay complete)")
     if rest == "all" and prefix in _FAMILIES:
         raise DatasetError(f"{spec!r} names several tasks; expand it with mlae.data.expand_specs first")
     if prefix == "suite":
         return make_suite_task(rest, image_size=image_size, split=split, seed=seed)
     if prefix == "folder":
-        return load_folder(rest, image_size=image_size, split=split, holdout=holdout, seed=seed, cache=cache)
+        return load_folder(rest, image_size=image_size, split=split, holdout=holdout, seed=seed, cache=cache,
+                           skip_bad=skip_bad)
     if prefix == "vtab":
         if rest not in VTAB_TASKS:  # before asking for data_root: a typo should be named as such
             raise DatasetError(f"unknown VTAB-1k dataset {rest!r}; known: {', '.join(VTAB_TASKS)}")

@@ -27,6 +27,8 @@ CACHE_DIR_NAME = ".mlae_cache"
 CACHE_FORMAT = "mlae-cache-1"
 # Splits at least this big get a progress bar while decoding.
 PROGRESS_MIN = 512
+# Bad images named in one error, at most (the count of the others follows).
+MAX_LISTED = 100
 # Decoded splits kept in memory (each VTAB test split at 224 px is up to ~5 GB, so keep only a few).
 MEMORY_CACHE_SIZE = 8
 
@@ -37,10 +39,12 @@ class DatasetError(ValueError):
 
 @dataclass(eq=False)
 class Split:
-    """One split of a task: `images` uint8 [N, 3, S, S] RGB, `labels` int64 [N]."""
+    """One split of a task: `images` uint8 [N, 3, S, S] RGB, `labels` int64 [N]; `skipped`: image files left
+    out because they could not be read (`skip_bad`)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    skipped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -79,6 +83,7 @@ class Task:
     augment: str = "none"
     image_size: int = 32
     classes: list[str] | None = field(default=None, repr=False)
+    skipped: list[str] = field(default_factory=list, repr=False)  # unreadable images left out (skip_bad)
 
     def __repr__(self) -> str:
         return (f"Task({self.name!r}, classes={self.num_classes}, domain={self.domain!r}, train={len(self.train)}, "
@@ -140,23 +145,27 @@ def _decode_one(entry: Entry, size: int, resample: int) -> np.ndarray:
         raise DatasetError(f"{entry.source}: cannot decode image {entry.path}: {err}") from err
 
 
-def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicubic", desc: str = "decoding") -> Split:
-    """Decode and resize every entry to `size`×`size` RGB with a thread pool (PIL releases the GIL)."""
+def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicubic", desc: str = "decoding",
+                   skip_bad: bool = False) -> Split:
+    """Decode and resize every entry to `size`×`size` RGB with a thread pool (PIL releases the GIL).
+
+    Every missing or undecodable image is named in one error (not one per run); `skip_bad` leaves them out
+    instead, listed in the returned split's `skipped` and in a warning."""
     from PIL import Image
 
     if not entries:
         raise DatasetError(f"{desc}: no images")
-    missing = [e for e in entries if not e.path.is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DatasetError(f"{missing[0].source}: image not found: {missing[0].path}{more}")
     mode = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[resample]
     images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
+    bad: dict[int, str] = {}
     bar = _progress(len(entries), desc)
     workers = max(1, min(8, os.cpu_count() or 1))
 
     def work(i: int) -> None:
-        images[i] = _decode_one(entries[i], size, mode)
+        try:
+            images[i] = _decode_one(entries[i], size, mode)
+        except DatasetError as err:
+            bad[i] = str(err)
 
     with ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(work, range(len(entries))):
@@ -164,8 +173,21 @@ def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicu
                 bar.update()
     if bar is not None:
         bar.close()
-    labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
-    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+    problems = [bad[i] for i in sorted(bad)]
+    if problems and not skip_bad:
+        shown = "\n  ".join(problems[:MAX_LISTED]) + (f"\n  (and {len(problems) - MAX_LISTED} more)"
+                                                     if len(problems) > MAX_LISTED else "")
+        raise DatasetError(f"{len(problems)} of {len(entries)} images cannot be read (fix or remove them; folder "
+                           f"datasets can leave them out with --skip-bad-images):\n  {shown}")
+    keep = [i for i in range(len(entries)) if i not in bad]
+    if not keep:
+        raise DatasetError(f"{desc}: no readable images (all {len(entries)} failed, e.g. {problems[0]})")
+    if problems:
+        warnings.warn(f"skipped {len(problems)} unreadable image(s): " + "; ".join(
+            str(entries[i].path) for i in sorted(bad)), RuntimeWarning, stacklevel=2)
+    labels = np.fromiter((entries[i].label for i in keep), dtype=np.int64, count=len(keep))
+    return Split(torch.from_numpy(images[keep] if problems else images), torch.from_numpy(labels),
+                 skipped=tuple(str(entries[i].path) for i in sorted(bad)))
 
 
 def _progress(total: int, desc: str):
@@ -238,7 +260,7 @@ def _write_cache(paths: Sequence[Path], split: Split, key: str, info: dict) -> P
 
 
 def cached_split(entries: Sequence[Entry], *, root: Path, cache_name: str, size: int, cache: bool = True,
-                 resample: str = "bicubic", desc: str | None = None, stamp: str = "") -> Split:
+                 resample: str = "bicubic", desc: str | None = None, stamp: str = "", skip_bad: bool = False) -> Split:
     """Decode `entries` at `size` px, or return them from the memory / disk cache when the entry list is unchanged.
 
     `cache_name` names the file (`<root>/.mlae_cache/<cache_name>_<size>.safetensors`); `stamp` is mixed into the
@@ -246,7 +268,7 @@ def cached_split(entries: Sequence[Entry], *, root: Path, cache_name: str, size:
     """
     desc = desc or f"decoding {root.name}/{cache_name}"
     if not cache:
-        return decode_entries(entries, size, resample=resample, desc=desc)
+        return decode_entries(entries, size, resample=resample, desc=desc, skip_bad=skip_bad)
     key = entries_key(entries, root, size, resample + stamp)
     mem_key = (str(root.resolve()), key)
     if mem_key in _memory:

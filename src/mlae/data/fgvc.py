@@ -2,7 +2,8 @@
 
 `<root>/<name>/{train,val,test}.json` map an image path to its class id. VPT resolves the paths against a
 dataset-specific image folder (`images/` for CUB and NABirds, `Images/` for Stanford Dogs, the dataset folder
-itself for Flowers and Cars); paths relative to the dataset folder are accepted too. Images are cached at the
+itself for Flowers and Cars); paths relative to the dataset folder are accepted too. Class names are the image
+folders when each class has its own (CUB's `001.Black_footed_Albatross/`, Stanford Dogs' `n02085620-Chihuahua/`). Images are cached at the
 "resize 256" size (bilinear, as VPT's torchvision Resize) and cropped in `prepare_batch`.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _key_lines(text: str, keys) -> list[int]:
 def read_json_split(path: Path, root: Path, image_dir: str, num_classes: int) -> list[Entry]:
     if not path.is_file():
         raise DatasetError(f"{path}: annotation file not found")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         mapping = json.loads(text)
     except json.JSONDecodeError as err:
@@ -84,6 +85,15 @@ def read_json_split(path: Path, root: Path, image_dir: str, num_classes: int) ->
     return entries
 
 
+def class_names_from_folders(entries: list[Entry], num_classes: int) -> list[str] | None:
+    """Each class's image folder name, when every class has exactly one folder of its own; else None."""
+    folders: dict[int, set[str]] = {}
+    for e in entries:
+        folders.setdefault(e.label, set()).add(e.path.parent.name)
+    names = [next(iter(folders[k])) if len(folders.get(k, ())) == 1 else None for k in range(num_classes)]
+    return names if None not in names and len(set(names)) == num_classes else None
+
+
 def load_fgvc(name: str, data_root: str | Path, *, image_size: int = 224, split: str = "test",
               cache: bool = True) -> Task:
     name = canonical_name(name)
@@ -97,13 +107,18 @@ def load_fgvc(name: str, data_root: str | Path, *, image_size: int = 224, split:
     num_classes = FGVC_TASKS[name]
     size = fgvc_cache_size(image_size)
 
+    seen: list[Entry] = []
+
     def load(split_name: str):
         entries = read_json_split(root / f"{split_name}.json", root, image_dir, num_classes)
+        seen.extend(entries)
         return cached_split(entries, root=root, cache_name=split_name, size=size, cache=cache,
                             resample="bilinear", desc=f"decoding {name}/{split_name}")
 
     train_names, eval_name = _PROTOCOL[split]
     train_parts = [load(s) for s in train_names]
     train = train_parts[0] if len(train_parts) == 1 else Split.concat(train_parts)
-    return Task(name=name, num_classes=num_classes, domain="fgvc", train=train, eval=load(eval_name),
-                eval_name=split, augment="fgvc", image_size=image_size)
+    evaluation = load(eval_name)
+    return Task(name=name, num_classes=num_classes, domain="fgvc", train=train, eval=evaluation,
+                eval_name=split, augment="fgvc", image_size=image_size,
+                classes=class_names_from_folders(seen, num_classes))

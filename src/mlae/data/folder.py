@@ -3,11 +3,14 @@
 If `<path>/train` exists it is the training set and `<path>/test` (else `<path>/val`) the evaluation set.
 Without sub-folders a stratified, seeded fraction `holdout` of every class is held out for evaluation.
 split="val" never evaluates on the test images: it uses `<path>/val` when present, otherwise it holds a
-further fraction out of the training images.
+further fraction out of the training images. macOS's `._*` AppleDouble files are not images and are ignored; a
+class folder without images still counts as a class (its name gives it an index) and is warned about.
+`skip_bad` trains without the images that cannot be read (listed in `Task.skipped`) instead of stopping.
 """
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ def scan_folder(path: Path, classes: list[str]) -> list[Entry]:
         if not folder.is_dir():
             continue
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                       and CACHE_DIR_NAME not in p.parts)
+                       and CACHE_DIR_NAME not in p.parts and not p.name.startswith("._"))
         entries += [Entry(p, label, str(p)) for p in files]
     if not entries:
         raise DatasetError(f"{path}: empty split (no images with extensions {sorted(IMAGE_EXTENSIONS)} "
@@ -60,7 +63,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
 
 
 def load_folder(path: str | Path, *, image_size: int = 32, split: str = "test", holdout: float = 0.2, seed: int = 0,
-                cache: bool = True) -> Task:
+                cache: bool = True, skip_bad: bool = False) -> Task:
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     root = Path(path).expanduser()
@@ -73,13 +76,24 @@ def load_folder(path: str | Path, *, image_size: int = 32, split: str = "test", 
         raise DatasetError(f"{class_root}: no class sub-folders (expected <path>/<class>/<image> or "
                            "<path>/{train,test}/<class>/<image>)")
 
+    skipped: list[str] = []
+
     def load(sub: str) -> Split:
         entries = scan_folder(root / sub if sub != "all" else root, classes)
+        if sub in ("train", "all"):
+            empty = sorted(set(classes) - {classes[e.label] for e in entries})
+            if empty:
+                warnings.warn(f"{root / sub if sub != 'all' else root}: class folder(s) {empty} hold no images but "
+                              f"still count as classes ({len(classes)} outputs); remove them if that is a mistake",
+                              UserWarning, stacklevel=3)
         # no list file to hash, so a replaced or touched image must invalidate the cache by itself
         stamp = hashlib.sha256("".join(f"{st.st_mtime_ns}:{st.st_size};" for st in (e.path.stat() for e in entries))
                                .encode()).hexdigest()
-        return cached_split(entries, root=root, cache_name=sub, size=image_size, cache=cache, stamp=stamp,
-                            desc=f"decoding {root.name}/{sub}")
+        # A cached split does not remember which images were skipped: decode afresh when skipping.
+        data = cached_split(entries, root=root, cache_name=sub, size=image_size, cache=cache and not skip_bad,
+                            stamp=stamp, desc=f"decoding {root.name}/{sub}", skip_bad=skip_bad)
+        skipped.extend(data.skipped)
+        return data
 
     def hold_out(data: Split, salt: int) -> tuple[Split, Split]:
         keep, held = stratified_holdout(data.labels.numpy(), holdout, seed * 1000003 + salt)
@@ -106,4 +120,4 @@ def load_folder(path: str | Path, *, image_size: int = 32, split: str = "test", 
         if split == "val":
             train, evaluation = hold_out(train, 1)
     return Task(name=root.name, num_classes=len(classes), domain="folder", train=train, eval=evaluation,
-                eval_name=split, augment="none", image_size=image_size, classes=classes)
+                eval_name=split, augment="none", image_size=image_size, classes=classes, skipped=skipped)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .base import DatasetError, Split, Task
 
-__all__ = ["SUITE_TASKS", "SUITE_SIZE", "make_suite_task", "generate_split", "split_sizes"]
+__all__ = ["SUITE_TASKS", "SUITE_SIZE", "make_suite_task", "generate_split", "split_sizes", "suite_class_names"]
 
 SUITE_SIZE = 32  # native resolution
 N_TRAIN, N_VAL, MIN_TEST = 800, 200, 1000
@@ -543,6 +543,27 @@ SUITE_TASKS: dict[str, tuple[int, str, str]] = {
 }
 
 
+# name -> (class name template, value of class 0, step per class); `{v:g}` is the class's value (bin start or
+# centre, count), `{w:g}` its end for range bins. Read off the label definitions above.
+_CLASS_NAMES: dict[str, tuple[str, float, float]] = {
+    "digits": ("{v:g}", 0, 1),
+    "dsprites_loc": ("x {v:g}-{w:g} px", 6, 1.25),
+    "dsprites_ori": ("rotation {v:g}-{w:g} deg", 0, 22.5),
+    "clevr_count": ("{v:g} objects", 3, 1),
+    "clevr_dist": ("depth {v:g}-{w:g}", 5.0, 0.8),
+    "smallnorb_azi": ("azimuth {v:g} deg", 0, 20),
+    "smallnorb_ele": ("elevation {v:g} deg", 30, 5),
+}
+
+
+def suite_class_names(name: str) -> list[str]:
+    """What each label of a suite task means, e.g. "3 objects" or "azimuth 40 deg"."""
+    if name == "textures":
+        return list(_TEXTURE_FAMILIES)
+    template, start, step = _CLASS_NAMES[name]
+    return [template.format(v=start + k * step, w=start + (k + 1) * step) for k in range(SUITE_TASKS[name][0])]
+
+
 def split_sizes(name: str) -> tuple[int, int, int]:
     """(train, val, test) sizes of a suite task; test is the smallest multiple of the class count >= 1000."""
     if name == "digits":
@@ -605,5 +626,4 @@ def make_suite_task(name: str, *, image_size: int = 32, split: str = "test", see
     else:
         evaluation = val
     return Task(name=name, num_classes=num_classes, domain=domain, train=train, eval=evaluation, eval_name=split,
-                augment="none", image_size=image_size,
-                classes=list(_TEXTURE_FAMILIES) if name == "textures" else None)
+                augment="none", image_size=image_size, classes=suite_class_names(name))

@@ -2,7 +2,8 @@
 
 `<root>/<name>/{train800,val200,train800val200,test}.txt`, one `relative/path.jpg <label>` per line (path relative
 to `<root>/<name>`; the last whitespace-separated token is the label, so paths may contain spaces). Train and test
-images are both bicubic-resized to the model size, with no augmentation.
+images are both bicubic-resized to the model size, with no augmentation. The lists hold label numbers only; an
+optional `<root>/<name>/classes.txt` (one class name per line, line k = label k) names them.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from .base import DatasetError, Entry, Task, cached_split
 
-__all__ = ["VTAB_TASKS", "VTAB_GROUPS", "load_vtab", "read_list"]
+__all__ = ["VTAB_TASKS", "VTAB_GROUPS", "load_vtab", "read_list", "read_class_names"]
 
 # name -> (number of classes, VTAB group)
 VTAB_TASKS: dict[str, tuple[int, str]] = {
@@ -46,7 +47,7 @@ def read_list(path: Path, num_classes: int) -> list[Entry]:
         raise DatasetError(f"{path}: list file not found")
     root = path.parent
     entries = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not path text
         for lineno, line in enumerate(f, 1):
             text = line.strip()
             if not text:
@@ -68,6 +69,17 @@ def read_list(path: Path, num_classes: int) -> list[Entry]:
     return entries
 
 
+def read_class_names(path: Path, num_classes: int) -> list[str] | None:
+    """Class names from `classes.txt` (one per line, line k = label k), or None when there is no such file."""
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise DatasetError(f"{path}: {len(names)} class names for {num_classes} classes (one name per line, "
+                           "line k = label k)")
+    return names
+
+
 def load_vtab(name: str, data_root: str | Path, *, image_size: int = 32, split: str = "test",
               cache: bool = True) -> Task:
     if name not in VTAB_TASKS:
@@ -87,4 +99,5 @@ def load_vtab(name: str, data_root: str | Path, *, image_size: int = 32, split: 
                             resample="bicubic", desc=f"decoding {name}/{list_name}")
 
     return Task(name=name, num_classes=num_classes, domain=domain, train=load(train_list), eval=load(eval_list),
-                eval_name=split, augment="none", image_size=image_size)
+                eval_name=split, augment="none", image_size=image_size,
+                classes=read_class_names(root / "classes.txt", num_classes))
