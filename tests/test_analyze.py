@@ -161,7 +161,7 @@ def test_similarity_refuses_runs_without_experts(vtab_root, runs, tmp_path, caps
 def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path, capsys):
     auto = _train(vtab_root, tmp_path / "auto", "--method", "mlae", "--dropout", "auto", "--epochs", "2")
     per_expert = _train(vtab_root, tmp_path / "per_expert", "--method", "mlae", "--dropout", "auto",
-                        "--dropout-per-expert", "--dropout-learner", "variational", "--experts", "3")
+                        "--dropout-per-expert", "--dropout-learner", "concrete", "--experts", "3")
     out = tmp_path / "dropout"
     assert main(["analyze", "dropout", str(auto), str(per_expert), "--out", str(out)]) == 0
     for name in ("dropout.png", "dropout_profile.png"):

@@ -158,8 +158,8 @@ register_method(Method("mlae", "Masked LoRA Experts", _prepare_mlae, (
     Option("expert_rank", int, 1, "rank of each expert"),
     Option("dropout", _dropout, 0.5, "expert dropout probability p of the stochastic masks, or auto: learned per "
            "layer in the same run"),
-    Option("dropout_learner", str, "concrete", "with --dropout auto: concrete (binary masks, straight-through "
-           "gradient) or variational (Gaussian noise)", choices=("concrete", "variational")),
+    Option("dropout_learner", str, "variational", "with --dropout auto: variational (Gaussian noise) or concrete "
+           "(binary masks, straight-through gradient)", choices=("variational", "concrete")),
     Option("dropout_init", float, 0.1, "with --dropout auto: the initial p"),
     Option("dropout_per_expert", _bool, False, "with --dropout auto: learn one p per expert instead of per layer",
            flag="--dropout-per-expert"),

@@ -17,12 +17,13 @@ with the network, as the variational objective ``mean task loss + (1/N) Σ_l KL_
 examples, passed in through :func:`mlae.set_train_size`; the KL term is the aux loss ``"dropout_kl"``). Two
 estimators (:data:`LEARNERS`):
 
+* ``variational`` (the default; Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise
+  ``ξ ~ N(1, α)``, ``α = p / (1 − p)`` (the mean and variance of the inverted Bernoulli mask), with the
+  log-uniform prior's KL approximation ``k1 − k1·σ(k2 + k3 log α) + ½ log(1 + 1/α)`` per expert. Its mask is not
+  binary: every expert trains in every step, with noise.
 * ``concrete`` (Gal, Hron & Kendall 2017): the mask is drawn hard, ``z = 1[logit p + logit u > 0]`` with
   ``u ~ U(0, 1)`` (exactly Bernoulli(p), so the forward mask stays binary), and the gradient flows through its
   relaxation ``σ((logit p + logit u) / TEMPERATURE)`` (straight-through). ``KL = Σ_experts −H(p)``.
-* ``variational`` (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise ``ξ ~ N(1, α)``,
-  ``α = p / (1 − p)`` (the mean and variance of the inverted Bernoulli mask), with the log-uniform prior's KL
-  approximation ``k1 − k1·σ(k2 + k3 log α) + ½ log(1 + 1/α)`` per expert. Its mask is not binary.
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ class MLAEConfig(AdapterConfig):
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
     per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p per layer while
     training (see the module docstring)."""
-    dropout_learner: str = "concrete"
-    """dropout="auto" only: how p is learned, "concrete" (binary masks) or "variational" (Gaussian noise)."""
+    dropout_learner: str = "variational"
+    """dropout="auto" only: how p is learned, "variational" (Gaussian noise; measured better, docs/METHODS.md) or
+    "concrete" (binary masks, as MLAE's)."""
     dropout_init: float = 0.1
     """dropout="auto" only: the initial p (Gal et al.'s)."""
     dropout_per_expert: bool = False
@@ -97,7 +99,7 @@ class MLAEConfig(AdapterConfig):
                                  f"{self.pattern!r} (use pattern='uniform')")
         elif isinstance(self.dropout, str) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
-        elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert) != ("concrete", 0.1, False):
+        elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert) != ("variational", 0.1, False):
             raise ValueError("dropout_learner, dropout_init and dropout_per_expert apply to dropout='auto' only")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
             raise ValueError("coeff_init and scale must be finite")

@@ -96,6 +96,15 @@ def run_labels(runs: list[str | Path]) -> list[str]:
     return [f"{label}#{i}" for i, label in enumerate(labels)]
 
 
+def _runs_and_labels(runs: list[str], labels: str | None) -> tuple[list[Path], list[str]]:
+    """The RUN arguments expanded, and one distinct label each (``--labels A,B,...`` or the folder names)."""
+    runs = expand_runs(runs)
+    names = labels.split(",") if labels else run_labels(runs)
+    if len(names) != len(runs) or len(set(names)) != len(names):
+        raise ValueError(f"--labels needs {len(runs)} distinct names, got {labels!r}")
+    return runs, names
+
+
 def _load(path: Path) -> tuple[nn.Module, dict]:
     import mlae
     from ..engine import load_trained
@@ -182,6 +191,14 @@ def _short(name: str) -> str:
     return re.sub(r"^(blocks|layers?|encoder\.layers?)\.", "", name)
 
 
+def _all_layers(reports: dict[str, dict]) -> list[str]:
+    """The layer names of all reports, in first-seen order (runs may adapt different layers)."""
+    names: list[str] = []
+    for r in reports.values():
+        names += [n for n in r["layers"] if n not in names]
+    return names
+
+
 def _grouped_bars(groups: list[str], series: dict[str, list[float]], xlabel: str, ylabel: str):
     plt = _pyplot()
     width = 0.8 / len(series)
@@ -205,9 +222,7 @@ def _ylabel(key: str) -> str:
 
 def plot_similarity(reports: dict[str, dict], key: str = "mean"):
     """Grouped bars: one group per adapted layer plus the overall mean, one series (bar colour) per run."""
-    names: list[str] = []
-    for r in reports.values():
-        names += [n for n in r["layers"] if n not in names]
+    names = _all_layers(reports)
     series = {f"{label} ({key} {r[key]:.3f})": [r["layers"].get(n, {}).get(key, float("nan")) for n in names]
               + [r[key]] for label, r in reports.items()}
     return _grouped_bars([*map(_short, names), "mean"], series, "adapted layer", _ylabel(key))
@@ -256,9 +271,7 @@ def plot_matrix(report: dict, title: str, absolute: bool = False):
 
 
 def _markdown(reports: dict[str, dict]) -> str:
-    names: list[str] = []
-    for r in reports.values():
-        names += [n for n in r["layers"] if n not in names]
+    names = _all_layers(reports)
     labels = list(reports)
     lines = []
     for key, title in (("mean", "mean pairwise cosine similarity"), ("mean_abs", "mean pairwise |cosine|")):
@@ -325,10 +338,7 @@ def run_similarity(args: argparse.Namespace) -> int:
     from .train import _fail
 
     try:
-        runs = expand_runs(args.runs)
-        labels = args.labels.split(",") if args.labels else run_labels(runs)
-        if len(labels) != len(runs) or len(set(labels)) != len(labels):
-            raise ValueError(f"--labels needs {len(runs)} distinct names, got {args.labels!r}")
+        runs, labels = _runs_and_labels(args.runs, args.labels)
         reports = {}
         for label, run in zip(labels, runs):
             path = resolve_run(run)
@@ -660,9 +670,7 @@ def plot_dropout_profile(histories: dict[str, dict]):
 
 
 def _dropout_markdown(histories: dict[str, dict]) -> str:
-    layers: list[str] = []
-    for h in histories.values():
-        layers += [n for n in h["layers"] if n not in layers]
+    layers = _all_layers(histories)
     labels = list(histories)
     lines = ["### Learned masking probability after the last epoch", "", "| layer | " + " | ".join(labels) + " |",
              "|---|" + "---:|" * len(labels)]
@@ -699,10 +707,7 @@ def run_dropout(args: argparse.Namespace) -> int:
     from .train import _fail
 
     try:
-        runs = expand_runs(args.runs)
-        labels = args.labels.split(",") if args.labels else run_labels(runs)
-        if len(labels) != len(runs) or len(set(labels)) != len(labels):
-            raise ValueError(f"--labels needs {len(runs)} distinct names, got {args.labels!r}")
+        runs, labels = _runs_and_labels(args.runs, args.labels)
         histories = {label: dropout_history(run) for label, run in zip(labels, runs)}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
