@@ -227,6 +227,12 @@ def test_adapter_file_keeps_p_in_its_header_not_its_tensors(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), auto(x))
+    # MoLE reads it as an expert like any MLAE file.
+    from mlae.adapters.mole import read_expert
+
+    expert = read_expert(path, make_tiny_vit(depth=2))
+    for name, layer in mlae.adapter_layers(auto):
+        torch.testing.assert_close(expert[name][1] @ expert[name][0], layer.delta_weight())
 
 
 def test_cli_option_accepts_auto():

@@ -27,10 +27,8 @@ def _saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors (everything in adapter layers but the frozen base) and the fully trained modules."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
-        skip = ("base", *layer.training_only)
-        for k, v in layer.state_dict().items():
-            if k.split(".")[0] not in skip:
-                out[f"{name}.{k}"] = v
+        for k, v in layer.adapter_state_dict().items():
+            out[f"{name}.{k}"] = v
     modules = dict(model.named_modules())
     for name in getattr(model, HEADS_ATTR, []):
         for k, v in modules[name].state_dict().items():

@@ -136,6 +136,11 @@ class AdapterLayer(nn.Module):
         """How the ``R`` rank-1 components of :meth:`factors` group into experts (for expert similarity)."""
         return [1] * self.factors()[0].shape[0]
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What an adapter file holds of this layer: its state less the frozen base and the training-only parts."""
+        skip = ("base", *self.training_only)
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] not in skip}
+
     def learned_values(self) -> dict[str, Any]:
         """JSON-able values learned besides the update (e.g. ``{"dropout": p}``); none by default."""
         return {}
