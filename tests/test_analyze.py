@@ -155,6 +155,35 @@ def test_similarity_refuses_runs_without_experts(vtab_root, runs, tmp_path, caps
     assert main(["analyze", "similarity", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
 
 
+# --------------------------------------------------------------------------------------------- dropout
+
+
+def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path, capsys):
+    auto = _train(vtab_root, tmp_path / "auto", "--method", "mlae", "--dropout", "auto", "--epochs", "2")
+    per_expert = _train(vtab_root, tmp_path / "per_expert", "--method", "mlae", "--dropout", "auto",
+                        "--dropout-per-expert", "--dropout-learner", "concrete", "--experts", "3")
+    out = tmp_path / "dropout"
+    assert main(["analyze", "dropout", str(auto), str(per_expert), "--out", str(out)]) == 0
+    for name in ("dropout.png", "dropout_profile.png"):
+        _png(out / name)
+    report = json.loads((out / "dropout.json").read_text())
+    metrics = [json.loads(line) for line in (auto / "metrics.jsonl").read_text().splitlines()]
+    h = report["auto"]
+    assert h["epochs"] == [1, 2] and h["layers"] == [f"blocks.{i}.attn.qkv" for i in range(6)]
+    for layer in h["layers"]:
+        assert h["p"][layer] == [m["learned"][layer]["dropout"] for m in metrics]
+    assert h["final"] == {n: v["dropout"] for n, v in json.loads((auto / "results.json").read_text())["learned"].items()}
+    assert -1 <= h["depth_correlation"] <= 1
+    experts = report["per_expert"]["per_expert"]["blocks.0.attn.qkv"]
+    assert len(experts) == 3 and report["per_expert"]["final"]["blocks.0.attn.qkv"] == pytest.approx(sum(experts) / 3)
+    assert "correlation with depth" in capsys.readouterr().out
+    fig = analyze.plot_dropout_history({"auto": analyze.dropout_history(auto)})
+    assert len(fig.axes[0].lines) == 6  # one line per adapted layer
+
+    assert main(["analyze", "dropout", str(runs["mlae"]), "--out", str(out)]) == 1
+    assert "--dropout auto" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- attention
 
 

@@ -386,6 +386,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
     inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model))
     model = method.prepare(model, options).to(device)
+    mlae.set_train_size(model, len(task.train))  # N of per-example regularisers (MLAE's learned p: KL / N)
     attention = set_attention(model, cfg.attention, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -499,6 +500,9 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
                  "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
             if aux_weights or aux_total:
                 m["aux_loss"] = aux_total / seen_total
+            learned = mlae.learned_values(model)
+            if learned:
+                m["learned"] = learned  # e.g. MLAE's masking probability per layer, for `mlae analyze dropout`
             metrics.append(m)
             if bar is not None:
                 bar.set_description(f"epoch {epoch}/{cfg.epochs}" + (
@@ -529,6 +533,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
     results["train_eval_top1"] = train_eval_top1
     results["attention"] = attention
+    if metrics[-1].get("learned"):
+        results["learned"] = metrics[-1]["learned"]
     if dist_info.is_main:
         _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs))
         _plot_curves(out / "curves.png", metrics, task.eval_name)

@@ -12,7 +12,8 @@ from torch import nn
 from .adapters.base import AdapterConfig, AdapterLayer
 
 __all__ = ["apply", "merge", "unmerge", "merge_and_unload", "adapter_layers", "freeze_backbone",
-           "head_module_names", "count_parameters", "set_progress", "aux_losses", "backbone_fingerprint"]
+           "head_module_names", "count_parameters", "set_progress", "set_train_size", "aux_losses",
+           "learned_values", "backbone_fingerprint"]
 
 CONFIG_ATTR = "mlae_config"          # the applied AdapterConfig, kept on the model
 HEADS_ATTR = "mlae_modules_to_save"  # names of fully trained modules (the head)
@@ -208,6 +209,23 @@ def set_progress(model: nn.Module, t: float) -> None:
     for _, layer in adapter_layers(model):
         if hasattr(layer, "set_progress"):
             layer.set_progress(t)
+
+
+def set_train_size(model: nn.Module, n: int) -> None:
+    """Tell the adapters how many training examples ``n`` there are; methods whose regulariser is the prior term of
+    a per-example objective (MLAE with ``dropout="auto"``: KL / N) read it, the others ignore it. Call once before
+    training."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the training-set size must be a positive integer, got {n!r}")
+    for _, layer in adapter_layers(model):
+        if hasattr(layer, "set_train_size"):
+            layer.set_train_size(n)
+
+
+def learned_values(model: nn.Module) -> dict[str, dict]:
+    """What the adapters learn besides their updates, by layer name (MLAE with ``dropout="auto"``:
+    ``{"blocks.0.attn.qkv": {"dropout": 0.12}, ...}``); empty for methods that learn nothing else."""
+    return {name: values for name, layer in adapter_layers(model) if (values := layer.learned_values())}
 
 
 def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,11 +15,12 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
-from .inject import CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, backbone_fingerprint, freeze_backbone
+from .inject import (CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, backbone_fingerprint, freeze_backbone,
+                     learned_values)
 from .utils import atomic_save_file
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "export_peft",
-           "atomic_save_file"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "read_adapter_learned",
+           "export_peft", "atomic_save_file"]
 
 FORMAT = "mlae.adapter/1"
 
@@ -28,9 +29,8 @@ def _saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors (everything in adapter layers but the frozen base) and the fully trained modules."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
-        for k, v in layer.state_dict().items():
-            if not k.startswith("base."):
-                out[f"{name}.{k}"] = v
+        for k, v in layer.adapter_state_dict().items():
+            out[f"{name}.{k}"] = v
     modules = dict(model.named_modules())
     for name in getattr(model, HEADS_ATTR, []):
         for k, v in modules[name].state_dict().items():
@@ -53,6 +53,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         "modules_to_save": json.dumps(getattr(model, HEADS_ATTR, [])),
         "metadata": json.dumps(metadata or {}, sort_keys=True),
         **({"backbone_sha256": fingerprint} if fingerprint else {}),
+        # e.g. MLAE's learned masking probability per layer: training-only, so kept as facts, not tensors
+        "learned": json.dumps(learned_values(model), sort_keys=True),
     }
     return atomic_save_file(_saved_state(model), path, header)
 
@@ -78,6 +80,11 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``metadata`` given to :func:`save_adapter` (backbone, dataset, ...)."""
     return json.loads(_read_header(path)["metadata"])
+
+
+def read_adapter_learned(path: str | os.PathLike) -> dict[str, dict]:
+    """What the adapters learned besides their updates, by layer (:func:`mlae.learned_values` at save time)."""
+    return json.loads(_read_header(path).get("learned", "{}"))
 
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig | None:
@@ -139,6 +146,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str 
         with torch.no_grad():
             for k in keys:
                 expected[k].copy_(f.get_tensor(k))
+    learned = json.loads(header.get("learned", "{}"))
+    for name, layer in adapter_layers(model):
+        if name in learned:
+            layer.restore_learned_values(learned[name])
     return model
 
 

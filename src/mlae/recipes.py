@@ -109,6 +109,13 @@ def _bool(text: str | bool) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _dropout(text: str | float) -> float | str:
+    """A masking probability, or ``auto`` (learned while training)."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
+    return float(text)
+
+
 def _modules(text: str | list) -> list[str]:
     return list(text) if isinstance(text, (list, tuple)) else [t for t in re.split(r"[,\s]+", text) if t]
 
@@ -149,7 +156,13 @@ def _prepare_full(model: nn.Module, options: dict) -> nn.Module:
 register_method(Method("mlae", "Masked LoRA Experts", _prepare_mlae, (
     Option("experts", int, 8, "number of experts per adapted layer"),
     Option("expert_rank", int, 1, "rank of each expert"),
-    Option("dropout", float, 0.5, "expert dropout probability p of the stochastic masks"),
+    Option("dropout", _dropout, 0.5, "expert dropout probability p of the stochastic masks, or auto: learned per "
+           "layer in the same run"),
+    Option("dropout_learner", str, "variational", "with --dropout auto: variational (Gaussian noise) or concrete "
+           "(binary masks, straight-through gradient)", choices=("variational", "concrete")),
+    Option("dropout_init", float, 0.1, "with --dropout auto: the initial p"),
+    Option("dropout_per_expert", _bool, False, "with --dropout auto: learn one p per expert instead of per layer",
+           flag="--dropout-per-expert"),
     Option("coeff_init", float, 1.0, "initial expert coefficient c_i"),
     Option("adaptive", _bool, True, "train the expert coefficients (--no-adaptive freezes them at --coeff-init)",
            flag="--no-adaptive"),

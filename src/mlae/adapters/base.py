@@ -93,6 +93,9 @@ class AdapterLayer(nn.Module):
     """A frozen linear layer ``y = W x + b`` plus a trainable update ``ΔW``."""
 
     mergeable: ClassVar[bool] = True
+    # Submodules that exist only for training (MLAE's learned masking probability): checkpoints keep their
+    # parameters, adapter files leave them out and keep :meth:`learned_values` in their header instead.
+    training_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -133,6 +136,18 @@ class AdapterLayer(nn.Module):
     def expert_sizes(self) -> list[int]:
         """How the ``R`` rank-1 components of :meth:`factors` group into experts (for expert similarity)."""
         return [1] * self.factors()[0].shape[0]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What an adapter file holds of this layer: its state less the frozen base and the training-only parts."""
+        skip = ("base", *self.training_only)
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] not in skip}
+
+    def learned_values(self) -> dict[str, Any]:
+        """JSON-able values learned besides the update (e.g. ``{"dropout": p}``); none by default."""
+        return {}
+
+    def restore_learned_values(self, values: dict[str, Any]) -> None:
+        """Set what :meth:`learned_values` returned (when an adapter file is loaded)."""
 
     # --- shared ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,19 @@ exactly like LoRA of rank ``E·k``; masking multiplies the ``E·k`` columns of B
 Masking strategies (paper §3.3): *stochastic* draws a Bernoulli mask on every training forward (expert-level
 dropout, inverted so that evaluation uses all experts unscaled); *fixed* keeps ``n_l`` experts in layer ``l``
 (only those are allocated: the others would never train or run); *mixed* is fixed counts plus stochastic masking.
+
+Learned masking probability (``dropout="auto"``): ``p = P_MAX · σ(GAIN · θ)`` per layer (or per expert) is trained
+with the network, as the variational objective ``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training
+examples, passed in through :func:`mlae.set_train_size`; the KL term is the aux loss ``"dropout_kl"``). Two
+estimators (:data:`LEARNERS`):
+
+* ``variational`` (the default; Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise
+  ``ξ ~ N(1, α)``, ``α = p / (1 − p)`` (the mean and variance of the inverted Bernoulli mask), with the
+  log-uniform prior's KL approximation ``k1 − k1·σ(k2 + k3 log α) + ½ log(1 + 1/α)`` per expert. Its mask is not
+  binary: every expert trains in every step, with noise.
+* ``concrete`` (Gal, Hron & Kendall 2017): the mask is drawn hard, ``z = 1[logit p + logit u > 0]`` with
+  ``u ~ U(0, 1)`` (exactly Bernoulli(p), so the forward mask stays binary), and the gradient flows through its
+  relaxation ``σ((logit p + logit u) / TEMPERATURE)`` (straight-through). ``KL = Σ_experts −H(p)``.
 """
 from __future__ import annotations
 
@@ -25,7 +38,15 @@ from torch import nn
 from .. import patterns
 from .base import AdapterConfig, AdapterLayer
 
-__all__ = ["MLAEConfig", "MLAELinear"]
+__all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "AUTO", "LEARNERS", "P_MAX", "GAIN", "TEMPERATURE"]
+
+AUTO = "auto"
+LEARNERS = ("concrete", "variational")
+P_MAX = 0.9        # a learned p stays in (0, P_MAX]: the top of the paper's search grid
+GAIN = 50.0        # logit = GAIN·θ: Adam moves θ by about lr per step, the logit by GAIN·lr (lr 5e-4: 0.025)
+TEMPERATURE = 0.1  # of the concrete relaxation (Gal et al.'s value)
+_EPS = 1e-7        # keeps logit(u) finite
+_K1, _K2, _K3 = 0.63576, 1.87320, 1.48695  # Molchanov et al.'s fit of the log-uniform prior's KL
 
 
 @dataclass
@@ -35,9 +56,17 @@ class MLAEConfig(AdapterConfig):
     """Number of experts E per layer (the fixed/mixed patterns scale their counts to mean E)."""
     expert_rank: int = 1
     """Rank k of each expert's sub-matrix (the paper's best: 1)."""
-    dropout: float = 0.5
+    dropout: float | str = 0.5
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
-    per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation."""
+    per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p per layer while
+    training (see the module docstring)."""
+    dropout_learner: str = "variational"
+    """dropout="auto" only: how p is learned, "variational" (Gaussian noise; measured better, docs/METHODS.md) or
+    "concrete" (binary masks, as MLAE's)."""
+    dropout_init: float = 0.1
+    """dropout="auto" only: the initial p (Gal et al.'s)."""
+    dropout_per_expert: bool = False
+    """dropout="auto" only: one p per expert instead of one per layer."""
     coeff_init: float = 1.0
     """Initial value of every expert coefficient c_i."""
     adaptive: bool = True
@@ -57,8 +86,21 @@ class MLAEConfig(AdapterConfig):
     def __post_init__(self):
         super().__post_init__()
         self._require_positive_int("experts", "expert_rank")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout == AUTO:
+            if self.dropout_learner not in LEARNERS:
+                raise ValueError(f"dropout_learner must be one of {LEARNERS}, got {self.dropout_learner!r}")
+            if not 0 < self.dropout_init < P_MAX:
+                raise ValueError(f"dropout_init must be in (0, {P_MAX}), got {self.dropout_init!r}")
+            if self.masking == "fixed":
+                raise ValueError("masking='fixed' has no stochastic masks to learn: use dropout='auto' with "
+                                 "masking='stochastic' or 'mixed'")
+            if self.masking == "stochastic" and self.pattern != "uniform":
+                raise ValueError(f"dropout='auto' learns the per-layer rates itself: it cannot follow pattern "
+                                 f"{self.pattern!r} (use pattern='uniform')")
+        elif isinstance(self.dropout, str) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
+        elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert) != ("variational", 0.1, False):
+            raise ValueError("dropout_learner, dropout_init and dropout_per_expert apply to dropout='auto' only")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
             raise ValueError("coeff_init and scale must be finite")
         if self.masking not in ("stochastic", "fixed", "mixed"):
@@ -76,7 +118,8 @@ class MLAEConfig(AdapterConfig):
         def plan(depth: int) -> list[dict[str, Any]]:
             if self.masking == "stochastic":
                 counts = [self.experts] * depth
-                rates = patterns.dropout_rates(self.pattern, depth, self.dropout)
+                rates = [AUTO] * depth if self.dropout == AUTO else patterns.dropout_rates(self.pattern, depth,
+                                                                                           self.dropout)
             else:
                 counts = patterns.expert_counts(self.pattern, depth, self.experts, self.seed)
                 rates = [self.dropout if self.masking == "mixed" else 0.0] * depth
@@ -84,16 +127,72 @@ class MLAEConfig(AdapterConfig):
 
         return patterns.per_depth(names, plan)
 
-    def create_layer(self, base: nn.Linear, experts: int, dropout: float) -> "MLAELinear":
+    def create_layer(self, base: nn.Linear, experts: int, dropout: float | str) -> "MLAELinear":
+        learned = None
+        if dropout == AUTO:
+            learned = LearnedDropout(experts, self.dropout_learner, self.dropout_init, self.dropout_per_expert,
+                                     base.weight.device)
         return MLAELinear(base, experts, self.expert_rank, dropout, self.coeff_init, self.adaptive,
-                          self.scale, self.mask_granularity)
+                          self.scale, self.mask_granularity, learned)
+
+
+class LearnedDropout(nn.Module):
+    """The masking probability of one layer's experts, learned: ``p = P_MAX · σ(GAIN · θ)``."""
+
+    def __init__(self, experts: int, learner: str, init: float, per_expert: bool, device=None):
+        super().__init__()
+        self.experts, self.learner = experts, learner
+        self.train_size: int | None = None  # N of the KL term, from mlae.set_train_size
+        self.theta = nn.Parameter(torch.full((experts if per_expert else 1,), self.theta_for(init), device=device))
+
+    @staticmethod
+    def theta_for(p: float) -> float:
+        q = min(max(p / P_MAX, 1e-12), 1.0 - 1e-12)  # a p rounded to 0 or P_MAX still has a finite θ
+        return math.log(q / (1.0 - q)) / GAIN
+
+    def log_probs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p, log(1 − p))`` per expert, computed without ever taking the log of 0."""
+        log_p = math.log(P_MAX) + F.logsigmoid(GAIN * self.theta).expand(self.experts)
+        return log_p, torch.log1p(-log_p.exp())
+
+    @property
+    def p(self) -> torch.Tensor:
+        return self.log_probs()[0].exp()
+
+    def sample(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        """A training mask of ``shape`` (last dimension: experts) with mean 1, differentiable in θ."""
+        log_p, log_q = self.log_probs()
+        if self.learner == "variational":
+            return 1.0 + (0.5 * (log_p - log_q)).exp() * torch.randn(shape, device=device)
+        u = torch.rand(shape, device=device).clamp(_EPS, 1.0 - _EPS)
+        logits = (log_p - log_q + u.log() - torch.log1p(-u)) / TEMPERATURE
+        soft = torch.sigmoid(logits)
+        drop = (logits > 0).to(soft.dtype) + (soft - soft.detach())  # forward: the hard draw, exactly
+        return (1.0 - drop) / log_q.exp()
+
+    def kl(self) -> torch.Tensor:
+        """KL(q(p) ‖ prior) of this layer's experts, up to a constant (see the module docstring)."""
+        log_p, log_q = self.log_probs()
+        if self.learner == "variational":
+            log_alpha = log_p - log_q
+            return (_K1 - _K1 * torch.sigmoid(_K2 + _K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)).sum()
+        return (log_p.exp() * log_p + log_q.exp() * log_q).sum()  # −H(p) per expert
+
+    def extra_repr(self) -> str:
+        p = ", ".join(f"{v:.3f}" for v in self.p.detach()[: self.theta.numel()].tolist())
+        return f"learner={self.learner}, p=[{p}]"
 
 
 class MLAELinear(AdapterLayer):
-    def __init__(self, base: nn.Linear, experts: int, expert_rank: int, dropout: float, coeff_init: float,
-                 adaptive: bool, scale: float, granularity: str):
+    # A learned p matters only while training: checkpoints keep θ, adapter files keep p in their header instead.
+    training_only = ("learned",)
+
+    def __init__(self, base: nn.Linear, experts: int, expert_rank: int, dropout: float | str, coeff_init: float,
+                 adaptive: bool, scale: float, granularity: str, learned: LearnedDropout | None = None):
         super().__init__(base)
         dev = base.weight.device
+        if (dropout == AUTO) != (learned is not None):
+            raise ValueError("dropout='auto' comes with a LearnedDropout, and only it")
         self.experts, self.expert_rank, self.p = experts, expert_rank, dropout
         self.scale, self.granularity = scale, granularity
         self.init_factors(experts * expert_rank)  # every expert gets LoRA's init on its own slice
@@ -102,14 +201,17 @@ class MLAELinear(AdapterLayer):
             self.coeff = nn.Parameter(coeff)
         else:
             self.register_buffer("coeff", coeff)
+        self.learned = learned
 
     def _mask(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        if self.learned is not None:
+            return self.learned.sample(shape, device)
         keep = 1.0 - self.p
         return torch.empty(shape, device=device).bernoulli_(keep) / keep
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         c = self.coeff * self.scale
-        masked = self.training and self.p > 0
+        masked = self.training and (self.learned is not None or self.p > 0)
         if masked and self.granularity == "sample":
             # One mask per sample, broadcast over tokens: scale the E·k hidden activations.
             m = self._mask((x.shape[0], self.experts), x.device)
@@ -126,6 +228,35 @@ class MLAELinear(AdapterLayer):
 
     def expert_sizes(self) -> list[int]:
         return [self.expert_rank] * self.experts
+
+    # --- dropout="auto" --------------------------------------------------------------------------------------
+    def set_train_size(self, n: int) -> None:
+        if self.learned is not None:
+            self.learned.train_size = n
+
+    def learned_values(self) -> dict[str, Any]:
+        if self.learned is None:
+            return {}
+        p = self.learned.p.detach()[: self.learned.theta.numel()].tolist()
+        return {"dropout": p if len(p) > 1 else p[0]}
+
+    @torch.no_grad()
+    def restore_learned_values(self, values: dict[str, Any]) -> None:
+        if self.learned is not None and "dropout" in values:
+            p = torch.as_tensor(values["dropout"], dtype=torch.float64).reshape(-1)
+            self.learned.theta.copy_(torch.tensor([LearnedDropout.theta_for(float(v)) for v in p]))
+
+    @staticmethod
+    def collect_aux_losses(layers: list["MLAELinear"]) -> dict[str, torch.Tensor]:
+        """``(1/N) Σ_l KL_l``: the prior term of the learned masking probabilities (none for a fixed p)."""
+        learned = [layer for layer in layers if layer.learned is not None]
+        if not learned:
+            return {}
+        n = learned[0].learned.train_size
+        if n is None:
+            raise ValueError("MLAE with dropout='auto' needs the training-set size for its KL term: call "
+                             "mlae.set_train_size(model, N) before training")
+        return {"dropout_kl": torch.stack([layer.learned.kl() for layer in learned]).sum() / n}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.experts}, expert_rank={self.expert_rank}, p={self.p}"

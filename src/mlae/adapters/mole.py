@@ -198,7 +198,7 @@ def _read_mlae_file(path: Path, model: nn.Module) -> Factors:
             target = _linear(model, name, path)
             # Built on the meta device (nothing allocated), then given the file's tensors.
             layer = config.create_layer(nn.Linear(target.in_features, target.out_features, device="meta"), **kwargs)
-            state = {k: f.get_tensor(f"{name}.{k}") for k in layer.state_dict() if not k.startswith("base.")}
+            state = {k: f.get_tensor(f"{name}.{k}") for k in layer.adapter_state_dict()}
             try:
                 layer.load_state_dict(state, strict=False, assign=True)
             except RuntimeError as err:  # shape mismatch: trained on another backbone

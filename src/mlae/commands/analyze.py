@@ -1,10 +1,12 @@
-"""`mlae analyze similarity|attention|ablation`: the MLAE paper's analyses of trained runs.
+"""`mlae analyze similarity|attention|dropout|ablation`: the MLAE paper's analyses of trained runs.
 
 - ``similarity``: expert cosine similarity per adapted layer and overall (paper Fig. 4, appendix A.4) and the
   E×E similarity matrix of one layer or the mean over layers (Fig. 5), for one or more run folders.
 - ``attention``: CLS-token attention of one block with only expert ``i``'s update active (Fig. 6), next to the
   backbone without adapters and the fine-tuned model. The attention weights are computed here from the block's
   qkv output (timm's fused attention never materialises them).
+- ``dropout``: the masking probability that ``--dropout auto`` learned, per adapted layer over the epochs and as a
+  profile over depth next to the paper's incremental / decremental patterns (appendix A.5).
 - ``ablation``: the paper's ablation tables (Tables 4, 5, 12, 14, 15) as presets of method variants
   (:mod:`mlae.ablations`), run through ``mlae compare``.
 """
@@ -22,7 +24,7 @@ from torch import nn
 
 __all__ = ["register", "resolve_run", "expand_runs", "series_of", "run_labels", "similarity_report",
            "plot_similarity", "by_dataset", "plot_by_dataset", "plot_matrix", "write_similarity", "attention_maps",
-           "plot_attention"]
+           "plot_attention", "dropout_history", "plot_dropout_history", "plot_dropout_profile"]
 
 ADAPTER_FILE = "adapter.safetensors"
 MEAN = "mean"  # --layer value / row label of the mean over adapted layers
@@ -30,11 +32,13 @@ MEAN = "mean"  # --layer value / row label of the mean over adapted layers
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "analyze", help="expert similarity, per-expert attention maps and ablation presets of trained runs",
+        "analyze", help="expert similarity, per-expert attention maps, learned masking probabilities and ablation "
+        "presets of trained runs",
         description="Analyses of the MLAE paper on run folders written by `mlae train` / `mlae compare`.")
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     _register_similarity(sub)
     _register_attention(sub)
+    _register_dropout(sub)
     _register_ablation(sub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -90,6 +94,15 @@ def run_labels(runs: list[str | Path]) -> list[str]:
         if len(set(labels)) == len(labels):
             return labels
     return [f"{label}#{i}" for i, label in enumerate(labels)]
+
+
+def _runs_and_labels(runs: list[str], labels: str | None) -> tuple[list[Path], list[str]]:
+    """The RUN arguments expanded, and one distinct label each (``--labels A,B,...`` or the folder names)."""
+    runs = expand_runs(runs)
+    names = labels.split(",") if labels else run_labels(runs)
+    if len(names) != len(runs) or len(set(names)) != len(names):
+        raise ValueError(f"--labels needs {len(runs)} distinct names, got {labels!r}")
+    return runs, names
 
 
 def _load(path: Path) -> tuple[nn.Module, dict]:
@@ -178,6 +191,14 @@ def _short(name: str) -> str:
     return re.sub(r"^(blocks|layers?|encoder\.layers?)\.", "", name)
 
 
+def _all_layers(reports: dict[str, dict]) -> list[str]:
+    """The layer names of all reports, in first-seen order (runs may adapt different layers)."""
+    names: list[str] = []
+    for r in reports.values():
+        names += [n for n in r["layers"] if n not in names]
+    return names
+
+
 def _grouped_bars(groups: list[str], series: dict[str, list[float]], xlabel: str, ylabel: str):
     plt = _pyplot()
     width = 0.8 / len(series)
@@ -201,9 +222,7 @@ def _ylabel(key: str) -> str:
 
 def plot_similarity(reports: dict[str, dict], key: str = "mean"):
     """Grouped bars: one group per adapted layer plus the overall mean, one series (bar colour) per run."""
-    names: list[str] = []
-    for r in reports.values():
-        names += [n for n in r["layers"] if n not in names]
+    names = _all_layers(reports)
     series = {f"{label} ({key} {r[key]:.3f})": [r["layers"].get(n, {}).get(key, float("nan")) for n in names]
               + [r[key]] for label, r in reports.items()}
     return _grouped_bars([*map(_short, names), "mean"], series, "adapted layer", _ylabel(key))
@@ -252,9 +271,7 @@ def plot_matrix(report: dict, title: str, absolute: bool = False):
 
 
 def _markdown(reports: dict[str, dict]) -> str:
-    names: list[str] = []
-    for r in reports.values():
-        names += [n for n in r["layers"] if n not in names]
+    names = _all_layers(reports)
     labels = list(reports)
     lines = []
     for key, title in (("mean", "mean pairwise cosine similarity"), ("mean_abs", "mean pairwise |cosine|")):
@@ -321,10 +338,7 @@ def run_similarity(args: argparse.Namespace) -> int:
     from .train import _fail
 
     try:
-        runs = expand_runs(args.runs)
-        labels = args.labels.split(",") if args.labels else run_labels(runs)
-        if len(labels) != len(runs) or len(set(labels)) != len(labels):
-            raise ValueError(f"--labels needs {len(runs)} distinct names, got {args.labels!r}")
+        runs, labels = _runs_and_labels(args.runs, args.labels)
         reports = {}
         for label, run in zip(labels, runs):
             path = resolve_run(run)
@@ -575,6 +589,139 @@ def run_attention(args: argparse.Namespace) -> int:
     except Exception as err:
         return _fail(err)
     print(f"wrote {out / stem}.png ({maps.shape[0]} images × {len(columns)} maps) and {stem}.json")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- dropout
+
+
+def dropout_history(run: str | Path) -> dict:
+    """The learned masking probability of a ``--dropout auto`` run, from its ``metrics.jsonl``: per layer, one value
+    per epoch (the mean over experts when p is learned per expert), the last epoch's values, and the Pearson
+    correlation of the last profile with depth (> 0: p grows with depth, the paper's decremental pattern; < 0:
+    incremental)."""
+    from ..patterns import layer_index
+
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no metrics.jsonl (is it a run folder of `mlae train`?)")
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [m for m in lines if any("dropout" in v for v in m.get("learned", {}).values())]
+    if not lines:
+        raise ValueError(f"{folder}: its metrics.jsonl records no learned masking probability (train with "
+                         "--method mlae --dropout auto)")
+    layers = [name for name, v in lines[-1]["learned"].items() if "dropout" in v]
+    p = {name: [_mean(m["learned"][name]["dropout"]) for m in lines] for name in layers}
+    final = {name: values[-1] for name, values in p.items()}
+    depth = torch.tensor([float(layer_index(n)) for n in layers], dtype=torch.float64)
+    last = torch.tensor(list(final.values()), dtype=torch.float64)
+    corr = float("nan")
+    if len(layers) > 1 and depth.std() > 0 and last.std() > 0:
+        corr = float(torch.corrcoef(torch.stack([depth, last]))[0, 1])
+    return {"run": str(folder), "epochs": [m["epoch"] for m in lines], "layers": layers, "p": p, "final": final,
+            "per_expert": {n: lines[-1]["learned"][n]["dropout"] for n in layers
+                           if isinstance(lines[-1]["learned"][n]["dropout"], list)},
+            "depth_correlation": corr}
+
+
+def _mean(value) -> float:
+    return sum(value) / len(value) if isinstance(value, list) else float(value)
+
+
+def plot_dropout_history(histories: dict[str, dict]):
+    """One panel per run: p against the epoch, one line per adapted layer (dark: shallow, light: deep)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories) + 1.2, 3.6), squeeze=False,
+                             sharey=True)
+    for ax, (label, h) in zip(axes[0], histories.items()):
+        colours = plt.cm.viridis([i / max(1, len(h["layers"]) - 1) for i in range(len(h["layers"]))])
+        for colour, name in zip(colours, h["layers"]):
+            ax.plot(h["epochs"], h["p"][name], color=colour, marker="o" if len(h["epochs"]) < 12 else None,
+                    markersize=3, label=_short(name))
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("learned masking probability p")
+    axes[0][-1].legend(fontsize="x-small", ncol=1 + len(h["layers"]) // 13, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_dropout_profile(histories: dict[str, dict]):
+    """The last epoch's p over relative depth, one line per run, beside the paper's stochastic patterns."""
+    from ..patterns import DROPOUT_PATTERNS, resample
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name in ("incremental", "decremental"):
+        ys = resample(DROPOUT_PATTERNS[name], 12)
+        ax.plot([i / 11 for i in range(12)], ys, linestyle="--", color="grey", linewidth=1,
+                label=f"paper: {name}")
+    for label, h in histories.items():
+        n = len(h["layers"])
+        xs = [i / max(1, n - 1) for i in range(n)]
+        ax.plot(xs, list(h["final"].values()), marker="o", label=f"{label} (r = {h['depth_correlation']:.2f})")
+    ax.set_xlabel("relative depth of the adapted layer (0 = first)")
+    ax.set_ylabel("p after the last epoch")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def _dropout_markdown(histories: dict[str, dict]) -> str:
+    layers = _all_layers(histories)
+    labels = list(histories)
+    lines = ["### Learned masking probability after the last epoch", "", "| layer | " + " | ".join(labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    for n in layers:
+        cells = [histories[lb]["final"].get(n) for lb in labels]
+        lines.append(f"| {n} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines.append("| **correlation with depth** | " + " | ".join(f"**{histories[lb]['depth_correlation']:.2f}**"
+                                                               for lb in labels) + " |")
+    lines += ["", "Correlation > 0: p grows with depth (the paper's decremental pattern); < 0: it falls "
+              "(incremental).", ""]
+    return "\n".join(lines)
+
+
+def _register_dropout(sub) -> None:
+    p = sub.add_parser(
+        "dropout", help="the masking probability learned by --dropout auto, per layer over training",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_wrap("For runs trained with `mlae train --method mlae --dropout auto`: the learned expert "
+        "masking probability p of every adapted layer after each epoch (from the run's metrics.jsonl), and the last "
+        "epoch's profile over depth next to the paper's incremental and decremental dropout patterns (appendix A.5). "
+        "With one p per expert (--dropout-per-expert) the figures show the mean over a layer's experts; "
+        "dropout.json keeps them all."),
+        epilog="writes: dropout.png (p per layer over the epochs, one panel per run), dropout_profile.png, "
+        "dropout.json and dropout.md\n\n"
+        "example: mlae analyze dropout runs/cifar_mlae_s0 runs/dtd_mlae_s0 --out analysis/dropout")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their adapter.safetensors files), or "
+                   "`mlae compare` output folders (all their finished adapter runs)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and tables")
+    p.add_argument("--labels", metavar="A,B,...", help="panel names, one per run (default: the run folder names)")
+    p.set_defaults(func=run_dropout)
+
+
+def run_dropout(args: argparse.Namespace) -> int:
+    from .train import _fail
+
+    try:
+        runs, labels = _runs_and_labels(args.runs, args.labels)
+        histories = {label: dropout_history(run) for label, run in zip(labels, runs)}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plt = _pyplot()
+        for name, fig in (("dropout.png", plot_dropout_history(histories)),
+                          ("dropout_profile.png", plot_dropout_profile(histories))):
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
+        (out / "dropout.json").write_text(json.dumps(_json_safe(histories), indent=2) + "\n")
+        (out / "dropout.md").write_text(_dropout_markdown(histories))
+    except Exception as err:
+        return _fail(err)
+    print(_dropout_markdown(histories))
+    print(f"wrote {out}/dropout.png, dropout_profile.png, dropout.json and dropout.md")
     return 0
 
 
