@@ -33,7 +33,8 @@ from .utils import (DistInfo, atomic_save_file, atomic_write, atomic_write_text,
                     set_rng_state)
 
 __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
-           "load_trained", "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
+           "backbone_stats", "resolve_normalize", "init_head", "NORMALIZE_CHOICES", "HEAD_INITS", "load_trained",
+           "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
 
 # The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (DESIGN.md §4).
 DEFAULT_DATASET = "suite:digits"
@@ -41,6 +42,9 @@ CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
 EVAL_BATCH = 256  # fixed, so that `mlae eval` reproduces the run's numbers bit for bit
 MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
+# How inputs are normalised (see backbone_stats); "auto" is what runs made before the option used.
+NORMALIZE_CHOICES = ("auto", "backbone", "inception", "imagenet")
+HEAD_INITS = ("timm", "zero")
 PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's honest protocol), "
             "not the best of periodic evaluations")
 
@@ -67,6 +71,8 @@ class TrainConfig:
     img_size: int | None = None
     patch_size: int | None = None
     drop_path: float = 0.1
+    normalize: str = "auto"          # input statistics: auto | backbone | inception | imagenet (NORMALIZE_CHOICES)
+    head_init: str = "timm"          # the new head: timm (trunc-normal 0.02, timm >= 1.0) | zero (timm 0.4 era)
     # data
     data_root: str | None = None
     split: str = "test"              # "test": train on train+val, report test; "val": hold out a validation split
@@ -96,6 +102,10 @@ class TrainConfig:
 
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, not {self.normalize!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, not {self.head_init!r}")
         if self.split not in ("test", "val"):
             raise ValueError(f"split must be test or val, not {self.split!r}")
         for name in ("epochs", "batch_size", "checkpoint_every", "eval_every"):
@@ -282,9 +292,9 @@ def _all_reduce(values: list[float], device: torch.device, dist_info: DistInfo) 
 
 @dataclass
 class Inputs:
-    """Cached uint8 images -> model inputs: the task's crop/flip recipe (``prepare_batch``, ImageNet statistics as
-    the benchmarks' protocol has it), then, for a backbone pretrained with other statistics (``mean``/``std``),
-    a per-channel affine map onto those."""
+    """Cached uint8 images -> model inputs: the task's crop/flip recipe (``prepare_batch``, which normalises with
+    ImageNet statistics), then, for other statistics (``mean``/``std``, see :func:`backbone_stats`), a
+    per-channel affine map onto those."""
 
     augment: str
     image_size: int
@@ -311,18 +321,42 @@ class Inputs:
         return x
 
 
-def backbone_stats(backbone: str | None, model: nn.Module) -> tuple[tuple, tuple] | tuple[None, None]:
-    """Input statistics to feed ``backbone`` with. The embedded ViT was pretrained by us on [-1, 1] inputs and
-    says so in its card; timm models and checkpoint files follow the field's protocol (ImageNet mean/std for
-    VTAB-1k and FGVC, DESIGN.md §2) whatever their pretraining used."""
+def resolve_normalize(normalize: str, backbone: str | None) -> str:
+    """The statistics ``normalize`` stands for with ``backbone``. ``auto`` keeps what runs made before the option
+    used: the embedded ViT its own ([-1, 1], how it was pretrained), timm names and checkpoint files ImageNet's
+    (the NOAH-era protocol of VTAB-1k and FGVC code)."""
     from .backbones import EMBEDDED
 
-    if backbone not in (None, EMBEDDED):
-        return None, None
+    if normalize != "auto":
+        return normalize
+    return "backbone" if backbone in (None, EMBEDDED) else "imagenet"
+
+
+def backbone_stats(backbone: str | None, model: nn.Module, normalize: str = "auto") -> tuple[tuple, tuple]:
+    """(mean, std) to feed ``backbone`` with: ImageNet's, Inception's (0.5, i.e. [-1, 1]) or, for ``backbone``,
+    the model's own ``pretrained_cfg`` (the embedded ViT's card; for a checkpoint file, that of its timm
+    architecture's default weights, which need not describe the file)."""
+    from .data import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
+
+    protocol = resolve_normalize(normalize, backbone)
+    if protocol == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if protocol == "inception":
+        return INCEPTION_MEAN, INCEPTION_STD
     card = getattr(model, "pretrained_cfg", None) or {}
     if "mean" not in card or "std" not in card:
-        return None, None
+        raise ValueError(f"--normalize backbone: {backbone or 'the embedded backbone'} declares no mean/std in its "
+                         "pretrained_cfg; pass --normalize inception or --normalize imagenet")
     return tuple(float(v) for v in card["mean"]), tuple(float(v) for v in card["std"])
+
+
+def init_head(model: nn.Module, how: str) -> None:
+    """``zero``: zero the new classifier head, as timm 0.4 (the NOAH / SPT generation) did; ``timm``: keep what
+    the installed timm drew (trunc-normal std 0.02 since timm 1.0)."""
+    if how == "zero":
+        with torch.no_grad():
+            for p in model.get_classifier().parameters():
+                p.zero_()
 
 
 @torch.inference_mode()
@@ -373,7 +407,9 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
                                                                                            "pretrained": False}))
     task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed)
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
-    inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model))
+    init_head(model, cfg.head_init)
+    normalize = resolve_normalize(cfg.normalize, cfg.backbone)
+    inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model, normalize))
     model = method.prepare(model, options).to(device)
     attention = set_attention(model, cfg.attention, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -508,8 +544,9 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
     results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
     results["attention"] = attention
+    results["normalize"] = normalize
     if dist_info.is_main:
-        _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs))
+        _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs, normalize))
         _plot_curves(out / "curves.png", metrics, task.eval_name)
         atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
         (out / CHECKPOINT).unlink(missing_ok=True)
@@ -565,11 +602,11 @@ def _summary(r: dict) -> str:
             f"{r['train_images_per_s']:.0f} img/s | {r['out']}")
 
 
-def weights_metadata(cfg: TrainConfig, task, inputs: Inputs) -> dict[str, Any]:
+def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> dict[str, Any]:
     """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it."""
     return {"backbone": cfg.backbone or "embedded", "backbone_kwargs": backbone_kwargs(cfg),
             "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
-            "input_mean": inputs.mean, "input_std": inputs.std,
+            "normalize": normalize, "input_mean": inputs.mean, "input_std": inputs.std,
             "dataset": task.name, "dataset_spec": cfg.dataset, "data_root": cfg.data_root, "method": cfg.method}
 
 

@@ -15,11 +15,12 @@ from .base import DatasetError, Split, Task, clear_cache
 from .fgvc import FGVC_TASKS, load_fgvc
 from .folder import load_folder
 from .suite import SUITE_TASKS, make_suite_task
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, cache_size, prepare_batch
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, cache_size, prepare_batch
 from .vtab import VTAB_TASKS, load_vtab
 
 __all__ = ["load_task", "expand_specs", "Task", "Split", "prepare_batch", "cache_size", "DatasetError",
-           "VTAB_TASKS", "FGVC_TASKS", "SUITE_TASKS", "SPEC_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "clear_cache"]
+           "VTAB_TASKS", "FGVC_TASKS", "SUITE_TASKS", "SPEC_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD",
+           "INCEPTION_MEAN", "INCEPTION_STD", "clear_cache"]
 
 SPEC_PREFIXES = ("vtab", "fgvc", "folder", "suite")
 # "<prefix>:all" expands to every task of that family
