@@ -207,7 +207,7 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
 
 def _clear_run_files(out: Path) -> None:
     for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, "adapter.safetensors", "model.safetensors",
-                 "curves.png"):
+                 "curves.png", "scales.png"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -420,7 +420,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     # switch), so checkpoints of both stages have the same optimizer layout.
     stage2_fraction = getattr(getattr(model, "mlae_config", None), "stage2_fraction", 0.0)
     if stage2_fraction:
-        from .adapters.dmlora import layer_scales, start_stage2
+        from .adapters.dmlora import layer_scales, learned_scales, start_stage2
 
         optimizer.add_param_group({"params": layer_scales(model), "weight_decay": 0.0})
 
@@ -545,9 +545,13 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
     results["attention"] = attention
     results["normalize"] = normalize
+    if stage2_fraction:
+        results["layer_scales"] = learned_scales(model)  # α_l / α per layer: what stage 2 learned
     if dist_info.is_main:
         _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs, normalize))
         _plot_curves(out / "curves.png", metrics, task.eval_name)
+        if stage2_fraction:
+            _plot_scales(out / "scales.png", results["layer_scales"])
         atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
         (out / CHECKPOINT).unlink(missing_ok=True)
         if cfg.progress:
@@ -618,6 +622,24 @@ def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, An
     else:
         atomic_save_file(model.state_dict(), out / "model.safetensors",
                          {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
+
+
+def _plot_scales(path: Path, scales: dict[str, float]) -> None:
+    """Bars of DMLoRA's learned α_l / α per adapted layer, 1 marked (where stage 2 started)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(scales) + 1.5), 3.2))
+    ax.bar(range(len(scales)), [v - 1 for v in scales.values()], bottom=1.0)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(scales)))
+    ax.set_xticklabels(list(scales), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("learned α_l / α")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
