@@ -34,8 +34,8 @@ def _register_train(subparsers) -> None:
         f"'{DEFAULT_DATASET}' task with the embedded backbone, in a few minutes on a CPU.",
         argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("task and method")
-    g.add_argument("--dataset", metavar="SPEC", help=f"dataset spec (default {d.dataset}; e.g. a suite task name, "
-                   "a VTAB-1k or FGVC folder)")
+    g.add_argument("--dataset", metavar="SPEC", help=f"dataset spec (default {d.dataset}; e.g. digits, "
+                   "vtab:cifar or fgvc:CUB with --data-root, folder:PATH)")
     g.add_argument("--method", choices=list(METHODS), help=f"fine-tuning method (default {d.method})")
     g.add_argument("--config", metavar="FILE", help="YAML recipe (e.g. configs/vtab_mlae.yaml); command-line "
                    "options override it")
