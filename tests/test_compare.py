@@ -47,11 +47,30 @@ def test_domain_and_overall_follow_the_vtab_convention():
     rows = [{"method": "m", "dataset": d, "seed": s, "top1": v} for (d, s), v in values.items()]
     table = aggregate(rows, variants, datasets, [0, 1])["table"]["m"]
     assert table["natural"] == [65.0, 67.0] and table["specialized"] == [90.0, 94.0]
-    # overall = mean of the domain means, not of the datasets
+    # overall = mean of the domain means; mean_of_datasets = the plain mean, the other published convention
     assert table["overall"] == [77.5, 80.5]
-    # a seed missing a dataset leaves that seed out of its domain (and of overall)
+    assert table["mean_of_datasets"] == pytest.approx([220 / 3, 228 / 3])
+    # a seed missing a dataset leaves that seed out of its domain (and of both averages)
     table = aggregate(rows[:-1], variants, datasets, [0, 1])["table"]["m"]
     assert table["specialized"] == [90.0] and table["overall"] == [77.5] and table["vtab:cifar"] == [60.0, 62.0]
+    assert table["mean_of_datasets"] == pytest.approx([220 / 3])
+
+
+def test_paper_columns_give_both_vtab_averages():
+    from mlae import published
+    from mlae.commands.compare import _paper_columns, domain_of
+
+    datasets = [f"vtab:{name}" for name in published.VTAB_ORDER]
+    domains: dict[str, list[str]] = {}
+    for d in datasets:
+        domains.setdefault(domain_of(d), []).append(d)
+    label, values = _paper_columns([Variant("mlae", "mlae")], datasets, domains)["mlae"]
+    assert label == "MLAE" and values["overall"] == 78.8 and values["mean_of_datasets"] == 76.7
+    # on a subset both are recomputed over the datasets compared
+    sub = ["vtab:cifar", "vtab:dtd", "vtab:eurosat"]
+    _, values = _paper_columns([Variant("mlae", "mlae")], sub, {"natural": sub[:2], "specialized": sub[2:]})["mlae"]
+    assert values["overall"] == round(((77.8 + 74.8) / 2 + 96.5) / 2, 1)
+    assert values["mean_of_datasets"] == round((77.8 + 74.8 + 96.5) / 3, 1)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +109,13 @@ def test_compare_two_methods_two_tasks_two_seeds(vtab_root, tmp_path, capsys):
     assert f"{mean(lora_cifar):.1f} ± {stdev(lora_cifar):.1f}" in line
     assert "| 67.1 |" in line  # the paper's LoRA on CIFAR-100
     assert "paper: lora" in summary and "paper: MLAE (decomposition + adaptive)" in summary
-    assert "**natural**" in summary and "**specialized**" in summary and "**overall**" in summary
+    assert "**natural**" in summary and "**specialized**" in summary
+    assert "**overall (mean of domain means)**" in summary and "**mean of datasets**" in summary
     stats = list(csv.DictReader(open(out / "summary.csv")))
-    overall = next(r for r in stats if r["method"] == "lora" and r["scope"] == "overall")
-    assert overall["n_seeds"] == "2" and overall["paper"] == str(round((67.1 + 95.3) / 2, 1))  # CIFAR-100 and EuroSAT
+    for name in ("overall", "mean_of_datasets"):  # one dataset per domain here: both averages agree
+        row = next(r for r in stats if r["method"] == "lora" and r["name"] == name)
+        assert row["scope"] == "overall" and row["n_seeds"] == "2"
+        assert row["paper"] == str(round((67.1 + 95.3) / 2, 1))  # CIFAR-100 and EuroSAT
     for domain in ("natural", "specialized"):
         assert (out / f"bars_{domain}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -149,3 +171,11 @@ def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_pat
     assert _mode(commands[-1]) == "--resume"
     assert main([*argv, "--epochs", "2"]) == 1
     assert _mode(commands[-1]) == "--overwrite"
+    # A run folder written before --normalize / --head-init existed held their defaults: still the same settings.
+    older = {k: v for k, v in recipe.items() if k not in ("normalize", "head_init")}
+    (folder / "config.yaml").write_text(yaml.safe_dump({**older, "threads": 1}))
+    assert main(argv) == 1
+    assert _mode(commands[-1]) == "--resume"
+    assert main([*argv, "--normalize", "inception"]) == 1  # a train option compare inherits
+    assert _mode(commands[-1]) == "--overwrite"
+    assert yaml.safe_load((folder / "compare.yaml").read_text())["normalize"] == "inception"

@@ -1,6 +1,7 @@
 """Dataset layer: real files in the VTAB-1k / FGVC / ImageFolder layouts, the cache, prepare_batch, the suite."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_spec_errors(tmp_path):
         load_task("fgvc:birds", data_root=tmp_path)
     with pytest.raises(DatasetError, match="unknown suite task 'mnist'"):
         load_task("suite:mnist")
-    for spec in ("imagenet:val", "cifar", "vtab:"):
+    for spec in ("imagenet:val", "mnist", "vtab:"):
         with pytest.raises(DatasetError, match="cannot parse dataset spec"):
             load_task(spec)
     with pytest.raises(DatasetError, match="VTAB-1k folder for 'dtd' not found"):
@@ -135,6 +136,28 @@ def test_spec_errors(tmp_path):
     with pytest.raises(DatasetError, match="expand_specs"):
         load_task("suite:all")
     assert issubclass(DatasetError, ValueError)
+
+
+def test_bare_names_and_folder_paths(tmp_path):
+    # A suite task name alone is that task ...
+    task = load_task("digits")
+    assert (task.name, len(task.train), len(task.eval)) == ("digits", 1000, 797)
+    assert expand_specs("digits, vtab:dtd") == ["suite:digits", "vtab:dtd"]
+    # ... unless VTAB-1k has a dataset of that name; other names and folders get the spec to write.
+    with pytest.raises(DatasetError, match="write suite:dsprites_loc, or vtab:dsprites_loc with --data-root"):
+        load_task("dsprites_loc")
+    with pytest.raises(DatasetError, match="write vtab:cifar with --data-root"):
+        load_task("cifar")
+    with pytest.raises(DatasetError, match="write fgvc:CUB with --data-root"):
+        load_task("CUB")
+    make_vtab_folder(tmp_path / "vtab", "dtd", n_train=4, n_test=4)
+    make_fgvc_folder(tmp_path / "fgvc", "CUB", n_train=4, n_val=4, n_test=4)
+    make_image_folder(tmp_path / "pets")
+    for path, hint in ((tmp_path / "vtab" / "dtd", f"vtab:dtd with --data-root {tmp_path / 'vtab'}"),
+                       (tmp_path / "fgvc" / "CUB", f"fgvc:CUB with --data-root {tmp_path / 'fgvc'}"),
+                       (tmp_path / "pets", f"folder:{tmp_path / 'pets'}")):
+        with pytest.raises(DatasetError, match=f"is a folder, not a dataset spec: write {re.escape(hint)}"):
+            load_task(str(path))
 
 
 def test_tables():

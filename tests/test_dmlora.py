@@ -1,12 +1,14 @@
 """DMLoRA: dropout schedules, branch dropout (skipped branches, zero gradients), 2S-LS stage switch."""
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mlae
-from mlae.adapters.dmlora import DMLoRALinear, drop_probability, start_stage2
+from mlae.adapters.dmlora import DMLoRALinear, drop_probability, learned_scales, start_stage2
 from conftest import make_tiny_vit
 
 
@@ -55,7 +57,7 @@ def test_dropped_branches_contribute_nothing_and_get_zero_gradient(rescale):
         y = layer.delta(x)
         y.sum().backward()
         rows = keep.repeat_interleave(r)
-        scale = layer.lora_alpha.item() / total / ((1 - layer.p) if rescale else 1.0)
+        scale = layer.layer_alpha.item() / total / ((1 - layer.p) if rescale else 1.0)
         expected = x @ (layer.lora_B[:, rows] @ layer.lora_A[rows]).T * scale
         torch.testing.assert_close(y, expected.detach())
         grad_a, grad_b = layer.lora_A.grad.abs().sum(1), layer.lora_B.grad.abs().sum(0)
@@ -113,9 +115,10 @@ def test_stage_switch_trains_only_the_layer_scalars_and_the_head():
     stage1 = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.rsplit(".", 1)[-1] for n in stage1} == {"lora_A", "lora_B", "weight", "bias"}
     scalars = start_stage2(model)
-    assert len(scalars) == len(layers) and all(s.requires_grad and s.item() == 4.0 for s in scalars)
+    assert len(scalars) == len(layers) and all(s.requires_grad and s.item() == 0.0 for s in scalars)
+    assert all(l.layer_alpha.item() == 4.0 for l in layers)  # α_l = α · exp(0): stage 2 starts from α
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.lora_alpha" for n, _ in mlae.adapter_layers(model)} | {"head.weight", "head.bias"}
+    assert trainable == {f"{n}.lora_log_scale" for n, _ in mlae.adapter_layers(model)} | {"head.weight", "head.bias"}
     # Stage 2: no branch dropout, so a training forward is the full network.
     model.train()
     mlae.set_progress(model, 0.95)
@@ -137,9 +140,39 @@ def test_stage_switch_trains_only_the_layer_scalars_and_the_head():
         model.eval()
         y = model(x)
         for l in layers:
-            torch.testing.assert_close(l.delta_weight(), (l.lora_alpha / 4) * l.lora_B @ l.lora_A)
+            torch.testing.assert_close(l.delta_weight(), (4.0 * l.lora_log_scale.exp() / 4) * l.lora_B @ l.lora_A)
         mlae.merge(model)
         torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_stage_2_moves_the_scales_of_layers_that_need_more_and_less_update_apart():
+    """Two DMLoRA layers in a row; the target is the same network with layer 0's update 1.5 times and layer 1's
+    0.6 times as large. Stage 2, at a tenth of a base learning rate of 0.1 (AdamW, as the engine sets it up),
+    must grow the first scale, shrink the second and move them apart by more than 5 %. Trained as the raw
+    α_l = 16 instead, 30 Adam steps of 0.01 could change each by at most 0.3 / 16 ≈ 2 %."""
+    torch.manual_seed(0)
+    model = mlae.apply(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)),
+                       mlae.DMLoRAConfig(target_modules=["0", "2"], branches=2, rank=4, train_head=False))
+    first, second = (layer for _, layer in mlae.adapter_layers(model))
+    with torch.no_grad():
+        for layer in (first, second):
+            layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(256, 8)
+    with torch.no_grad():
+        first.lora_log_scale.fill_(math.log(1.5))
+        second.lora_log_scale.fill_(math.log(0.6))
+        target = model.eval()(x)
+        first.lora_log_scale.zero_()
+        second.lora_log_scale.zero_()
+    opt = torch.optim.AdamW([{"params": start_stage2(model), "weight_decay": 0.0}], lr=0.1 / 10)
+    model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        F.mse_loss(model(x), target).backward()
+        opt.step()
+    grown, shrunk = (learned_scales(model)[name] for name in ("0", "2"))
+    assert grown > 1.0 > shrunk
+    assert grown / shrunk > 1.05
 
 
 def test_stage_switch_needs_dmlora_layers():
@@ -192,9 +225,14 @@ def test_engine_switches_to_stage_2_and_resumes_across_the_switch(tmp_path):
     model, _ = load_trained(tmp_path / "straight" / "adapter.safetensors")
     again, _ = load_trained(tmp_path / "resumed" / "adapter.safetensors")
     for (_, a), (_, b) in zip(mlae.adapter_layers(model), mlae.adapter_layers(again)):
-        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_alpha, b.lora_alpha)
-    scales = [l.lora_alpha.item() for _, l in mlae.adapter_layers(model)]
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_log_scale, b.lora_log_scale)
+    scales = [l.layer_alpha.item() for _, l in mlae.adapter_layers(model)]
     assert all(s != 16.0 for s in scales) and len(set(scales)) > 1  # stage 2 learned a scale per layer
+    # The run reports what it learned: α_l / α per layer in results.json, and a plot.
+    learned = straight["layer_scales"]
+    assert list(learned) == [n for n, _ in mlae.adapter_layers(model)]
+    assert list(learned.values()) == pytest.approx([s / 16.0 for s in scales])
+    assert (tmp_path / "straight" / "scales.png").read_bytes()[:4] == b"\x89PNG"
     # Stage 2 (epochs 3-4) runs on its own cosine from lr / 10.
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] > 1e-3 and 0 < max(lrs[2:]) <= 1e-3

@@ -57,6 +57,23 @@ def test_shipped_recipes_resolve(path):
         TrainConfig.from_dict(resolve_recipe(recipe, f"vtab:{name}")).options()
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_recipe_header_commands_parse(path):
+    """The command a recipe's header shows is one that works (up to the data folder)."""
+    import shlex
+
+    from mlae.cli import build_parser
+    from mlae.commands.train import config_from_args
+    from mlae.data import expand_specs
+
+    line = next(l for l in path.read_text().splitlines() if l.lstrip("# ").startswith("mlae train"))
+    argv = shlex.split(line.lstrip("# ").replace("<root>", "/data"))[1:]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert expand_specs(cfg.dataset) == [cfg.dataset] and cfg.data_root.startswith("/data/")
+    if "mlae" in path.name:  # the MLAE paper's normalisation
+        assert cfg.normalize == "inception"
+
+
 def test_vtab_recipe_holds_table_10():
     recipe = load_recipe(CONFIGS / "vtab_mlae.yaml")
     assert (recipe["lr"], recipe["weight_decay"], recipe["batch_size"], recipe["epochs"]) == (5e-4, 1e-4, 64, 500)
@@ -183,3 +200,66 @@ def test_default_evaluates_about_four_times_and_always_the_last_epoch(tmp_path):
     engine.train(_tiny_config(tmp_path, method="linear", epochs=6))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines if m["test_top1"] is not None] == [2, 4, 6]
+
+
+# --------------------------------------------------------------------------------------------- input statistics
+
+
+def test_each_normalize_choice_gives_the_expected_tensor(tiny_vit):
+    from mlae.backbones import build_embedded
+    from mlae.data import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+
+    def expected(mean, std):
+        return (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    own = ((0.1, 0.2, 0.3), (0.2, 0.3, 0.4))
+    timm_model = tiny_vit()
+    timm_model.pretrained_cfg = {**timm_model.pretrained_cfg, "mean": own[0], "std": own[1]}
+    imagenet, inception = (IMAGENET_MEAN, IMAGENET_STD), ((0.5,) * 3, (0.5,) * 3)
+    cases = [  # (backbone name, model, --normalize, statistics the inputs must have)
+        (None, build_embedded(num_classes=2), "auto", inception),  # the embedded card says [-1, 1]
+        (None, build_embedded(num_classes=2), "imagenet", imagenet),
+        ("vit_x", timm_model, "auto", imagenet),                     # what timm names got before the option
+        ("vit_x", timm_model, "backbone", own),
+        ("vit_x", timm_model, "inception", inception),
+        ("vit_x", timm_model, "imagenet", imagenet),
+    ]
+    for name, model, choice, (mean, std) in cases:
+        inputs = engine.Inputs("none", 32, torch.device("cpu"), *engine.backbone_stats(name, model, choice))
+        torch.testing.assert_close(inputs(images, train=False), expected(mean, std), atol=2e-6, rtol=0,
+                                   msg=f"{name} / {choice}")
+    timm_model.pretrained_cfg = {}
+    with pytest.raises(ValueError, match="--normalize inception"):
+        engine.backbone_stats("vit_x", timm_model, "backbone")
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        TrainConfig(normalize="minmax")
+
+
+def test_head_init_zero_zeroes_the_new_head(tiny_vit):
+    model = tiny_vit()
+    engine.init_head(model, "timm")
+    assert model.head.weight.abs().sum() > 0  # timm's trunc-normal draw, untouched
+    engine.init_head(model, "zero")
+    assert not model.head.weight.any() and not model.head.bias.any()
+    assert model.blocks[0].attn.qkv.weight.any()  # only the head
+    with pytest.raises(ValueError, match="head_init"):
+        TrainConfig(head_init="xavier")
+
+
+def test_normalize_and_head_init_are_recorded_and_eval_uses_the_same_inputs(tmp_path):
+    import yaml
+
+    import mlae
+    from mlae.commands.train import evaluate_file
+
+    results = engine.train(_tiny_config(tmp_path, method="lora", normalize="inception", head_init="zero"))
+    run = tmp_path / "run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["normalize"], config["head_init"]) == ("inception", "zero")
+    meta = mlae.read_adapter_metadata(run / "adapter.safetensors")
+    assert (meta["normalize"], meta["input_mean"], meta["input_std"]) == ("inception", [0.5] * 3, [0.5] * 3)
+    assert results["normalize"] == "inception"
+    assert evaluate_file(str(run / "adapter.safetensors"))["top1"] == results["top1"]

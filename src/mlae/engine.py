@@ -33,7 +33,8 @@ from .utils import (DistInfo, atomic_save_file, atomic_write, atomic_write_text,
                     set_rng_state)
 
 __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
-           "load_trained", "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
+           "backbone_stats", "resolve_normalize", "init_head", "NORMALIZE_CHOICES", "HEAD_INITS", "load_trained",
+           "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
 
 # The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (DESIGN.md §4).
 DEFAULT_DATASET = "suite:digits"
@@ -41,6 +42,9 @@ CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
 EVAL_BATCH = 256  # fixed, so that `mlae eval` reproduces the run's numbers bit for bit
 MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
+# How inputs are normalised (see backbone_stats); "auto" is what runs made before the option used.
+NORMALIZE_CHOICES = ("auto", "backbone", "inception", "imagenet")
+HEAD_INITS = ("timm", "zero")
 PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's honest protocol), "
             "not the best of periodic evaluations")
 
@@ -67,6 +71,8 @@ class TrainConfig:
     img_size: int | None = None
     patch_size: int | None = None
     drop_path: float = 0.1
+    normalize: str = "auto"          # input statistics: auto | backbone | inception | imagenet (NORMALIZE_CHOICES)
+    head_init: str = "timm"          # the new head: timm (trunc-normal 0.02, timm >= 1.0) | zero (timm 0.4 era)
     # data
     data_root: str | None = None
     split: str = "test"              # "test": train on train+val, report test; "val": hold out a validation split
@@ -98,6 +104,10 @@ class TrainConfig:
 
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, not {self.normalize!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, not {self.head_init!r}")
         if self.split not in ("test", "val"):
             raise ValueError(f"split must be test or val, not {self.split!r}")
         for name in ("epochs", "batch_size", "checkpoint_every"):
@@ -207,7 +217,7 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
 
 def _clear_run_files(out: Path) -> None:
     for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, "adapter.safetensors", "model.safetensors",
-                 "curves.png"):
+                 "curves.png", "scales.png"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -292,9 +302,9 @@ def _all_reduce(values: list[float], device: torch.device, dist_info: DistInfo) 
 
 @dataclass
 class Inputs:
-    """Cached uint8 images -> model inputs: the task's crop/flip recipe (``prepare_batch``, ImageNet statistics as
-    the benchmarks' protocol has it), then, for a backbone pretrained with other statistics (``mean``/``std``),
-    a per-channel affine map onto those."""
+    """Cached uint8 images -> model inputs: the task's crop/flip recipe (``prepare_batch``, which normalises with
+    ImageNet statistics), then, for other statistics (``mean``/``std``, see :func:`backbone_stats`), a
+    per-channel affine map onto those."""
 
     augment: str
     image_size: int
@@ -321,18 +331,42 @@ class Inputs:
         return x
 
 
-def backbone_stats(backbone: str | None, model: nn.Module) -> tuple[tuple, tuple] | tuple[None, None]:
-    """Input statistics to feed ``backbone`` with. The embedded ViT was pretrained by us on [-1, 1] inputs and
-    says so in its card; timm models and checkpoint files follow the field's protocol (ImageNet mean/std for
-    VTAB-1k and FGVC, DESIGN.md §2) whatever their pretraining used."""
+def resolve_normalize(normalize: str, backbone: str | None) -> str:
+    """The statistics ``normalize`` stands for with ``backbone``. ``auto`` keeps what runs made before the option
+    used: the embedded ViT (and a folder written by `mlae pretrain`, whose card says so) its own ([-1, 1], how it
+    was pretrained), timm names and checkpoint files ImageNet's (the NOAH-era protocol of VTAB-1k and FGVC code)."""
     from .backbones import EMBEDDED, card_folder
 
-    if backbone not in (None, EMBEDDED) and card_folder(backbone) is None:  # `mlae pretrain` output has a card
-        return None, None
+    if normalize != "auto":
+        return normalize
+    return "backbone" if backbone in (None, EMBEDDED) or card_folder(backbone) is not None else "imagenet"
+
+
+def backbone_stats(backbone: str | None, model: nn.Module, normalize: str = "auto") -> tuple[tuple, tuple]:
+    """(mean, std) to feed ``backbone`` with: ImageNet's, Inception's (0.5, i.e. [-1, 1]) or, for ``backbone``,
+    the model's own ``pretrained_cfg`` (the embedded ViT's card; for a checkpoint file, that of its timm
+    architecture's default weights, which need not describe the file)."""
+    from .data import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
+
+    protocol = resolve_normalize(normalize, backbone)
+    if protocol == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if protocol == "inception":
+        return INCEPTION_MEAN, INCEPTION_STD
     card = getattr(model, "pretrained_cfg", None) or {}
     if "mean" not in card or "std" not in card:
-        return None, None
+        raise ValueError(f"--normalize backbone: {backbone or 'the embedded backbone'} declares no mean/std in its "
+                         "pretrained_cfg; pass --normalize inception or --normalize imagenet")
     return tuple(float(v) for v in card["mean"]), tuple(float(v) for v in card["std"])
+
+
+def init_head(model: nn.Module, how: str) -> None:
+    """``zero``: zero the new classifier head, as timm 0.4 (the NOAH / SPT generation) did; ``timm``: keep what
+    the installed timm drew (trunc-normal std 0.02 since timm 1.0)."""
+    if how == "zero":
+        with torch.no_grad():
+            for p in model.get_classifier().parameters():
+                p.zero_()
 
 
 @torch.inference_mode()
@@ -384,7 +418,9 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed,
                      skip_bad=cfg.skip_bad_images)
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
-    inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model))
+    init_head(model, cfg.head_init)
+    normalize = resolve_normalize(cfg.normalize, cfg.backbone)
+    inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model, normalize))
     model = method.prepare(model, options).to(device)
     mlae.set_train_size(model, len(task.train))  # N of per-example regularisers (MLAE's learned p: KL / N)
     attention = set_attention(model, cfg.attention, device=device, precision=precision)
@@ -396,7 +432,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     # switch), so checkpoints of both stages have the same optimizer layout.
     stage2_fraction = getattr(getattr(model, "mlae_config", None), "stage2_fraction", 0.0)
     if stage2_fraction:
-        from .adapters.dmlora import layer_scales, start_stage2
+        from .adapters.dmlora import layer_scales, learned_scales, start_stage2
 
         optimizer.add_param_group({"params": layer_scales(model), "weight_decay": 0.0})
 
@@ -535,9 +571,14 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     results["attention"] = attention
     if metrics[-1].get("learned"):
         results["learned"] = metrics[-1]["learned"]
+    results["normalize"] = normalize
+    if stage2_fraction:
+        results["layer_scales"] = learned_scales(model)  # α_l / α per layer: what stage 2 learned
     if dist_info.is_main:
-        _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs))
+        _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs, normalize))
         _plot_curves(out / "curves.png", metrics, task.eval_name)
+        if stage2_fraction:
+            _plot_scales(out / "scales.png", results["layer_scales"])
         atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
         (out / CHECKPOINT).unlink(missing_ok=True)
         if cfg.progress:
@@ -626,7 +667,7 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def weights_metadata(cfg: TrainConfig, task, inputs: Inputs) -> dict[str, Any]:
+def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> dict[str, Any]:
     """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
     are made absolute, so that the file works from any folder."""
     from .backbones import EMBEDDED, _looks_like_path
@@ -636,7 +677,7 @@ def weights_metadata(cfg: TrainConfig, task, inputs: Inputs) -> dict[str, Any]:
     return {"backbone": _absolute(backbone) if backbone != EMBEDDED and _looks_like_path(backbone) else backbone,
             "backbone_kwargs": backbone_kwargs(cfg),
             "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
-            "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,
+            "normalize": normalize, "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,
             "dataset": task.name, "dataset_spec": f"folder:{_absolute(rest)}" if prefix == "folder" else cfg.dataset,
             "data_root": _absolute(cfg.data_root), "method": cfg.method, "classes": task.classes,
             "skip_bad_images": cfg.skip_bad_images}
@@ -650,6 +691,24 @@ def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, An
     else:
         atomic_save_file(model.state_dict(), out / "model.safetensors",
                          {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
+
+
+def _plot_scales(path: Path, scales: dict[str, float]) -> None:
+    """Bars of DMLoRA's learned α_l / α per adapted layer, 1 marked (where stage 2 started)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(scales) + 1.5), 3.2))
+    ax.bar(range(len(scales)), [v - 1 for v in scales.values()], bottom=1.0)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(scales)))
+    ax.set_xticklabels(list(scales), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("learned α_l / α")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:

@@ -3,16 +3,20 @@
 ``K`` parallel low-rank branches replace LoRA's single pair, scaled by one learnable scalar per layer:
 
     ΔW = (α_l / r) · Σ_k B_k A_k                r = Σ_k r_k (the total rank)
+    α_l = α · exp(u_l)                          u_l = 0 until stage 2
 
 *Gradual branch dropout*: in each training step every branch is dropped with probability ``p(t)``, rising from
 0 to ``p_max`` over stage 1 along a schedule (linear, cosine or constant). Branches are stacked like MLAE's
 experts (``A: [K·r_k, in]``, ``B: [out, K·r_k]``); a step computes only the rows/columns of the kept branches,
 so a dropped branch takes part in neither the forward nor the backward pass.
 
-*Two-stage learning scalar (2S-LS)*: stage 1 trains the branches with the global scale ``α`` (``lora_alpha`` of
-every layer, frozen at ``α``); :func:`start_stage2` then freezes the branches, turns branch dropout off and
-makes each layer's ``lora_alpha`` (``α_l``) trainable -- the engine trains those at a tenth of the learning rate.
-Inference merges everything with ``α_l``.
+*Two-stage learning scalar (2S-LS)*: stage 1 trains the branches with the global scale ``α`` (``lora_alpha``,
+a buffer); :func:`start_stage2` then freezes the branches, turns branch dropout off and makes each layer's log
+scale ``u_l`` (``lora_log_scale``) trainable -- the engine trains those at a tenth of the learning rate.
+The scale is learned relative to ``α`` and in log space because Adam moves a parameter by about its learning
+rate per step whatever its size: trained directly, ``α_l ≈ 16`` would move α times less, relatively, than
+``u_l`` does, and could never leave ``α`` by more than a fraction of a percent. Inference merges everything
+with ``α_l``.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from torch import nn
 
 from .base import AdapterConfig, AdapterLayer
 
-__all__ = ["DMLoRAConfig", "DMLoRALinear", "drop_probability", "layer_scales", "start_stage2", "SCHEDULES"]
+__all__ = ["DMLoRAConfig", "DMLoRALinear", "drop_probability", "layer_scales", "learned_scales", "start_stage2",
+           "SCHEDULES"]
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -99,8 +104,14 @@ class DMLoRALinear(AdapterLayer):
         self.p = 0.0  # current drop probability, set by set_progress
         self.stage2 = False
         self.init_factors(branches * branch_rank)  # each branch is initialised like a LoRA
-        # α_l: frozen at the global α in stage 1, learned in stage 2.
-        self.lora_alpha = nn.Parameter(torch.tensor(float(alpha), device=dev), requires_grad=False)
+        # α_l = α · exp(u_l): u_l frozen at 0 in stage 1, learned in stage 2.
+        self.register_buffer("lora_alpha", torch.tensor(float(alpha), device=dev))
+        self.lora_log_scale = nn.Parameter(torch.zeros((), device=dev), requires_grad=False)
+
+    @property
+    def layer_alpha(self) -> torch.Tensor:
+        """``α_l``, the layer's scale of the update."""
+        return self.lora_alpha * self.lora_log_scale.exp()
 
     def set_progress(self, t: float) -> None:
         """Training progress ``t`` over both stages; the dropout ramp spans stage 1."""
@@ -114,7 +125,7 @@ class DMLoRALinear(AdapterLayer):
         return keep.repeat_interleave(self.branch_rank).nonzero().squeeze(1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.lora_alpha / self.lora_A.shape[0]
+        scale = self.layer_alpha / self.lora_A.shape[0]
         rows = self._kept_rows(x.device)
         if rows is None:
             return F.linear(F.linear(x, self.lora_A), self.lora_B * scale)
@@ -124,7 +135,7 @@ class DMLoRALinear(AdapterLayer):
         return F.linear(F.linear(x, self.lora_A[rows]), self.lora_B[:, rows] * scale)
 
     def factors(self):
-        return self.lora_A, self.lora_B * (self.lora_alpha / self.lora_A.shape[0])
+        return self.lora_A, self.lora_B * (self.layer_alpha / self.lora_A.shape[0])
 
     def expert_sizes(self) -> list[int]:
         return [self.branch_rank] * self.branches
@@ -144,16 +155,21 @@ def _layers(model: nn.Module) -> list[DMLoRALinear]:
 
 
 def layer_scales(model: nn.Module) -> list[nn.Parameter]:
-    """The per-layer scalars ``α_l`` (frozen until :func:`start_stage2`)."""
-    return [layer.lora_alpha for layer in _layers(model)]
+    """The per-layer log scales ``u_l`` (frozen until :func:`start_stage2`)."""
+    return [layer.lora_log_scale for layer in _layers(model)]
+
+
+def learned_scales(model: nn.Module) -> dict[str, float]:
+    """``α_l / α = exp(u_l)`` of every DMLoRA layer, by qualified name: what stage 2 learned."""
+    return {layer.name: float(layer.lora_log_scale.detach().exp()) for layer in _layers(model)}
 
 
 def start_stage2(model: nn.Module) -> list[nn.Parameter]:
     """Switch every DMLoRA layer of ``model`` to stage 2 of 2S-LS: freeze the branches, stop branch dropout and
-    make ``α_l`` trainable. Returns the ``α_l`` parameters (to train at a tenth of the learning rate)."""
+    make ``u_l`` trainable. Returns the ``u_l`` parameters (to train at a tenth of the learning rate)."""
     for layer in _layers(model):
         layer.stage2 = True
         layer.lora_A.requires_grad_(False)
         layer.lora_B.requires_grad_(False)
-        layer.lora_alpha.requires_grad_(True)
+        layer.lora_log_scale.requires_grad_(True)
     return layer_scales(model)

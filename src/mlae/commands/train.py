@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 
 def _register_train(subparsers) -> None:
-    from ..engine import DEFAULT_DATASET, TrainConfig
+    from ..engine import DEFAULT_DATASET, HEAD_INITS, NORMALIZE_CHOICES, TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -35,8 +35,8 @@ def _register_train(subparsers) -> None:
         f"'{DEFAULT_DATASET}' task with the embedded backbone, in a few minutes on a CPU.",
         argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("task and method")
-    g.add_argument("--dataset", metavar="SPEC", help=f"dataset spec (default {d.dataset}; e.g. a suite task name, "
-                   "a VTAB-1k or FGVC folder)")
+    g.add_argument("--dataset", metavar="SPEC", help=f"dataset spec (default {d.dataset}; e.g. digits, "
+                   "vtab:cifar or fgvc:CUB with --data-root, folder:PATH)")
     g.add_argument("--method", choices=list(METHODS), help=f"fine-tuning method (default {d.method})")
     g.add_argument("--config", metavar="FILE", help="YAML recipe (e.g. configs/vtab_mlae.yaml); command-line "
                    "options override it")
@@ -72,6 +72,11 @@ def _register_train(subparsers) -> None:
     g.add_argument("--img-size", type=int, help="input size (default: the backbone's)")
     g.add_argument("--patch-size", type=int, help="patch size (default: the backbone's)")
     g.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {d.drop_path})")
+    g.add_argument("--normalize", choices=list(NORMALIZE_CHOICES), help="input mean/std: backbone = the "
+                   "backbone's own pretrained_cfg, inception = 0.5/0.5 ([-1, 1], the MLAE paper), imagenet = "
+                   "ImageNet's; auto = backbone for the embedded ViT, imagenet otherwise (default auto)")
+    g.add_argument("--head-init", choices=list(HEAD_INITS), help="the new classifier head: timm = what the "
+                   "installed timm draws (trunc-normal 0.02), zero = zeros as timm 0.4 did (default timm)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")

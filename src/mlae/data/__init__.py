@@ -3,8 +3,9 @@
     task = load_task("vtab:cifar", data_root="/data/vtab-1k", image_size=224)
     x = prepare_batch(task.train.images[:64], train=True, augment=task.augment, image_size=224)
 
-Specs: "vtab:<name>", "fgvc:<name>", "folder:<path>", "suite:<task>" (no download needed). Images are decoded
-once into uint8 tensors and cached next to the data (see `base.cached_split`).
+Specs: "vtab:<name>", "fgvc:<name>", "folder:<path>", "suite:<task>" (no download needed; a suite task name
+alone works too unless VTAB-1k has a dataset of that name). Images are decoded once into uint8 tensors and
+cached next to the data (see `base.cached_split`).
 """
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import os
 from pathlib import Path
 
 from .base import DatasetError, Split, Task, clear_cache
-from .fgvc import FGVC_TASKS, load_fgvc
+from .fgvc import FGVC_TASKS, canonical_name, load_fgvc
 from .folder import load_folder
 from .suite import SUITE_TASKS, make_suite_task
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, cache_size, prepare_batch
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, cache_size, prepare_batch
 from .vtab import VTAB_TASKS, load_vtab
 
 __all__ = ["load_task", "expand_specs", "Task", "Split", "prepare_batch", "cache_size", "DatasetError",
-           "VTAB_TASKS", "FGVC_TASKS", "SUITE_TASKS", "SPEC_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "clear_cache"]
+           "VTAB_TASKS", "FGVC_TASKS", "SUITE_TASKS", "SPEC_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD",
+           "INCEPTION_MEAN", "INCEPTION_STD", "clear_cache"]
 
 SPEC_PREFIXES = ("vtab", "fgvc", "folder", "suite")
 # "<prefix>:all" expands to every task of that family
@@ -28,10 +30,46 @@ _FAMILIES = {"vtab": VTAB_TASKS, "fgvc": FGVC_TASKS, "suite": SUITE_TASKS}
 
 def _parse(spec: str) -> tuple[str, str]:
     prefix, sep, rest = spec.partition(":")
-    if not sep or prefix not in SPEC_PREFIXES or not rest:
+    if not sep:
+        return _bare(spec)
+    if prefix not in SPEC_PREFIXES or not rest:
         raise DatasetError(f"cannot parse dataset spec {spec!r}: expected one of "
                            + ", ".join(f"'{p}:<name>'" for p in SPEC_PREFIXES))
     return prefix, rest
+
+
+def _bare(spec: str) -> tuple[str, str]:
+    """A spec without a prefix, as new users type it: an embedded suite task name stands for itself; a VTAB-1k or
+    FGVC name or a folder gets an error that says which spec to write."""
+    if spec in SUITE_TASKS and spec not in VTAB_TASKS:
+        return "suite", spec
+    if spec in SUITE_TASKS:
+        raise DatasetError(f"{spec!r} is both an embedded suite task and a VTAB-1k dataset: write suite:{spec}, "
+                           f"or vtab:{spec} with --data-root <folder holding the VTAB-1k datasets>")
+    for family, benchmark, known in (("vtab", "VTAB-1k", spec in VTAB_TASKS), ("fgvc", "FGVC", _is_fgvc(spec))):
+        if known:
+            raise DatasetError(f"dataset {spec!r} needs its benchmark: write {family}:{spec} with --data-root "
+                               f"<folder holding the {benchmark} datasets>")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        name, parent = path.resolve().name, path.resolve().parent
+        if (path / "train800val200.txt").is_file():
+            hint = f"vtab:{name} with --data-root {parent}"
+        elif any((path / f"{s}.json").is_file() for s in ("train", "val", "test")):
+            hint = f"fgvc:{name} with --data-root {parent}"
+        else:
+            hint = f"folder:{spec} (class sub-folders, optionally under train/ and test/)"
+        raise DatasetError(f"{spec!r} is a folder, not a dataset spec: write {hint}")
+    raise DatasetError(f"cannot parse dataset spec {spec!r}: expected a suite task name or one of "
+                       + ", ".join(f"'{p}:<name>'" for p in SPEC_PREFIXES))
+
+
+def _is_fgvc(name: str) -> bool:
+    try:
+        canonical_name(name)
+    except DatasetError:
+        return False
+    return True
 
 
 def expand_specs(specs: str | list[str]) -> list[str]:
@@ -45,7 +83,7 @@ def expand_specs(specs: str | list[str]) -> list[str]:
         if rest == "all" and prefix in _FAMILIES:
             out += [f"{prefix}:{name}" for name in _FAMILIES[prefix]]
         else:
-            out.append(item)
+            out.append(f"{prefix}:{rest}")  # "digits" -> "suite:digits"
     return out
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUGMENTS", "prepare_batch", "cache_size", "fgvc_cache_size"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD", "AUGMENTS", "prepare_batch", "cache_size", "fgvc_cache_size"]
 
 # The same constants as timm.data.IMAGENET_DEFAULT_MEAN / IMAGENET_DEFAULT_STD (spelled out so that the data
 # layer imports without timm).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm.data.IMAGENET_INCEPTION_MEAN / _STD: inputs in [-1, 1], how Google's ViT-B/16 (ImageNet-21k) was pretrained.
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
 AUGMENTS = ("none", "fgvc")
 
 
