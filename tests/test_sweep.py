@@ -174,3 +174,35 @@ def test_hopeless_trials_are_pruned_and_final_uses_test(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ["val"] * 4 + ["test"]
     assert calls[-1][1] == 0.0  # the best (val) configuration is the one retrained
     assert "pruned" in (out / "trials.md").read_text()
+
+
+def test_trial_closed_by_another_worker_is_dropped_not_crashed(tmp_path, monkeypatch, capsys):
+    """A worker on another machine that missed our heartbeats (`--stale-after`) fails our running trial and queues
+    it again. This worker must notice at its next report, drop its run and go on: the point runs once more."""
+    import mlae.engine
+    from mlae.cli import build_parser
+    from mlae.commands.sweep import Sweep
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--dataset", "suite:digits", "--epochs", "3", "--no-prune", "--no-final", *GRID, "--out", str(out)]
+    calls = []
+
+    def fake_train(cfg, *, on_epoch_end=None):
+        calls.append(cfg.out)
+        for epoch in range(1, cfg.epochs + 1):
+            if len(calls) == 1 and epoch == 2:  # the other worker gives up on trial 0
+                assert Sweep(build_parser().parse_args([*argv, "--stale-after", "0"])).fail_stale() == [0]
+            on_epoch_end(epoch, {"epoch": epoch, "val_top1": 0.5})
+        return {"top1": 0.5, "best_val_top1": 0.5, "epochs": cfg.epochs, "wall_time_s": 0.0,
+                "params": {"trainable": 1}, "eval_split": cfg.split}
+
+    monkeypatch.setattr(mlae.engine, "train", fake_train)
+    assert main(argv) == 0
+    assert "trial 0 was closed by another worker" in capsys.readouterr().err
+    trials = _trials(f"sqlite:///{out / 'study.db'}", "sweep")
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["params"] == trials[0].params
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted((t.params["dropout"], t.params["coeff_init"]) for t in complete) == \
+        [(0.0, 0.5), (0.0, 2.0), (0.5, 0.5), (0.5, 2.0)]  # every point once, the dropped one re-run
+    assert [t.user_attrs.get("retry_of") for t in complete].count(0) == 1 and len(trials) == 5
+    assert len(calls) == 5
