@@ -40,7 +40,7 @@ def assert_same_body(a, b) -> None:
 
 
 def to_google_npz(model, path) -> None:
-    """Write a timm ViT in the layout of Google's ViT-B_16.npz (what timm's `_load_weights` reads)."""
+    """A timm ViT in the layout of Google's ViT-B_16.npz (what timm's `VisionTransformer.load_pretrained` reads)."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     d = model.embed_dim
     h = model.blocks[0].attn.num_heads
@@ -202,3 +202,9 @@ def test_timm_name_without_network_gives_helpful_error(monkeypatch):
 def test_timm_name_random_init_and_input_size():
     model = create_backbone("vit_tiny_patch16_224", num_classes=3, pretrained=False, img_size=64)
     assert backbone_input_size(model) == 64 and model.head.out_features == 3
+
+
+def test_npz_into_a_model_that_is_not_a_vit(tmp_path):
+    to_google_npz(tiny(), tmp_path / "ViT-tiny.npz")
+    with pytest.raises(BackboneError, match=r"VisionTransformer models only, not Sequential; pick a ViT"):
+        load_checkpoint(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "ViT-tiny.npz")
