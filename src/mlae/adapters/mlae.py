@@ -25,6 +25,9 @@ from torch import nn
 from .. import patterns
 from .base import AdapterConfig, AdapterLayer
 
+MASKINGS = ("stochastic", "fixed", "mixed")
+MASK_GRANULARITIES = ("batch", "sample")
+
 __all__ = ["MLAEConfig", "MLAELinear"]
 
 
@@ -61,10 +64,10 @@ class MLAEConfig(AdapterConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
             raise ValueError("coeff_init and scale must be finite")
-        if self.masking not in ("stochastic", "fixed", "mixed"):
-            raise ValueError(f"masking must be 'stochastic', 'fixed' or 'mixed', got {self.masking!r}")
-        if self.mask_granularity not in ("batch", "sample"):
-            raise ValueError(f"mask_granularity must be 'batch' or 'sample', got {self.mask_granularity!r}")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
+        if self.mask_granularity not in MASK_GRANULARITIES:
+            raise ValueError(f"mask_granularity must be one of {MASK_GRANULARITIES}, got {self.mask_granularity!r}")
         if isinstance(self.pattern, tuple):
             self.pattern = list(self.pattern)
         if isinstance(self.pattern, str) and self.pattern not in patterns.PATTERN_NAMES:
