@@ -189,7 +189,7 @@ def register(subparsers) -> None:
     g.add_argument("--out", dest="sweep_out", metavar="DIR", help="output folder (default "
                    "sweeps/<dataset>_<method>)")
     g.add_argument("--storage", metavar="URL", help="Optuna storage shared by the workers: an RDB URL "
-                   "(postgresql://user:pw@host/db, sqlite:///path.db) or journal:PATH (a journal file, safe for "
+                   "(postgresql://user:pw@host/db with the postgres extra, sqlite:///path.db) or journal:PATH (a journal file, safe for "
                    "many processes and NFS); default sqlite:///<out>/study.db")
     g.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the --out folder's "
                    "name)")
@@ -236,6 +236,11 @@ def open_storage(url: str | None, out: Path):
     for attempt in range(5):  # workers starting together may race to create the tables
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except ImportError as err:  # SQLAlchemy found no driver for the URL's database
+            scheme = url.split("://")[0]  # not the rest: it may hold a password
+            raise RecipeError(f"--storage {scheme}://...: no database driver for it ({err.__cause__ or err}); for "
+                              "PostgreSQL: pip install 'mlae[postgres]' (psycopg), or name an installed driver "
+                              "in the URL (postgresql+psycopg2://...)") from err
         except Exception:
             if attempt == 4:
                 raise
