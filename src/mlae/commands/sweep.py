@@ -189,8 +189,8 @@ def register(subparsers) -> None:
     g.add_argument("--out", dest="sweep_out", metavar="DIR", help="output folder (default "
                    "sweeps/<dataset>_<method>)")
     g.add_argument("--storage", metavar="URL", help="Optuna storage shared by the workers: an RDB URL "
-                   "(postgresql://user:pw@host/db with the postgres extra, sqlite:///path.db) or journal:PATH (a journal file, safe for "
-                   "many processes and NFS); default sqlite:///<out>/study.db")
+                   "(postgresql://user:pw@host/db with the postgres extra, sqlite:///path.db) or journal:PATH (a "
+                   "journal file, safe for many processes and NFS); default sqlite:///<out>/study.db")
     g.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the --out folder's "
                    "name)")
     g.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
