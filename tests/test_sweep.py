@@ -68,8 +68,8 @@ def postgres_url():
     tools = {name: _postgres_tool(name) for name in ("initdb", "pg_ctl")}
     if None in tools.values():
         pytest.skip("no PostgreSQL server here (initdb/pg_ctl not found): apt-get install postgresql")
-    folder = Path(tempfile.mkdtemp(prefix="mlae-pg-"))  # not under pytest's tmp_path: root-only (0700) parents
     run_as: list[str] = []
+    user = None
     if os.geteuid() == 0:
         import pwd
 
@@ -77,23 +77,25 @@ def postgres_url():
         if not users or not shutil.which("runuser"):
             pytest.skip("running as root, and no `postgres`/`nobody` user or no runuser to start PostgreSQL as")
         user = pwd.getpwnam(users[0])
-        os.chown(folder, user.pw_uid, user.pw_gid)
         run_as = ["runuser", "-u", user.pw_name, "--"]
     with socket.socket() as sock:  # a free port (the tiny window until postgres binds it is acceptable here)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    folder = Path(tempfile.mkdtemp(prefix="mlae-pg-"))  # not under pytest's tmp_path: root-only (0700) parents
     data, log = folder / "data", folder / "server.log"
     server = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off -c full_page_writes=off"
     steps = [[tools["initdb"], "-D", str(data), "-U", "mlae", "-A", "trust", "--no-sync", "--no-locale",
               "-E", "UTF8"],  # not SQL_ASCII, where psycopg returns text as bytes
              [tools["pg_ctl"], "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", server, "start"]]
     try:
+        if user is not None:
+            os.chown(folder, user.pw_uid, user.pw_gid)
         for step in steps:
             done = subprocess.run([*run_as, *step], capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 tail = (log.read_text()[-600:] if log.exists() else "") or (done.stdout + done.stderr)[-600:]
                 pytest.skip(f"the PostgreSQL server could not start ({Path(step[0]).name} exit "
-                            f"{done.returncode}): {tail.strip()}")
+                            f"{done.returncode}){': ' + tail.strip() if tail.strip() else ''}")
         with psycopg.connect(host="127.0.0.1", port=port, user="mlae", dbname="postgres", autocommit=True) as conn:
             conn.execute("CREATE DATABASE sweeps")  # autocommit: CREATE DATABASE runs outside a transaction
         yield f"postgresql+psycopg://mlae@127.0.0.1:{port}/sweeps"
