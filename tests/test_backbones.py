@@ -42,7 +42,7 @@ def assert_same_body(a, b) -> None:
 
 
 def to_google_npz(model, path) -> None:
-    """Write a timm ViT in the layout of Google's ViT-B_16.npz (what timm's `_load_weights` reads)."""
+    """A timm ViT in the layout of Google's ViT-B_16.npz (what timm's `VisionTransformer.load_pretrained` reads)."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     d = model.embed_dim
     h = model.blocks[0].attn.num_heads
@@ -233,3 +233,9 @@ def test_pretrain_output_folder_is_a_backbone_with_its_card(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(BackboneError, match="folder without embedded_vit.json"):
         create_backbone(tmp_path / "plain", num_classes=5)
+
+
+def test_npz_into_a_model_that_is_not_a_vit(tmp_path):
+    to_google_npz(tiny(), tmp_path / "ViT-tiny.npz")
+    with pytest.raises(BackboneError, match=r"VisionTransformer models only, not Sequential; pick a ViT"):
+        load_checkpoint(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "ViT-tiny.npz")

@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,7 +46,64 @@ def _worker(argv: list[str]) -> subprocess.Popen:
 
 
 def _trials(storage, name: str) -> list:
-    return optuna.load_study(study_name=name, storage=storage).get_trials()
+    """The study's trials, less "spares": trials that a worker's ask() opened when another worker had just taken
+    the last queued grid point, closed at once and never run (see Sweep.next_trial)."""
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    return [t for t in trials if not t.user_attrs.get("spare")]
+
+
+def _postgres_tool(name: str) -> str | None:
+    """initdb / pg_ctl: on PATH, or where Debian's postgresql package puts them (newest version first)."""
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: -int(p.parts[-3])
+                      if p.parts[-3].isdigit() else 0)
+    return shutil.which(name) or (str(versions[0]) if versions else None)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server (Debian's `postgresql` package) in a temporary folder, on 127.0.0.1 only.
+    Postgres refuses to run as root: as root the server runs as the `postgres` user (or `nobody`)."""
+    psycopg = pytest.importorskip("psycopg", reason="PostgreSQL sweeps need the driver: pip install -e '.[postgres]'")
+
+    tools = {name: _postgres_tool(name) for name in ("initdb", "pg_ctl")}
+    if None in tools.values():
+        pytest.skip("no PostgreSQL server here (initdb/pg_ctl not found): apt-get install postgresql")
+    run_as: list[str] = []
+    user = None
+    if os.geteuid() == 0:
+        import pwd
+
+        users = [u for u in ("postgres", "nobody") if u in {p.pw_name for p in pwd.getpwall()}]
+        if not users or not shutil.which("runuser"):
+            pytest.skip("running as root, and no `postgres`/`nobody` user or no runuser to start PostgreSQL as")
+        user = pwd.getpwnam(users[0])
+        run_as = ["runuser", "-u", user.pw_name, "--"]
+    with socket.socket() as sock:  # a free port (the tiny window until postgres binds it is acceptable here)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = Path(tempfile.mkdtemp(prefix="mlae-pg-"))  # not under pytest's tmp_path: root-only (0700) parents
+    data, log = folder / "data", folder / "server.log"
+    server = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off -c full_page_writes=off"
+    steps = [[tools["initdb"], "-D", str(data), "-U", "mlae", "-A", "trust", "--no-sync", "--no-locale",
+              "-E", "UTF8"],  # not SQL_ASCII, where psycopg returns text as bytes
+             [tools["pg_ctl"], "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", server, "start"]]
+    try:
+        if user is not None:
+            os.chown(folder, user.pw_uid, user.pw_gid)
+        for step in steps:
+            done = subprocess.run([*run_as, *step], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                tail = (log.read_text()[-600:] if log.exists() else "") or (done.stdout + done.stderr)[-600:]
+                pytest.skip(f"the PostgreSQL server could not start ({Path(step[0]).name} exit "
+                            f"{done.returncode}){': ' + tail.strip() if tail.strip() else ''}")
+        with psycopg.connect(host="127.0.0.1", port=port, user="mlae", dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE sweeps")  # autocommit: CREATE DATABASE runs outside a transaction
+        yield f"postgresql+psycopg://mlae@127.0.0.1:{port}/sweeps"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*run_as, tools["pg_ctl"], "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_two_workers_share_one_grid(vtab_root, tmp_path):
@@ -114,6 +178,17 @@ def test_killed_worker_trial_is_failed_and_rerun(vtab_root, tmp_path):
     assert not (out / "final").exists()
 
 
+def test_storage_without_its_driver_is_a_one_line_error(vtab_root, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("MySQLdb"):
+        pytest.skip("a MySQL driver is installed here")
+    assert main(_argv(vtab_root, tmp_path / "s", "--storage", "mysql://me:secret@127.0.0.1/x")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mlae: error: --storage mysql://...: no database driver") and "mlae[postgres]" in err
+    assert "secret" not in err and err.count("\n") == 1
+
+
 def test_search_space_parsing():
     from mlae.commands.sweep import parse_param
     from mlae.recipes import RecipeError
@@ -174,3 +249,102 @@ def test_hopeless_trials_are_pruned_and_final_uses_test(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ["val"] * 4 + ["test"]
     assert calls[-1][1] == 0.0  # the best (val) configuration is the one retrained
     assert "pruned" in (out / "trials.md").read_text()
+
+
+def test_trial_closed_by_another_worker_is_dropped_not_crashed(tmp_path, monkeypatch, capsys):
+    """A worker on another machine that missed our heartbeats (`--stale-after`) fails our running trial and queues
+    it again. This worker must notice at its next report, drop its run and go on: the point runs once more."""
+    import mlae.engine
+    from mlae.cli import build_parser
+    from mlae.commands.sweep import Sweep
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--dataset", "suite:digits", "--epochs", "3", "--no-prune", "--no-final", *GRID, "--out", str(out)]
+    calls = []
+
+    def fake_train(cfg, *, on_epoch_end=None):
+        calls.append(cfg.out)
+        for epoch in range(1, cfg.epochs + 1):
+            if len(calls) == 1 and epoch == 2:  # the other worker gives up on trial 0
+                assert Sweep(build_parser().parse_args([*argv, "--stale-after", "0"])).fail_stale() == [0]
+            on_epoch_end(epoch, {"epoch": epoch, "val_top1": 0.5})
+        return {"top1": 0.5, "best_val_top1": 0.5, "epochs": cfg.epochs, "wall_time_s": 0.0,
+                "params": {"trainable": 1}, "eval_split": cfg.split}
+
+    monkeypatch.setattr(mlae.engine, "train", fake_train)
+    assert main(argv) == 0
+    assert "trial 0 was closed by another worker" in capsys.readouterr().err
+    trials = _trials(f"sqlite:///{out / 'study.db'}", "sweep")
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["params"] == trials[0].params
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted((t.params["dropout"], t.params["coeff_init"]) for t in complete) == \
+        [(0.0, 0.5), (0.0, 2.0), (0.5, 0.5), (0.5, 2.0)]  # every point once, the dropped one re-run
+    assert [t.user_attrs.get("retry_of") for t in complete].count(0) == 1 and len(trials) == 5
+    assert len(calls) == 5
+
+
+def test_postgres_two_workers_survive_a_sigkill(vtab_root, tmp_path, postgres_url):
+    """Two workers on one PostgreSQL study (created by whichever is first); one is killed with SIGKILL in the
+    middle of a trial. The other fails that trial, runs it again from its checkpoint and completes the study:
+    every grid point is trained to the end exactly once, no trial is started twice, one final retraining."""
+    out = tmp_path / "sweep"
+    argv = _argv(vtab_root, out, *GRID, "--epochs", "4", "--no-prune", "--storage", postgres_url,
+                 "--study-name", "pg")
+    workers = [_worker(argv) for _ in range(2)]
+    logs: list[list[str]] = [[], []]
+    pumps = [threading.Thread(target=lambda w=w, log=log: log.extend(w.stdout), daemon=True)
+             for w, log in zip(workers, logs)]
+    for pump in pumps:
+        pump.start()
+
+    def started(log: list[str]) -> list[int]:
+        return [int(n) for n in re.findall(r"^trial (\d+) \(.*\) started", "".join(log), re.M)]
+
+    try:
+        victim = killed = None
+        deadline = time.time() + 240
+        while victim is None:  # the first trial that has a checkpoint but no result yet: kill its worker
+            for i, log in enumerate(logs):
+                for n in started(log):
+                    folder = out / "trials" / str(n)
+                    if (folder / "checkpoint.safetensors").exists() and not (folder / "results.json").exists():
+                        victim, killed = i, n
+            assert all(w.poll() is None for w in workers), "".join(logs[0] + logs[1])
+            assert time.time() < deadline, "no trial reached its first checkpoint"
+            time.sleep(0.02)
+        workers[victim].send_signal(signal.SIGKILL)
+        workers[victim].wait()  # reaped: its pid is no longer alive for the other worker to see
+        assert not (out / "trials" / str(killed) / "results.json").exists(), "the trial ended before the kill"
+        survivor = workers[1 - victim]
+        survivor.wait(timeout=400)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+        for pump in pumps:
+            pump.join(timeout=10)
+    text = "".join(logs[1 - victim])
+    assert workers[victim].returncode == -signal.SIGKILL and survivor.returncode == 0, text
+    assert f"trial {killed} of dead worker" in text
+
+    trials = _trials(postgres_url, "pg")
+    states = Counter(t.state.name for t in trials)
+    assert states == {"COMPLETE": 4, "FAIL": 1}, states  # nothing left queued or running
+    dead = next(t for t in trials if t.number == killed)
+    assert dead.state.name == "FAIL"
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == killed]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params
+    points = sorted((t.params["dropout"], t.params["coeff_init"]) for t in trials if t.state.name == "COMPLETE")
+    assert points == [(0.0, 0.5), (0.0, 2.0), (0.5, 0.5), (0.5, 2.0)]  # none lost, none run twice
+    runs = started(logs[0]) + started(logs[1])
+    assert sorted(runs) == sorted(t.number for t in trials), runs  # each trial started by one worker, once
+    assert f"trial {retry[0].number} (" in text and "started (resumed)" in text
+    # the re-run continued the killed run from its checkpoint: each epoch once, in the new trial's folder
+    metrics = (out / "trials" / str(retry[0].number) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["epoch"] for m in metrics] == [1, 2, 3, 4]
+    for t in trials:
+        if t.state.name == "COMPLETE":
+            assert json.loads((out / "trials" / str(t.number) / "results.json").read_text())["top1"] == t.value
+    assert text.count("final: test top-1") == 1
+    assert json.loads((out / "final" / "results.json").read_text())["eval_split"] == "test"

@@ -309,10 +309,14 @@ def _mismatch_message(source: str, model_name: str, missing: list[str], unexpect
 
 
 def _load_npz(model: nn.Module, path: Path) -> None:
-    """Google's ViT ``.npz`` (vision_transformer / big_vision layout), via timm's own converter."""
+    """Google's ViT ``.npz`` (vision_transformer / big_vision layout), via timm's own converter
+    (``VisionTransformer.load_pretrained``)."""
     import numpy as np
-    from timm.models.vision_transformer import _load_weights
 
+    if not callable(getattr(model, "load_pretrained", None)):
+        raise BackboneError(f"{path}: Google .npz checkpoints load into timm VisionTransformer models only, not "
+                            f"{type(model).__name__}; pick a ViT architecture with `arch=` (e.g. "
+                            "vit_base_patch16_224)")
     try:
         with np.load(str(path)) as npz:
             shapes = {k: tuple(npz[k].shape) for k in npz.files}
@@ -322,7 +326,7 @@ def _load_npz(model: nn.Module, path: Path) -> None:
     _check_npz_layout(model, path, shapes)
     head = {k: v.clone() for k, v in model.state_dict().items() if _is_head(k)}
     try:
-        _load_weights(model, str(path))
+        model.load_pretrained(str(path))
     except (KeyError, RuntimeError, ValueError) as err:
         raise BackboneError(f"checkpoint {path} does not fit the {type(model).__name__} architecture "
                             f"(pick the matching timm architecture with `arch=`): {type(err).__name__}: "

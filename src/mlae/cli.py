@@ -21,11 +21,16 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="mlae",
         description="Parameter-efficient fine-tuning of vision transformers with Masked LoRA Experts (MLAE), "
         "DMLoRA, MoLE and the LoRA / linear-probe / full fine-tuning baselines.",
+        epilog="`mlae train` with no options is the main job: MLAE on the embedded backbone and task, a few "
+        "minutes on a CPU. `mlae COMMAND --help` describes a command.",
     )
+    parser.add_argument("--version", action="version", version=f"mlae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -41,11 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if not argv:
-        # No arguments: the README's main job (fine-tune the embedded backbone on an embedded task).
-        argv = ["train"]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
+        # No command: list the commands rather than start a training nobody named. Exit 2 like a usage error,
+        # so that a script that ran bare `mlae` expecting training fails instead of passing silently.
         parser.print_help()
         return 2
     return int(args.func(args) or 0)

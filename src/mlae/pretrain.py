@@ -49,17 +49,19 @@ def register(subparsers) -> None:
     g.add_argument("--eval-per-class", type=int, default=d["eval_per_class"],
                    help="held-out images per class (fresh renders) for the final accuracy")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d["epochs"])
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs")
     g.add_argument("--steps", type=int, default=None,
                    help="stop after this many optimiser steps (smoke tests / CI); the schedule still "
                    "spans --epochs")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"])
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per optimiser step")
     g.add_argument("--lr", type=float, default=d["lr"], help="AdamW peak learning rate (cosine decay)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
     g.add_argument("--warmup", type=float, default=d["warmup"], help="fraction of steps of linear warmup")
-    g.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    g.add_argument("--label-smoothing", type=float, default=d["label_smoothing"],
+                   help="label smoothing of the cross-entropy")
     g.add_argument("--drop-path", type=float, default=d["drop_path"], help="stochastic depth rate")
-    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed of the fractal classes, the renders and the "
+                   "initial weights")
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 (emulated "
@@ -68,11 +70,11 @@ def register(subparsers) -> None:
     g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention kernel (auto: math on a CPU under bf16, where the fused backward is slow)")
     g = p.add_argument_group("architecture (a timm VisionTransformer)")
-    g.add_argument("--depth", type=int, default=d["depth"])
+    g.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks")
     g.add_argument("--dim", type=int, default=d["dim"], help="embedding width")
-    g.add_argument("--heads", type=int, default=d["heads"])
-    g.add_argument("--patch-size", type=int, default=d["patch_size"])
-    g.add_argument("--img-size", type=int, default=d["img_size"])
+    g.add_argument("--heads", type=int, default=d["heads"], help="attention heads")
+    g.add_argument("--patch-size", type=int, default=d["patch_size"], help="patch size (pixels)")
+    g.add_argument("--img-size", type=int, default=d["img_size"], help="input size (pixels)")
     p.add_argument("--out", type=Path, default=Path("embedded_vit"),
                    help="output directory for the weights and the JSON card")
     p.add_argument("--overwrite", action="store_true",

@@ -23,6 +23,9 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .adapters.mlae import MASK_GRANULARITIES, MASKINGS
+from .patterns import PATTERN_NAMES
+
 __all__ = [
     "METHODS",
     "Method",
@@ -49,7 +52,8 @@ class Option:
     default: Any
     help: str
     choices: tuple | None = None
-    # For booleans: the flag that sets the option to the opposite of its default (e.g. --no-adaptive).
+    # For booleans: the flag that sets the option to the opposite of its default (e.g. --no-adaptive); ``help``
+    # then says what the flag does.
     flag: str | None = None
     # argparse nargs for list-valued options (e.g. "+" for --experts-from A B C).
     nargs: str | None = None
@@ -164,12 +168,15 @@ register_method(Method("mlae", "Masked LoRA Experts", _prepare_mlae, (
     Option("dropout_per_expert", _bool, False, "with --dropout auto: learn one p per expert instead of per layer",
            flag="--dropout-per-expert"),
     Option("coeff_init", float, 1.0, "initial expert coefficient c_i"),
-    Option("adaptive", _bool, True, "train the expert coefficients (--no-adaptive freezes them at --coeff-init)",
+    Option("adaptive", _bool, True, "freeze the expert coefficients at --coeff-init (default: they train)",
            flag="--no-adaptive"),
-    Option("masking", str, "stochastic", "expert masking: stochastic, fixed or mixed"),
-    Option("pattern", str, "uniform", "per-layer pattern of expert counts / dropout rates: uniform, "
-           "incremental, decremental, hourglass, protruding or random"),
-    Option("mask_granularity", str, "batch", "batch (one mask per forward, shared by the batch) or sample"),
+    Option("masking", str, "stochastic", "expert masking: stochastic (drop each expert with probability "
+           "--dropout), fixed (keep the --pattern's expert counts) or mixed (both)", choices=MASKINGS),
+    Option("pattern", str, "uniform", "per-layer pattern of expert dropout rates (stochastic masking) or "
+           "expert counts (fixed, mixed; random only there); a per-layer list in a YAML recipe",
+           choices=PATTERN_NAMES),
+    Option("mask_granularity", str, "batch", "batch: one mask per forward, shared by the batch; sample: one per "
+           "sample", choices=MASK_GRANULARITIES),
     Option("scale", float, 1.0, "global scale s of the update"),
     TARGETS,
 )))
@@ -208,7 +215,8 @@ register_method(Method("dmlora", "Dropout Mixture LoRA: branches, gradual branch
     Option("branch_dropout", float, 0.5, "final branch dropout probability p_max"),
     Option("schedule", str, "linear", "growth of the branch dropout over stage 1",
            choices=("linear", "cosine", "constant")),
-    Option("rescale", _bool, True, "scale kept branches by 1/(1-p) in training", flag="--no-rescale"),
+    Option("rescale", _bool, True, "do not scale the kept branches by 1/(1-p) in training (default: they are "
+           "scaled)", flag="--no-rescale"),
     Option("stage2_fraction", float, 0.1, "share of training in stage 2 (per-layer scales only, lr / 10)"),
     TARGETS,
 )))

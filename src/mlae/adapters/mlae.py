@@ -38,6 +38,9 @@ from torch import nn
 from .. import patterns
 from .base import AdapterConfig, AdapterLayer
 
+MASKINGS = ("stochastic", "fixed", "mixed")
+MASK_GRANULARITIES = ("batch", "sample")
+
 __all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "AUTO", "LEARNERS", "P_MAX", "GAIN", "TEMPERATURE"]
 
 AUTO = "auto"
@@ -103,10 +106,10 @@ class MLAEConfig(AdapterConfig):
             raise ValueError("dropout_learner, dropout_init and dropout_per_expert apply to dropout='auto' only")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
             raise ValueError("coeff_init and scale must be finite")
-        if self.masking not in ("stochastic", "fixed", "mixed"):
-            raise ValueError(f"masking must be 'stochastic', 'fixed' or 'mixed', got {self.masking!r}")
-        if self.mask_granularity not in ("batch", "sample"):
-            raise ValueError(f"mask_granularity must be 'batch' or 'sample', got {self.mask_granularity!r}")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
+        if self.mask_granularity not in MASK_GRANULARITIES:
+            raise ValueError(f"mask_granularity must be one of {MASK_GRANULARITIES}, got {self.mask_granularity!r}")
         if isinstance(self.pattern, tuple):
             self.pattern = list(self.pattern)
         if isinstance(self.pattern, str) and self.pattern not in patterns.PATTERN_NAMES:

@@ -189,8 +189,8 @@ def register(subparsers) -> None:
     g.add_argument("--out", dest="sweep_out", metavar="DIR", help="output folder (default "
                    "sweeps/<dataset>_<method>)")
     g.add_argument("--storage", metavar="URL", help="Optuna storage shared by the workers: an RDB URL "
-                   "(postgresql://user:pw@host/db, sqlite:///path.db) or journal:PATH (a journal file, safe for "
-                   "many processes and NFS); default sqlite:///<out>/study.db")
+                   "(postgresql://user:pw@host/db with the postgres extra, sqlite:///path.db) or journal:PATH (a "
+                   "journal file, safe for many processes and NFS); default sqlite:///<out>/study.db")
     g.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the --out folder's "
                    "name)")
     g.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
@@ -236,10 +236,21 @@ def open_storage(url: str | None, out: Path):
     for attempt in range(5):  # workers starting together may race to create the tables
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except ImportError as err:  # SQLAlchemy found no driver for the URL's database
+            scheme = url.split("://")[0]  # not the rest: it may hold a password
+            raise RecipeError(f"--storage {scheme}://...: no database driver for it ({err.__cause__ or err}); for "
+                              "PostgreSQL: pip install 'mlae[postgres]' (psycopg), or name an installed driver "
+                              "in the URL (postgresql+psycopg2://...)") from err
         except Exception:
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
+
+
+def _enqueue(study, params: dict, **attrs) -> None:
+    """Queue a trial with fixed ``params``, kept in its user attrs as well: a worker that fails the trial later
+    (its worker died, perhaps before suggesting them) queues them again from there."""
+    study.enqueue_trial(params, user_attrs={"params": params, **attrs})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -342,7 +353,7 @@ class Sweep:
         study.set_user_attr("creator", self.worker)
         if self.args.sampler == "grid":
             for i, params in enumerate(self.grid()):
-                study.enqueue_trial(params, user_attrs={"grid_point": i})
+                _enqueue(study, params, grid_point=i)
         study.set_user_attr("ready", True)
         return study
 
@@ -374,7 +385,7 @@ class Sweep:
             have = {t.user_attrs.get("grid_point") for t in study.get_trials(deepcopy=False)}
             for i, params in enumerate(self.grid()):
                 if i not in have:
-                    study.enqueue_trial(params, user_attrs={"grid_point": i})
+                    _enqueue(study, params, grid_point=i)
         study.set_user_attr("ready", True)
 
     def fail_stale(self) -> list[int]:
@@ -396,38 +407,45 @@ class Sweep:
             if not dead:
                 continue
             try:
-                # Atomic in every storage: of several workers failing the same trial, one succeeds.
-                if not self.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                    continue
-            except UpdateFinishedTrialError:
+                # Atomic in every storage: of several workers failing the same trial, one succeeds; the others
+                # find it finished (ValueError) or lose the race inside the storage (UpdateFinishedTrialError).
+                self.study.tell(t.number, state=TrialState.FAIL)
+            except (ValueError, UpdateFinishedTrialError):
                 continue
-            params = t.system_attrs.get("fixed_params") or t.params
-            attrs = {"retry_of": t.number, **({"grid_point": t.user_attrs["grid_point"]}
-                                              if "grid_point" in t.user_attrs else {})}
-            self.study.enqueue_trial(params, user_attrs=attrs)
-            print(f"trial {t.number} of dead worker {worker or '?'} marked FAIL; its parameters are queued again",
-                  file=sys.stderr, flush=True)
+            params = t.user_attrs.get("params") or t.params
+            if params:  # a TPE trial killed before its first suggest() has nothing to run again
+                self._requeue(t, params)
+            print(f"trial {t.number} of dead worker {worker or '?'} marked FAIL"
+                  + ("; its parameters are queued again" if params else ""), file=sys.stderr, flush=True)
             failed.append(t.number)
         return failed
 
+    def _requeue(self, t, params: dict) -> None:
+        extra = {"grid_point": t.user_attrs["grid_point"]} if "grid_point" in t.user_attrs else {}
+        _enqueue(self.study, params, retry_of=t.number, **extra)
+
     def next_trial(self):
-        """Pop a queued trial (atomically), or, for TPE with budget left, ask the sampler for a new one."""
-        import optuna
-        from optuna.exceptions import UpdateFinishedTrialError
+        """A queued trial (``study.ask`` pops one atomically), or, for TPE with budget left, a new one."""
         from optuna.trial import TrialState
 
-        storage = self.study._storage
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            try:
-                if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    return optuna.Trial(self.study, t._trial_id)
-            except UpdateFinishedTrialError:
-                continue
-        if self.args.sampler == "tpe":
-            counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-            if len(self.study.get_trials(deepcopy=False, states=counted)) < self.n_trials:
-                return self.study.ask()
-        return None
+        while True:
+            queued = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not queued and (self.args.sampler == "grid" or not self._budget_left()):
+                return None
+            trial = self.study.ask()
+            trial.set_user_attr("worker", self.worker)  # at once, so that a kill from here on is noticed
+            if self.args.sampler == "tpe" or "grid_point" in trial.user_attrs:
+                return trial
+            # Another worker popped the last queued point between our look and ask(), which then made a new
+            # trial: there is no grid point for it. Close it (marked spare, left out of the reports), look again.
+            trial.set_user_attr("spare", True)
+            self.study.tell(trial, state=TrialState.FAIL)
+
+    def _budget_left(self) -> bool:
+        from optuna.trial import TrialState
+
+        counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        return len(self.study.get_trials(deepcopy=False, states=counted)) < self.n_trials
 
     def complete(self) -> bool:
         from optuna.trial import TrialState
@@ -443,11 +461,12 @@ class Sweep:
 
     def run_trial(self, trial) -> None:
         import optuna
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
 
         from ..engine import TrainConfig, TrainingError, train
 
         params = {p.name: p.suggest(trial) for p in self.space}
-        trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("heartbeat", time.time())
         folder = self.out / "trials" / str(trial.number)
         resume = False
@@ -480,25 +499,42 @@ class Sweep:
             with Heartbeat(trial, beat):
                 results = train(cfg, on_epoch_end=on_epoch_end)
         except optuna.TrialPruned as err:
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            print(f"trial {trial.number} pruned: {err}", flush=True)
+            if self._finish(trial, state=TrialState.PRUNED):
+                print(f"trial {trial.number} pruned: {err}", flush=True)
+            return
+        except UpdateFinishedTrialError:  # from trial.report(): another worker closed the trial meanwhile
+            self._finish(trial, state=TrialState.FAIL)  # prints what happened
             return
         except BaseException as err:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            ours = self._finish(trial, state=TrialState.FAIL, error=f"{type(err).__name__}: {err}"[:500])
             if isinstance(err, KeyboardInterrupt):  # an interruption, not a bad configuration: queue it again
-                self.study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+                if ours:
+                    self._requeue(trial, params)
                 raise
             if not isinstance(err, (TrainingError, ValueError)):
                 raise
             print(f"trial {trial.number} failed: {err}", file=sys.stderr, flush=True)
             return
-        trial.set_user_attr("best_val_top1", results.get("best_val_top1"))
-        trial.set_user_attr("epochs", results["epochs"])
-        trial.set_user_attr("wall_time_s", results["wall_time_s"])
-        trial.set_user_attr("trainable_params", results["params"]["trainable"])
-        self.study.tell(trial, results["top1"])
-        print(f"trial {trial.number} ({label}): val top-1 {100 * results['top1']:.2f}%", flush=True)
+        if self._finish(trial, results["top1"], best_val_top1=results.get("best_val_top1"), epochs=results["epochs"],
+                        wall_time_s=results["wall_time_s"], trainable_params=results["params"]["trainable"]):
+            print(f"trial {trial.number} ({label}): val top-1 {100 * results['top1']:.2f}%", flush=True)
+
+    def _finish(self, trial, value: float | None = None, state=None, **attrs) -> bool:
+        """Record the outcome of our ``trial``; False, with a note, when another worker closed it first (it took
+        this worker for dead and queued the trial again, so this run's result is dropped)."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            for key, v in attrs.items():
+                trial.set_user_attr(key, v)
+            # Not tell(skip_if_finished=True): it hides whether this call or another worker closed the trial, and
+            # only the worker that closed it may queue it again. ValueError: it was closed before this call.
+            self.study.tell(trial, value, state=state)
+        except (ValueError, UpdateFinishedTrialError):
+            print(f"trial {trial.number} was closed by another worker meanwhile (no heartbeat within --stale-after) "
+                  "and queued again; this worker's result for it is dropped", file=sys.stderr, flush=True)
+            return False
+        return True
 
     def run(self) -> int:
         self.fail_stale()
@@ -569,11 +605,13 @@ def best_trial(study):
 def trial_rows(study, space: list[Param]) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("spare"):  # opened and closed by Sweep.next_trial, never run
+            continue
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
             t.datetime_start else None
         last = max(t.intermediate_values) if t.intermediate_values else None
         value = t.value if t.value is not None else (t.intermediate_values[last] if last is not None else None)
-        params = t.params or t.system_attrs.get("fixed_params", {})
+        params = t.params or t.user_attrs.get("params", {})
         rows.append({"number": t.number, "state": t.state.name,
                      **{p.name: params.get(p.name, "") for p in space},
                      "val_top1": "" if value is None else round(100 * value, 4),

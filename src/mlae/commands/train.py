@@ -30,7 +30,7 @@ def _register_train(subparsers) -> None:
 
     d = TrainConfig()
     p = subparsers.add_parser(
-        "train", help="fine-tune a backbone on a task (the default command)",
+        "train", help="fine-tune a backbone on a task (with no options: the main job, minutes on a CPU)",
         description="Fine-tune a vision transformer with MLAE or a baseline. With no options: MLAE on the embedded "
         f"'{DEFAULT_DATASET}' task with the embedded backbone, in a few minutes on a CPU.",
         argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,12 +54,13 @@ def _register_train(subparsers) -> None:
             seen.setdefault(opt.name, []).append(method.name)
             options.setdefault(opt.name, opt)
     for name, opt in options.items():
-        defaults = {m: METHODS[m].defaults()[name] for m in seen[name]}
-        default = opt.default if len({repr(v) for v in defaults.values()}) == 1 else ", ".join(
+        defaults = {m: _shown(METHODS[m].defaults()[name]) for m in seen[name]}
+        default = next(iter(defaults.values())) if len(set(defaults.values())) == 1 else ", ".join(
             f"{m}: {v}" for m, v in defaults.items())
         help_text = f"{opt.help} [{', '.join(seen[name])}; default {default}]"
-        if opt.flag is not None:  # a boolean switched by its flag
-            g.add_argument(opt.cli_flag, dest=name, action="store_const", const=not opt.default, help=help_text)
+        if opt.flag is not None:  # a boolean switched by its flag, whose help says what it does and the default
+            g.add_argument(opt.cli_flag, dest=name, action="store_const", const=not opt.default,
+                           help=f"{opt.help} [{', '.join(seen[name])}]")
         else:
             g.add_argument(opt.cli_flag, dest=name, type=opt.type, choices=opt.choices, nargs=opt.nargs,
                            help=help_text)
@@ -109,6 +110,13 @@ def _register_train(subparsers) -> None:
     g.add_argument("--tensorboard", action="store_true", help="also log loss, accuracy, lr and MLAE's coefficient "
                    "statistics to <out>/tensorboard (needs the tensorboard package; metrics.jsonl stays the record)")
     p.set_defaults(func=run_train)
+
+
+def _shown(value) -> str:
+    """A default as it is typed on the command line: ``qkv,proj`` and ``none``, not Python's ``['qkv']``."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) if value else "none"
+    return str(value)
 
 
 def _deprecated_workers(text: str) -> int:
@@ -188,8 +196,10 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors (or model.safetensors) "
                    "of a run")
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the one the adapter was trained on)")
-    p.add_argument("--data-root", metavar="DIR")
-    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default: the one the adapter "
+                   "was trained with)")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="test: the test set (default); val: the "
+                   "validation split (VTAB-1k: val200)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware supports it")
     p.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
