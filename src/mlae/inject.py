@@ -86,6 +86,9 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for name, base in targets:
         layer = config.create_layer(base, **plan[name])
         layer.name = name
+        # A new module starts in training mode; inside a model already in eval mode that would leave masking
+        # and dropout active although model.training is False. Take the mode of the layer it replaces.
+        layer.train(base.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
