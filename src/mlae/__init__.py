@@ -6,6 +6,7 @@
 """
 from .adapters import AdapterConfig, AdapterLayer, DMLoRAConfig, LoRAConfig, MLAEConfig, MoLEConfig, config_from_dict
 from .adapters.mole import arithmetic_merge, from_adapters as mole_from_adapters, select_experts
+from .errors import MLAEError
 from .inject import (adapter_layers, apply, aux_losses, count_parameters, freeze_backbone, merge, set_progress,
                      unmerge)
 from .io import export_peft, load_adapter, read_adapter_config, read_adapter_metadata, save_adapter
@@ -16,4 +17,4 @@ __all__ = ["AdapterConfig", "AdapterLayer", "LoRAConfig", "MLAEConfig", "DMLoRAC
            "mole_from_adapters", "select_experts", "arithmetic_merge", "config_from_dict", "apply", "merge",
            "unmerge", "adapter_layers", "freeze_backbone", "count_parameters", "set_progress", "aux_losses",
            "save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "export_peft",
-           "expert_similarity", "similarity_matrix"]
+           "expert_similarity", "similarity_matrix", "MLAEError"]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .adapters.base import AdapterConfig, AdapterLayer
+from .errors import InputError
 
 __all__ = ["apply", "merge", "unmerge", "adapter_layers", "freeze_backbone", "head_module_names",
            "count_parameters", "set_progress", "aux_losses"]
@@ -31,7 +32,7 @@ def head_module_names(model: nn.Module, modules_to_save: list[str] | None = None
     if modules_to_save is not None:
         found = [n for n in names if n and any(_matches(n, p) for p in modules_to_save)]
         if not found:
-            raise ValueError(f"modules_to_save {modules_to_save} match no module of {type(model).__name__}")
+            raise InputError(f"modules_to_save {modules_to_save} match no module of {type(model).__name__}")
         return found
     if hasattr(model, "get_classifier"):
         head = model.get_classifier()
@@ -69,16 +70,16 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"expected an adapter config (e.g. mlae.MLAEConfig()), got {type(config).__name__}")
     if getattr(model, CONFIG_ATTR, None) is not None or any(True for _ in adapter_layers(model)):
-        raise ValueError("this model already has adapters; create a fresh model to apply another config")
+        raise InputError("this model already has adapters; create a fresh model to apply another config")
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     targets = [(n, m) for n, m in linear if any(_matches(n, p) for p in config.target_modules)]
     if not targets:
         examples = ", ".join(n for n, _ in linear[:6]) or "none"
-        raise ValueError(f"no nn.Linear of {type(model).__name__} matches target_modules {config.target_modules}; "
+        raise InputError(f"no nn.Linear of {type(model).__name__} matches target_modules {config.target_modules}; "
                          f"Linear modules in this model include: {examples}")
     heads = head_module_names(model, config.modules_to_save) if config.train_head or config.modules_to_save else []
     if any(n in heads for n, _ in targets):
-        raise ValueError(f"target_modules {config.target_modules} also match the head {heads}; "
+        raise InputError(f"target_modules {config.target_modules} also match the head {heads}; "
                          "narrow the patterns or set train_head=False")
     plan = dict(zip([n for n, _ in targets], config.layer_plan([n for n, _ in targets])))
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
+from .errors import InputError, MissingFileError, NotMergeableError
 from .inject import CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, freeze_backbone
 from .utils import atomic_save_file
 
@@ -42,7 +43,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     JSON-serialisable facts to keep with it (backbone name, number of classes, dataset...)."""
     config: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
     if config is None and not getattr(model, HEADS_ATTR, None):
-        raise ValueError("the model has no adapters and no trained head to save; call mlae.apply first")
+        raise InputError("the model has no adapters and no trained head to save; call mlae.apply first")
     header = {
         "format": FORMAT,
         "config": config.to_json() if config is not None else "null",
@@ -56,17 +57,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
 def _read_header(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if path.is_dir() and (path / "adapter_config.json").exists():
-        raise ValueError(f"{path} is a PEFT adapter directory, not an mlae adapter file")
+        raise InputError(f"{path} is a PEFT adapter directory, not an mlae adapter file")
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
+        raise MissingFileError(f"adapter file not found: {path}")
     try:
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
     except Exception as err:  # safetensors raises several types for truncated/foreign files
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); adapters are only read as "
+        raise InputError(f"{path} is not a readable safetensors file ({err}); adapters are only read as "
                          "safetensors, never unpickled") from None
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not an mlae adapter (metadata format is "
+        raise InputError(f"{path} is a safetensors file but not an mlae adapter (metadata format is "
                          f"{header.get('format')!r}, expected {FORMAT!r})")
     return header
 
@@ -91,19 +92,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     current: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
     if cfg_dict is None:
         if current is not None:
-            raise ValueError(f"{path} holds a head-only (linear probe) adapter but the model already has adapters")
+            raise InputError(f"{path} holds a head-only (linear probe) adapter but the model already has adapters")
         freeze_backbone(model, modules_to_save=heads)
     elif current is None:
         apply(model, config_from_dict(cfg_dict))
     elif current.to_dict() != cfg_dict:
-        raise ValueError(f"the model already has adapters with another config than {path}: "
+        raise InputError(f"the model already has adapters with another config than {path}: "
                          f"{current.to_dict()} vs {cfg_dict}")
     names = [n for n, _ in adapter_layers(model)]
     if names != saved_names:
-        raise ValueError(f"{path} adapts {len(saved_names)} modules ({saved_names[:3]}...) but on this model the "
+        raise InputError(f"{path} adapts {len(saved_names)} modules ({saved_names[:3]}...) but on this model the "
                          f"config adapts {len(names)} ({names[:3]}...): is it the same architecture?")
     if any(layer.merged for _, layer in adapter_layers(model)):
-        raise ValueError("unmerge the model before loading adapter weights into it")
+        raise InputError("unmerge the model before loading adapter weights into it")
     expected = _saved_state(model)
     problems = []
     with safe_open(str(path), "pt") as f:
@@ -117,7 +118,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 problems.append(f"{k}: file has shape {list(shape)}, model has {list(expected[k].shape)}")
         problems += [f"{k}: missing from the file" for k in sorted(set(expected) - keys)]
         if problems:
-            raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:10]) +
+            raise InputError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:10]) +
                              ("\n  (a head shape mismatch means a different num_classes)" if heads else ""))
         with torch.no_grad():
             for k in keys:
@@ -131,14 +132,18 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     exported with ``lora_alpha = r`` (scaling 1) per layer; the head goes in ``modules_to_save``."""
     layers = list(adapter_layers(model))
     if not layers:
-        raise ValueError("the model has no adapters to export")
+        raise InputError("the model has no adapters to export")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} is a file, but a PEFT adapter is a folder (adapter_config.json + "
+                         "adapter_model.safetensors): choose another path")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     with torch.no_grad():
         for name, layer in layers:
             if not layer.mergeable:
-                raise TypeError(f"{type(layer).__name__} ({name}) is input dependent and has no PEFT LoRA form")
+                raise NotMergeableError(f"{type(layer).__name__} ({name}) is input dependent and has no PEFT LoRA "
+                                        "form")
             a, b = layer.factors()
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.float()
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.float()

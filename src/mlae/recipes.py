@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .errors import InputError
+
 __all__ = [
     "METHODS",
     "Method",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe or method option that cannot be used."""
 
 
@@ -106,7 +108,7 @@ def _bool(text: str | bool) -> bool:
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"not a boolean: {text!r}")
+    raise InputError(f"not a boolean: {text!r}")
 
 
 def _modules(text: str | list) -> list[str]:

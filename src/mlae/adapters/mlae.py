@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import patterns
+from ..errors import InputError
 from .base import AdapterConfig, AdapterLayer
 
 __all__ = ["MLAEConfig", "MLAELinear"]
@@ -58,19 +59,19 @@ class MLAEConfig(AdapterConfig):
         super().__post_init__()
         self._require_positive_int("experts", "expert_rank")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
-            raise ValueError("coeff_init and scale must be finite")
+            raise InputError("coeff_init and scale must be finite")
         if self.masking not in ("stochastic", "fixed", "mixed"):
-            raise ValueError(f"masking must be 'stochastic', 'fixed' or 'mixed', got {self.masking!r}")
+            raise InputError(f"masking must be 'stochastic', 'fixed' or 'mixed', got {self.masking!r}")
         if self.mask_granularity not in ("batch", "sample"):
-            raise ValueError(f"mask_granularity must be 'batch' or 'sample', got {self.mask_granularity!r}")
+            raise InputError(f"mask_granularity must be 'batch' or 'sample', got {self.mask_granularity!r}")
         if isinstance(self.pattern, tuple):
             self.pattern = list(self.pattern)
         if isinstance(self.pattern, str) and self.pattern not in patterns.PATTERN_NAMES:
-            raise ValueError(f"unknown pattern {self.pattern!r}; choose one of {patterns.PATTERN_NAMES} or a list")
+            raise InputError(f"unknown pattern {self.pattern!r}; choose one of {patterns.PATTERN_NAMES} or a list")
         if self.pattern == "random" and self.masking == "stochastic":
-            raise ValueError("the random pattern draws expert counts: use it with masking='fixed' or 'mixed'")
+            raise InputError("the random pattern draws expert counts: use it with masking='fixed' or 'mixed'")
 
     def layer_plan(self, names: list[str]) -> list[dict[str, Any]]:
         def plan(depth: int) -> list[dict[str, Any]]:
