@@ -5,6 +5,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,17 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as err:  # SafetensorError, which is no OSError even for a full disk
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+
+    atomic_write(path, write)
     return path
 
 
