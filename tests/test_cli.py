@@ -193,3 +193,62 @@ def test_recipe_file_with_command_line_overrides(vtab_root, tmp_path):
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert (resolved["dropout"], resolved["coeff_init"]) == (0.7, 2)  # Table 10's cifar row
     assert (resolved["epochs"], resolved["backbone"], resolved["lr"]) == (1, "test_vit", 5e-4)  # flags win
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _cli_train(root: Path, out: Path, *extra: str) -> list[str]:
+    return _cli("train", "--dataset", "vtab:cifar", "--data-root", str(root), *TINY, *FAST, "--quiet", "--threads",
+                "1", "--out", str(out), *extra)
+
+
+def test_no_cache_decodes_afresh_and_writes_nothing(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("MLAE_CACHE_DIR", str(tmp_path / "user-cache"))
+    root = testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=32, n_test=16, size=32)
+    assert _train(root, tmp_path / "run", "--no-cache") == 0
+    assert not list(tmp_path.rglob("*_32.safetensors"))  # neither next to the data nor in the user's cache
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["cache"] is False
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter.safetensors"), "--no-cache"]) == 0
+    assert not list(tmp_path.rglob("*_32.safetensors"))
+
+
+def test_full_disk_is_one_line(vtab_root, tmp_path):
+    from conftest import run_on_tmpfs
+
+    out = tmp_path / "small" / "run"
+    proc = run_on_tmpfs(tmp_path / "small", _cli_train(vtab_root, out, "--method", "full"), size="256k")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("mlae: error: No space left on device") and "free some space" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_line(vtab_root, tmp_path, capsys):
+    assert _train(vtab_root, tmp_path / "run", "--device", "cuda") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mlae: error: --device cuda: no CUDA GPU is available") and "Traceback" not in err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    import mlae
+    from mlae.backbones import BackboneError
+    from mlae.commands.train import _fail
+    from mlae.data import DatasetError
+    from mlae.engine import RunDirError, TrainingError
+    from mlae.errors import InputError, MissingFileError, NotMergeableError
+    from mlae.recipes import RecipeError
+
+    builtin = {InputError: ValueError, RecipeError: ValueError, DatasetError: ValueError,
+               MissingFileError: FileNotFoundError, NotMergeableError: TypeError, RunDirError: RuntimeError,
+               TrainingError: RuntimeError, BackboneError: RuntimeError}
+    for cls, base in builtin.items():
+        assert issubclass(cls, mlae.MLAEError) and issubclass(cls, base)  # old `except ValueError` still works
+        assert _fail(cls("what is wrong; what to do")) == 1
+        assert capsys.readouterr().err == "mlae: error: what is wrong; what to do\n"
+    for bug in (ValueError("a bug"), KeyError("k"), TypeError("t"), FileNotFoundError("no errno: ours")):
+        with pytest.raises(type(bug)):
+            _fail(bug)
+

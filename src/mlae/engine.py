@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import set_attention
+from .errors import InputError, MLAEError, MissingFileError, RunDirError
 from .recipes import get_method
 from .utils import (DistInfo, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
                     get_rng_state, init_distributed, resolve_device, resolve_precision, seed_everything,
@@ -45,12 +46,8 @@ PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's 
             "not the best of periodic evaluations")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MLAEError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); files already written are kept."""
-
-
-class RunDirError(RuntimeError):
-    """The output folder holds a run that must not be overwritten (or needs --resume)."""
 
 
 @dataclass
@@ -69,6 +66,7 @@ class TrainConfig:
     drop_path: float = 0.1
     # data
     data_root: str | None = None
+    cache: bool = True               # keep decoded VTAB-1k / FGVC / folder images in a cache file
     split: str = "test"              # "test": train on train+val, report test; "val": hold out a validation split
     # optimisation
     epochs: int = 8
@@ -95,21 +93,21 @@ class TrainConfig:
         from .attention import ATTENTION_CHOICES
 
         if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
+            raise InputError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
         if self.split not in ("test", "val"):
-            raise ValueError(f"split must be test or val, not {self.split!r}")
+            raise InputError(f"split must be test or val, not {self.split!r}")
         for name in ("epochs", "batch_size", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise InputError(f"{name} must be >= 1")
         if self.warmup_epochs < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("warmup_epochs and weight_decay must be >= 0 and lr > 0")
+            raise InputError("warmup_epochs and weight_decay must be >= 0 and lr > 0")
 
     def options(self) -> dict[str, Any]:
         """The method's options: its defaults overridden by ``method_options``."""
         method = get_method(self.method)
         unknown = set(self.method_options) - set(method.defaults())
         if unknown:
-            raise ValueError(f"method {self.method!r} has no option(s) {', '.join(sorted(unknown))}")
+            raise InputError(f"method {self.method!r} has no option(s) {', '.join(sorted(unknown))}")
         return {**method.defaults(), **self.method_options}
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +128,7 @@ class TrainConfig:
         known = set(get_method(kwargs.get("method", cls.method)).defaults())
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for method "
+            raise InputError(f"unknown option(s) {', '.join(sorted(unknown))} for method "
                              f"{kwargs.get('method', cls.method)!r}")
         return cls(**kwargs, method_options=options)
 
@@ -371,7 +369,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     seed_everything(cfg.seed)
     image_size = cfg.img_size or _input_size(build_backbone(cfg.backbone, 1, cfg.seed, **{**kwargs,
                                                                                            "pretrained": False}))
-    task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed)
+    task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed,
+                     cache=cfg.cache)
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
     inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model))
     model = method.prepare(model, options).to(device)
@@ -612,12 +611,12 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingFileError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as err:  # safetensors raises several types for truncated/foreign files
-        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        raise InputError(f"{path} is not a readable safetensors file ({err})") from None
 
 
 def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -627,7 +626,7 @@ def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
     header = _read_header(path)
     meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else mlae.read_adapter_metadata(path)
     if "backbone" not in meta or "num_classes" not in meta:
-        raise ValueError(f"{path}: no backbone metadata; was it written by `mlae train`?")
+        raise InputError(f"{path}: no backbone metadata; was it written by `mlae train`?")
     return meta
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
+
 __all__ = [
     "DistInfo",
     "auto_threads",
@@ -30,9 +32,21 @@ __all__ = [
 
 def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
     """The requested device, or CUDA when available, else the CPU. A bare "cuda" means this process's GPU
-    (``local_rank`` under torchrun)."""
+    (``local_rank`` under torchrun). A device this machine does not have is refused here, with what it has,
+    rather than by the first tensor moved there."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as err:
+        raise InputError(f"--device {device}: not a device name ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise InputError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             "False); use --device cpu, or leave --device out to pick the GPU when there is one")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
     if device and device != "cuda":
-        return torch.device(device)
+        return dev
     if device == "cuda" or torch.cuda.is_available():
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
@@ -52,7 +66,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map ``auto|bf16|fp32`` to ``bf16`` or ``fp32`` for ``device``."""
     if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        raise InputError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -39,7 +39,7 @@ __all__ = ["Variant", "parse_methods", "parse_seeds", "train_parent", "given_tra
 RESULTS = "results.json"
 RUN_RECIPE = "compare.yaml"
 # Settings that may change between invocations without invalidating a finished run.
-VOLATILE = ("out", "runs_dir", "threads", "device", "checkpoint_every", "progress", "resume", "overwrite")
+VOLATILE = ("out", "runs_dir", "threads", "device", "checkpoint_every", "progress", "resume", "overwrite", "cache")
 
 
 # --------------------------------------------------------------------------------------------- train options

@@ -43,9 +43,10 @@ DEFAULT_SPACE = {"dropout": (0.0, 0.1, 0.3, 0.5, 0.7, 0.9), "coeff_init": (0.125
 # TPE's default: the same box, continuous.
 DEFAULT_RANGES = {"dropout": "0:0.9", "coeff_init": "0.125:4:log"}
 NOT_SEARCHABLE = {"dataset", "method", "method_options", "out", "runs_dir", "split", "resume", "overwrite",
-                  "progress", "device", "threads", "data_root"}
+                  "progress", "device", "threads", "data_root", "cache"}
 # Settings that may differ between the workers of one study (machine-specific or bookkeeping).
-WORKER_LOCAL = ("data_root", "device", "threads", "precision", "out", "runs_dir", "checkpoint_every", "progress")
+WORKER_LOCAL = ("data_root", "device", "threads", "precision", "out", "runs_dir", "checkpoint_every", "progress",
+                "cache")
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -444,7 +445,8 @@ class Sweep:
     def run_trial(self, trial) -> None:
         import optuna
 
-        from ..engine import TrainConfig, TrainingError, train
+        from ..engine import TrainConfig, train
+        from ..errors import MLAEError
 
         params = {p.name: p.suggest(trial) for p in self.space}
         trial.set_user_attr("worker", self.worker)
@@ -489,7 +491,7 @@ class Sweep:
             if isinstance(err, KeyboardInterrupt):  # an interruption, not a bad configuration: queue it again
                 self.study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
                 raise
-            if not isinstance(err, (TrainingError, ValueError)):
+            if not isinstance(err, (MLAEError, ValueError)):
                 raise
             print(f"trial {trial.number} failed: {err}", file=sys.stderr, flush=True)
             return
