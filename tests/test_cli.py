@@ -195,12 +195,59 @@ def test_recipe_file_with_command_line_overrides(vtab_root, tmp_path):
     assert (resolved["epochs"], resolved["backbone"], resolved["lr"]) == (1, "test_vit", 5e-4)  # flags win
 
 
-# --------------------------------------------------------------------------------------------- errors
+# --------------------------------------------------------------------------------------------- locks, errors
 
 
-def _cli_train(root: Path, out: Path, *extra: str) -> list[str]:
-    return _cli("train", "--dataset", "vtab:cifar", "--data-root", str(root), *TINY, *FAST, "--quiet", "--threads",
-                "1", "--out", str(out), *extra)
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds the run-folder lock until it is killed."""
+    code = ("import sys, time; from mlae.utils import FolderLock; FolderLock(sys.argv[1]).__enter__(); "
+            "print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_is_refused_and_a_dead_owners_lock_is_taken_over(vtab_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        assert _train(vtab_root, out) == 1
+        err = capsys.readouterr().err
+        assert f"is in use by process {holder.pid} on" in err and len(err.strip().splitlines()) == 1
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 leaves the lock file behind: the next run takes it over, says so, and releases it when done.
+    assert (out / ".mlae.lock").exists()
+    assert _train(vtab_root, out) == 0
+    assert f"was locked by process {holder.pid}, which has ended" in capsys.readouterr().err
+    assert (out / "results.json").exists() and not (out / ".mlae.lock").exists()
+
+
+def test_lock_from_another_host_is_refused_with_what_to_do(vtab_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".mlae.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": 0, "command": "mlae train"}))
+    assert _train(vtab_root, out) == 1
+    err = capsys.readouterr().err
+    assert "in use by process 1 on elsewhere" in err and f"delete {out / '.mlae.lock'}" in err
+
+
+def test_compare_folder_is_locked_but_its_runs_train(vtab_root, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "linear", "--datasets", "vtab:cifar", "--data-root", str(vtab_root), *TINY,
+            *FAST, "--threads", "1", "--out", str(out)]
+    holder = _hold_lock(out)
+    try:
+        assert main(args) == 1
+        assert f"in use by process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # compare holds its folder while `mlae train` subprocesses lock and write the run folders inside it
+    assert main(args) == 0
+    assert len(list(out.rglob("results.json"))) == 1 and not list(out.rglob(".mlae.lock"))
 
 
 def test_no_cache_decodes_afresh_and_writes_nothing(tmp_path, monkeypatch):
@@ -213,6 +260,33 @@ def test_no_cache_decodes_afresh_and_writes_nothing(tmp_path, monkeypatch):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["cache"] is False
     assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter.safetensors"), "--no-cache"]) == 0
     assert not list(tmp_path.rglob("*_32.safetensors"))
+
+
+def test_unusable_out_is_one_line(vtab_root, mlae_run, tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.write_text("keep me")
+    assert _train(vtab_root, occupied) == 1
+    assert f"{occupied} is a file, not a folder" in capsys.readouterr().err
+    # a PEFT adapter is a folder: exporting one onto an existing file says so and leaves the file alone
+    assert main(["export", "--adapter", str(mlae_run / "adapter.safetensors"), "--format", "peft",
+                 "--out", str(occupied)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mlae: error:") and "is a file" in err and "Traceback" not in err
+    assert occupied.read_text() == "keep me"
+
+
+def _cli_train(root: Path, out: Path, *extra: str) -> list[str]:
+    return _cli("train", "--dataset", "vtab:cifar", "--data-root", str(root), *TINY, *FAST, "--quiet", "--threads",
+                "1", "--out", str(out), *extra)
+
+
+def test_read_only_out_is_one_line(vtab_root, tmp_path):
+    from conftest import run_on_tmpfs
+
+    proc = run_on_tmpfs(tmp_path / "ro", _cli_train(vtab_root, tmp_path / "ro" / "run"), read_only=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"mlae: error: cannot write to {tmp_path / 'ro' / 'run'}: "
+                                                "Read-only file system; choose another --out"]
 
 
 def test_full_disk_is_one_line(vtab_root, tmp_path):
@@ -251,4 +325,3 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     for bug in (ValueError("a bug"), KeyError("k"), TypeError("t"), FileNotFoundError("no errno: ours")):
         with pytest.raises(type(bug)):
             _fail(bug)
-

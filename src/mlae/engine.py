@@ -3,7 +3,7 @@
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
 ``checkpoint.safetensors`` (while training), the trained weights (``adapter.safetensors``, or
 ``model.safetensors`` for full fine-tuning), ``results.json`` (written last: its presence marks a finished run)
-and ``curves.png``.
+and ``curves.png``; ``.mlae.lock`` while a process writes it (:class:`mlae.utils.FolderLock`).
 
 Determinism: the data order and augmentation of epoch ``e`` are drawn from generators seeded by ``(seed, e)``,
 and the global RNG states (dropout, drop-path, expert masks) are checkpointed at epoch boundaries, so a run
@@ -11,6 +11,7 @@ resumed from a checkpoint ends with the same metrics as an uninterrupted one (sa
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,7 +30,7 @@ from torch import nn
 from .attention import set_attention
 from .errors import InputError, MLAEError, MissingFileError, RunDirError
 from .recipes import get_method
-from .utils import (DistInfo, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
+from .utils import (DistInfo, FolderLock, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
                     get_rng_state, init_distributed, resolve_device, resolve_precision, seed_everything,
                     set_rng_state)
 
@@ -167,16 +168,19 @@ def _default_out(cfg: TrainConfig) -> Path:
     return Path(cfg.runs_dir) / f"{dataset_key(cfg.dataset)}_{cfg.method}_s{cfg.seed}"
 
 
-def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
-    """Pick the output folder; returns (folder, resume_from_checkpoint)."""
+def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path, bool]:
+    """Pick the output folder and lock it for this process until ``stack`` closes (a second writer is refused);
+    returns (folder, resume_from_checkpoint)."""
     if cfg.out is None and not cfg.resume:
         base = _default_out(cfg)
         out, i = base, 1
         while out.exists() and any(out.iterdir()):
             i += 1
             out = base.with_name(f"{base.name}-{i}")
+        stack.enter_context(FolderLock(out))
         return out, False
     out = Path(cfg.out) if cfg.out is not None else _default_out(cfg)
+    stack.enter_context(FolderLock(out))  # before looking inside: what is found stays true while we run
     finished = (out / RESULTS).exists()
     has_checkpoint = (out / CHECKPOINT).exists()
     if cfg.overwrite:
@@ -344,8 +348,13 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     """Fine-tune as ``cfg`` says; returns the results dict (also written to ``results.json``).
 
     ``on_epoch_end(epoch, metrics)`` runs after every epoch (1-based) and may raise to stop the run early
-    (e.g. optuna.TrialPruned); the files written so far are kept.
+    (e.g. optuna.TrialPruned); the files written so far are kept. The run folder is locked until it returns.
     """
+    with contextlib.ExitStack() as stack:
+        return _train(cfg, on_epoch_end, stack)
+
+
+def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, stack: contextlib.ExitStack) -> dict:
     import mlae
     from .data import load_task
 
@@ -358,7 +367,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
-    out, resume = prepare_run_dir(cfg) if dist_info.is_main else (None, False)
+    out, resume = prepare_run_dir(cfg, stack) if dist_info.is_main else (None, False)
     if dist_info.enabled:
         shared = [out, resume]
         dist.broadcast_object_list(shared, src=0)

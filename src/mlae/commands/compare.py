@@ -31,7 +31,7 @@ from statistics import mean, stdev
 from typing import Any
 
 from ..recipes import RecipeError, get_method
-from ..utils import atomic_write, atomic_write_text
+from ..utils import FolderLock, atomic_write, atomic_write_text
 
 __all__ = ["Variant", "parse_methods", "parse_seeds", "train_parent", "given_train_options", "run_compare",
            "summarize"]
@@ -325,14 +325,20 @@ def _devices(args: argparse.Namespace) -> list[str | None]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    import yaml
-
     try:
         variants, datasets, seeds, runs = plan(args)
+        out = Path(args.compare_out)
+        # One compare per folder at a time: two would train the same runs and interleave the tables. Each run's
+        # own folder is locked by the `mlae train` process that writes it, not here.
+        with FolderLock(out):
+            return _run_all(args, out, variants, datasets, seeds, runs)
     except Exception as err:
         return _fail(err)
-    out = Path(args.compare_out)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _run_all(args, out: Path, variants: list[Variant], datasets: list[str], seeds: list[int], runs: list[Run]) -> int:
+    import yaml
+
     todo = [r for r in runs if not (r.folder / RESULTS).exists()]
     print(f"{len(runs)} runs ({len(variants)} methods × {len(datasets)} datasets × {len(seeds)} seeds): "
           f"{len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recipes import RecipeError, get_method
-from ..utils import atomic_write, atomic_write_text
+from ..utils import LOCK_FILE, atomic_write, atomic_write_text, pid_alive
 from .compare import given_train_options, refuse_options, resolve_config, train_parent
 
 __all__ = ["Param", "DEFAULT_SPACE", "parse_param", "load_space", "run_sweep", "write_reports"]
@@ -243,16 +243,6 @@ def open_storage(url: str | None, out: Path):
             time.sleep(0.5 + attempt)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Heartbeat:
     """Records ``heartbeat`` (unix time) on a running trial every ``interval`` seconds from a thread."""
 
@@ -393,7 +383,7 @@ class Sweep:
             if worker and worker != self.worker:
                 w_host, pid, _ = worker.rsplit(":", 2)
                 # our own pid under another token is a previous process that had our pid
-                dead |= w_host == host and (int(pid) == os.getpid() or not _pid_alive(int(pid)))
+                dead |= w_host == host and (int(pid) == os.getpid() or not pid_alive(int(pid)))
             if not dead:
                 continue
             try:
@@ -458,6 +448,8 @@ class Sweep:
             old = self.out / "trials" / str(retry_of)
             if (old / CHECKPOINT).exists() and not folder.exists():
                 os.replace(old, folder)  # continue the dead trial's run rather than start over
+                # fail_stale judged its worker dead, on this host or (by its heartbeat) on another one
+                (folder / LOCK_FILE).unlink(missing_ok=True)
                 resume = True
                 for line in (folder / "metrics.jsonl").read_text().splitlines():
                     m = json.loads(line)
