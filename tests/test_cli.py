@@ -195,7 +195,45 @@ def test_recipe_file_with_command_line_overrides(vtab_root, tmp_path):
     assert (resolved["epochs"], resolved["backbone"], resolved["lr"]) == (1, "test_vit", 5e-4)  # flags win
 
 
-# --------------------------------------------------------------------------------------------- locks, errors
+# --------------------------------------------------------------------------------------------- resume, locks, errors
+
+
+def _interrupted_run(root: Path, out: Path) -> None:
+    """A real interrupted run: 3 epochs, stopped after the first one's checkpoint."""
+    from mlae.engine import TrainConfig, train
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        raise Stop
+
+    cfg = TrainConfig(dataset="vtab:cifar", data_root=str(root), backbone="test_vit", pretrained=False, img_size=32,
+                      patch_size=4, epochs=3, batch_size=32, warmup_epochs=0, out=str(out), progress=False)
+    with pytest.raises(Stop):
+        train(cfg, on_epoch_end=stop)
+    assert (out / "checkpoint.safetensors").exists()
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_record(vtab_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    _interrupted_run(vtab_root, out)
+    record = (out / "config.yaml").read_bytes()
+    args = ["train", "--out", str(out), "--resume", "--quiet"]
+    assert main([*args, "--epochs", "5", "--lr", "1e-3"]) == 1
+    err = capsys.readouterr().err
+    assert "epochs 3 -> 5" in err and "lr 0.0005 -> 0.001" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--dataset", "suite:digits"]) == 1
+    assert "dataset 'vtab:cifar' -> 'suite:digits'" in capsys.readouterr().err
+    assert (out / "config.yaml").read_bytes() == record and len(_metrics(out)) == 1
+    # A hand-edited config.yaml does not pass either: the checkpoint keeps the settings it was written with.
+    (out / "config.yaml").write_text(record.decode().replace("epochs: 3", "epochs: 4"))
+    assert main(args) == 1 and "epochs 3 -> 4" in capsys.readouterr().err
+    (out / "config.yaml").write_bytes(record)
+    # Bookkeeping may change; the run then finishes as started.
+    assert main([*args, "--threads", "1"]) == 0
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3]
+    assert (out / "config.yaml").read_bytes() == record
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:

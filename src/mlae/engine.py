@@ -43,6 +43,9 @@ CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
 EVAL_BATCH = 256  # fixed, so that `mlae eval` reproduces the run's numbers bit for bit
 MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
+# Settings a resumed run may change: where things are and how this machine runs them, not what is trained.
+RESUME_MAY_CHANGE = ("threads", "device", "attention", "progress", "cache", "data_root", "checkpoint_every", "out",
+                     "runs_dir")
 PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's honest protocol), "
             "not the best of periodic evaluations")
 
@@ -190,11 +193,36 @@ def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path
     if cfg.resume:
         if not has_checkpoint:
             print(f"note: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        else:
+            _check_resume(out, cfg)
         return out, has_checkpoint
     if has_checkpoint:
         raise RunDirError(f"{out} holds an unfinished run with a checkpoint; pass --resume to continue it "
                           "(or --overwrite to start over)")
     return out, False
+
+
+def _check_resume(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to continue a run with other settings than it was started with: the result would be a mixture
+    (e.g. a learning-rate schedule spliced from two lengths). Compared with the settings the checkpoint was
+    written with (config.yaml for checkpoints older than that record)."""
+    import yaml
+    from safetensors import safe_open
+
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        before = json.loads(f.metadata()["state"]).get("config")
+    if before is None and (out / "config.yaml").exists():
+        before = yaml.safe_load((out / "config.yaml").read_text())
+    if before is None:
+        raise RunDirError(f"{out}: the checkpoint records no settings to check a resumed run against; pass "
+                          "--overwrite to start over")
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as they were stored
+    changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in before
+               if k not in RESUME_MAY_CHANGE and before[k] != now.get(k)]
+    if changed:
+        raise RunDirError(f"{out}: --resume with other settings than the interrupted run's ({', '.join(changed[:8])}"
+                          f"{', ...' if len(changed) > 8 else ''}); resume with its own settings (only "
+                          f"{', '.join(RESUME_MAY_CHANGE[:5])}, ... may change), or start a new run in another --out")
 
 
 def _clear_run_files(out: Path) -> None:
@@ -207,8 +235,9 @@ def _clear_run_files(out: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]]) -> None:
-    """Trainable parameters, optimizer state, RNG states (one per rank) and progress, without pickle."""
+                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]], config: dict | None = None) -> None:
+    """Trainable parameters, optimizer state, RNG states (one per rank), progress and the run's settings
+    (``config``, checked by --resume), without pickle."""
     # Everything the optimizer holds, trainable now or not (DMLoRA's stage 2 freezes the branches it trained).
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     tensors = {f"model.{n}": p for n, p in model.named_parameters() if id(p) in held}
@@ -222,7 +251,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             tensors[f"rng.{rank}.{key}"] = value
         rng_info.append(info)
     state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
-             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads()}
+             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads(), "config": config}
     atomic_save_file(tensors, path, {"format": "mlae-checkpoint-1", "state": json.dumps(state)})
 
 
@@ -419,7 +448,8 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             _clear_run_files(out)
-        _write_config(out / "config.yaml", cfg, out)
+        if not resume or not (out / "config.yaml").exists():  # a resumed run keeps the record it started with
+            _write_config(out / "config.yaml", cfg, out)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
     def wrap(model: nn.Module) -> nn.Module:
@@ -507,7 +537,7 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(m) + "\n")
                 if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
-                    save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng)
+                    save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng, cfg.to_dict())
             if on_epoch_end is not None:
                 on_epoch_end(epoch, m)
     finally:
