@@ -1,5 +1,8 @@
 """Shared test fixtures: tiny real models (timm ViTs and a plain MLP) that build in milliseconds."""
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import timm
@@ -24,3 +27,17 @@ def make_mlp(seed: int = 0) -> nn.Module:
 @pytest.fixture
 def tiny_vit():
     return make_tiny_vit
+
+
+def run_on_tmpfs(mountpoint: Path, command: list[str], *, size: str = "1m", read_only: bool = False,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` where ``mountpoint`` is a fresh tmpfs of ``size`` (read-only if asked): a really full disk
+    or a really read-only folder, without root, in private user + mount namespaces (``unshare -rm``). Being
+    root is no substitute: permission bits do not stop root. Skips where such namespaces are not allowed."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) for a small or read-only tmpfs")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    script = 'mount -t tmpfs -o "size=$2$3" tmpfs "$1" && shift 3 && exec "$@"'
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mountpoint), size,
+                           ",ro" if read_only else "", *command], capture_output=True, text=True, timeout=600,
+                          env=env)

@@ -158,6 +158,23 @@ def test_save_load_round_trip(case, model_kind, tmp_path):
                                                                  or k.endswith("coeff") for k in keys)
 
 
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapters_take_the_mode_of_a_model_in_eval_mode(case, tmp_path):
+    """The README's flow: load_adapter(fresh_model.eval(), ...) with no .eval() afterwards. New layers must not
+    start in training mode (masking and dropout active) inside a model that says it is not training."""
+    model, x = build(case)  # applied in training mode, then .eval()
+    path = mlae.save_adapter(model, tmp_path / "a.safetensors")
+    applied = randomize(mlae.apply(make_tiny_vit(depth=3).eval(), CASES[case]()))
+    loaded = mlae.load_adapter(make_tiny_vit(depth=3).eval(), path)
+    for m in (applied, loaded):
+        assert not any(module.training for module in m.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(applied(x), applied(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), model(x))
+    # ... and a model in training mode gets training-mode adapters, as before.
+    assert all(l.training for _, l in mlae.adapter_layers(mlae.apply(make_tiny_vit(depth=3), CASES[case]())))
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_export_loads_in_real_peft_and_matches_merged_model(case, tmp_path):
     peft = pytest.importorskip("peft")

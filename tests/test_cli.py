@@ -193,3 +193,173 @@ def test_recipe_file_with_command_line_overrides(vtab_root, tmp_path):
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert (resolved["dropout"], resolved["coeff_init"]) == (0.7, 2)  # Table 10's cifar row
     assert (resolved["epochs"], resolved["backbone"], resolved["lr"]) == (1, "test_vit", 5e-4)  # flags win
+
+
+# --------------------------------------------------------------------------------------------- resume, locks, errors
+
+
+def _interrupted_run(root: Path, out: Path) -> None:
+    """A real interrupted run: 3 epochs, stopped after the first one's checkpoint."""
+    from mlae.engine import TrainConfig, train
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        raise Stop
+
+    cfg = TrainConfig(dataset="vtab:cifar", data_root=str(root), backbone="test_vit", pretrained=False, img_size=32,
+                      patch_size=4, epochs=3, batch_size=32, warmup_epochs=0, out=str(out), progress=False)
+    with pytest.raises(Stop):
+        train(cfg, on_epoch_end=stop)
+    assert (out / "checkpoint.safetensors").exists()
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_record(vtab_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    _interrupted_run(vtab_root, out)
+    record = (out / "config.yaml").read_bytes()
+    args = ["train", "--out", str(out), "--resume", "--quiet"]
+    assert main([*args, "--epochs", "5", "--lr", "1e-3"]) == 1
+    err = capsys.readouterr().err
+    assert "epochs 3 -> 5" in err and "lr 0.0005 -> 0.001" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--dataset", "suite:digits"]) == 1
+    assert "dataset 'vtab:cifar' -> 'suite:digits'" in capsys.readouterr().err
+    assert (out / "config.yaml").read_bytes() == record and len(_metrics(out)) == 1
+    # A hand-edited config.yaml does not pass either: the checkpoint keeps the settings it was written with.
+    (out / "config.yaml").write_text(record.decode().replace("epochs: 3", "epochs: 4"))
+    assert main(args) == 1 and "epochs 3 -> 4" in capsys.readouterr().err
+    (out / "config.yaml").write_bytes(record)
+    # Bookkeeping may change; the run then finishes as started.
+    assert main([*args, "--threads", "1"]) == 0
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3]
+    assert (out / "config.yaml").read_bytes() == record
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds the run-folder lock until it is killed."""
+    code = ("import sys, time; from mlae.utils import FolderLock; FolderLock(sys.argv[1]).__enter__(); "
+            "print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_is_refused_and_a_dead_owners_lock_is_taken_over(vtab_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        assert _train(vtab_root, out) == 1
+        err = capsys.readouterr().err
+        assert f"is in use by process {holder.pid} on" in err and len(err.strip().splitlines()) == 1
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 leaves the lock file behind: the next run takes it over, says so, and releases it when done.
+    assert (out / ".mlae.lock").exists()
+    assert _train(vtab_root, out) == 0
+    assert f"was locked by process {holder.pid}, which has ended" in capsys.readouterr().err
+    assert (out / "results.json").exists() and not (out / ".mlae.lock").exists()
+
+
+def test_lock_from_another_host_is_refused_with_what_to_do(vtab_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".mlae.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": 0, "command": "mlae train"}))
+    assert _train(vtab_root, out) == 1
+    err = capsys.readouterr().err
+    assert "in use by process 1 on elsewhere" in err and f"delete {out / '.mlae.lock'}" in err
+
+
+def test_compare_folder_is_locked_but_its_runs_train(vtab_root, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "linear", "--datasets", "vtab:cifar", "--data-root", str(vtab_root), *TINY,
+            *FAST, "--threads", "1", "--out", str(out)]
+    holder = _hold_lock(out)
+    try:
+        assert main(args) == 1
+        assert f"in use by process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # compare holds its folder while `mlae train` subprocesses lock and write the run folders inside it
+    assert main(args) == 0
+    assert len(list(out.rglob("results.json"))) == 1 and not list(out.rglob(".mlae.lock"))
+
+
+def test_no_cache_decodes_afresh_and_writes_nothing(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("MLAE_CACHE_DIR", str(tmp_path / "user-cache"))
+    root = testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=32, n_test=16, size=32)
+    assert _train(root, tmp_path / "run", "--no-cache") == 0
+    assert not list(tmp_path.rglob("*_32.safetensors"))  # neither next to the data nor in the user's cache
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["cache"] is False
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter.safetensors"), "--no-cache"]) == 0
+    assert not list(tmp_path.rglob("*_32.safetensors"))
+
+
+def test_unusable_out_is_one_line(vtab_root, mlae_run, tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.write_text("keep me")
+    assert _train(vtab_root, occupied) == 1
+    assert f"{occupied} is a file, not a folder" in capsys.readouterr().err
+    # a PEFT adapter is a folder: exporting one onto an existing file says so and leaves the file alone
+    assert main(["export", "--adapter", str(mlae_run / "adapter.safetensors"), "--format", "peft",
+                 "--out", str(occupied)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mlae: error:") and "is a file" in err and "Traceback" not in err
+    assert occupied.read_text() == "keep me"
+
+
+def _cli_train(root: Path, out: Path, *extra: str) -> list[str]:
+    return _cli("train", "--dataset", "vtab:cifar", "--data-root", str(root), *TINY, *FAST, "--quiet", "--threads",
+                "1", "--out", str(out), *extra)
+
+
+def test_read_only_out_is_one_line(vtab_root, tmp_path):
+    from conftest import run_on_tmpfs
+
+    proc = run_on_tmpfs(tmp_path / "ro", _cli_train(vtab_root, tmp_path / "ro" / "run"), read_only=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"mlae: error: cannot write to {tmp_path / 'ro' / 'run'}: "
+                                                "Read-only file system; choose another --out"]
+
+
+def test_full_disk_is_one_line(vtab_root, tmp_path):
+    from conftest import run_on_tmpfs
+
+    out = tmp_path / "small" / "run"
+    proc = run_on_tmpfs(tmp_path / "small", _cli_train(vtab_root, out, "--method", "full"), size="256k")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("mlae: error: No space left on device") and "free some space" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_line(vtab_root, tmp_path, capsys):
+    assert _train(vtab_root, tmp_path / "run", "--device", "cuda") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mlae: error: --device cuda: no CUDA GPU is available") and "Traceback" not in err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    import mlae
+    from mlae.backbones import BackboneError
+    from mlae.commands.train import _fail
+    from mlae.data import DatasetError
+    from mlae.engine import RunDirError, TrainingError
+    from mlae.errors import InputError, MissingFileError, NotMergeableError
+    from mlae.recipes import RecipeError
+
+    builtin = {InputError: ValueError, RecipeError: ValueError, DatasetError: ValueError,
+               MissingFileError: FileNotFoundError, NotMergeableError: TypeError, RunDirError: RuntimeError,
+               TrainingError: RuntimeError, BackboneError: RuntimeError}
+    for cls, base in builtin.items():
+        assert issubclass(cls, mlae.MLAEError) and issubclass(cls, base)  # old `except ValueError` still works
+        assert _fail(cls("what is wrong; what to do")) == 1
+        assert capsys.readouterr().err == "mlae: error: what is wrong; what to do\n"
+    for bug in (ValueError("a bug"), KeyError("k"), TypeError("t"), FileNotFoundError("no errno: ours")):
+        with pytest.raises(type(bug)):
+            _fail(bug)

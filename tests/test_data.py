@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -52,19 +53,56 @@ def test_vtab_loads_mixed_modes_in_both_protocols(tmp_path):
     assert (len(val.train), len(val.eval), val.eval_name) == (12, 4, "val")
 
 
+def _mark_cache(path):
+    """Invert the images stored in a cache file, keeping its key: a load that returns inverted images read them
+    from this file instead of decoding the images."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, images, labels = f.metadata(), f.get_tensor("images"), f.get_tensor("labels")
+    save_file({"images": 255 - images, "labels": labels}, str(path), metadata=meta)
+    return 255 - images
+
+
 def test_vtab_cache_written_reused_and_invalidated(tmp_path):
     make_vtab_folder(tmp_path, "dtd", n_train=8, n_test=4)
     first = load_task("vtab:dtd", data_root=tmp_path, image_size=24)
     cache_file = tmp_path / "dtd" / CACHE_DIR_NAME / "test_24.safetensors"
     assert cache_file.is_file() and (tmp_path / "dtd" / CACHE_DIR_NAME / "train800val200_24.safetensors").is_file()
-    for image in (tmp_path / "dtd" / "images").rglob("*.*"):
-        image.unlink()  # a second load must not decode
+    marked = _mark_cache(cache_file)
     clear_cache()
     second = load_task("vtab:dtd", data_root=tmp_path, image_size=24)
+    assert torch.equal(second.eval.images, marked)  # read from the cache, not decoded
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.eval.labels, second.eval.labels)
-    # an edited list no longer matches the cache: it is decoded again (and fails, the images being gone)
+    # an edited list no longer matches the cache: it is decoded again
     test_list = tmp_path / "dtd" / "test.txt"
     test_list.write_text("\n".join(test_list.read_text().splitlines()[:-1]) + "\n")
+    assert torch.equal(load_task("vtab:dtd", data_root=tmp_path, image_size=24).eval.images, first.eval.images[:-1])
+
+
+def test_cache_notices_replaced_and_deleted_images(tmp_path):
+    """Same list file, other pixels: an image replaced by one of the same size with its old modification time
+    restored (as `cp -p` or rsync leave it), and a deleted one, must not be served from the cache."""
+    make_vtab_folder(tmp_path, "dtd", n_train=8, n_test=4)
+    image = tmp_path / "dtd" / _list(tmp_path, "dtd", "test")[0][0]
+
+    def paint(colour):
+        Image.new("RGB", (24, 24), colour).save(image, format="BMP")  # uncompressed: the size stays the same
+
+    paint((255, 0, 0))
+    first = load_task("vtab:dtd", data_root=tmp_path, image_size=24)
+    assert first.eval.images[0, 0].min() == 255
+    before = image.stat()
+    paint((0, 0, 255))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    clear_cache()
+    again = load_task("vtab:dtd", data_root=tmp_path, image_size=24)
+    assert again.eval.images[0, 0].max() == 0 and again.eval.images[0, 2].min() == 255
+    assert torch.equal(again.eval.images[1:], first.eval.images[1:])
+    image.unlink()
+    clear_cache()
     with pytest.raises(DatasetError, match=r"test\.txt:1: image not found"):
         load_task("vtab:dtd", data_root=tmp_path, image_size=24)
 
@@ -81,13 +119,26 @@ def test_vtab_changed_list_is_decoded_again(tmp_path):
 def test_cache_falls_back_when_data_folder_is_not_writable(tmp_path):
     make_vtab_folder(tmp_path / "data", "kitti", n_train=4, n_test=4)
     (tmp_path / "data" / "kitti" / CACHE_DIR_NAME).write_text("not a folder")  # mkdir fails even as root
-    first = load_task("vtab:kitti", data_root=tmp_path / "data")
+    load_task("vtab:kitti", data_root=tmp_path / "data")
     written = list((tmp_path / "user-cache").rglob("test_32.safetensors"))
     assert len(written) == 1
-    for image in (tmp_path / "data" / "kitti" / "images").rglob("*.*"):
-        image.unlink()
+    marked = _mark_cache(written[0])
     clear_cache()
-    assert torch.equal(load_task("vtab:kitti", data_root=tmp_path / "data").eval.images, first.eval.images)
+    assert torch.equal(load_task("vtab:kitti", data_root=tmp_path / "data").eval.images, marked)
+
+
+def test_cache_falls_back_when_the_cache_folder_is_read_only(tmp_path):
+    """A data folder shared read-only (its .mlae_cache made by someone else): the cache goes to the user's."""
+    from conftest import run_on_tmpfs
+
+    make_vtab_folder(tmp_path / "data", "kitti", n_train=4, n_test=4)
+    code = (f"from mlae.data import load_task; t = load_task('vtab:kitti', data_root={str(tmp_path / 'data')!r}); "
+            "print(len(t.eval))")
+    env = {**os.environ, "MLAE_CACHE_DIR": str(tmp_path / "user-cache")}
+    proc = run_on_tmpfs(tmp_path / "data" / "kitti" / CACHE_DIR_NAME, [sys.executable, "-c", code], read_only=True,
+                        env=env)
+    assert proc.returncode == 0 and proc.stdout.split() == ["4"], proc.stderr[-2000:]
+    assert len(list((tmp_path / "user-cache").rglob("test_32.safetensors"))) == 1
 
 
 def test_no_cache_writes_nothing(tmp_path):

@@ -252,7 +252,7 @@ def test_mole_layers_are_not_mergeable():
     assert MoLELinear.mergeable is False
 
 
-def test_train_and_eval_commands(tmp_path):
+def test_train_and_eval_commands(tmp_path, capsys):
     testing = pytest.importorskip("mlae.data.testing")
     pytest.importorskip("mlae.backbones")
     from mlae.cli import main
@@ -277,3 +277,11 @@ def test_train_and_eval_commands(tmp_path):
     assert json.loads(out.read_text())["experts"] == [1]
     assert main(["eval", "--adapter", str(tmp_path / "m" / "adapter.safetensors"), "--experts", "2"]) == 1
     assert main([*base, "--method", "mole", "--out", str(tmp_path / "none")]) == 1  # no --experts-from
+    capsys.readouterr()
+    # Gates that weigh the LoRAs per input have no merged or single-LoRA form: one line that says so.
+    for fmt in ("merged", "peft"):
+        assert main(["export", "--adapter", str(tmp_path / "m" / "adapter.safetensors"), "--format", fmt,
+                     "--out", str(tmp_path / f"export_{fmt}")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("mlae: error:") and "mole adapter" in err and "no merged or single-LoRA form" in err
+        assert "Traceback" not in err and not (tmp_path / f"export_{fmt}").exists()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .commands.compare import Variant
+from .errors import InputError
 
 __all__ = ["Preset", "PRESETS", "DEFAULT_P", "preset", "method_spec", "compare_argv", "format_presets"]
 
@@ -129,9 +130,9 @@ PRESETS = tuple(_BUILDERS)
 def preset(name: str, p: float = DEFAULT_P) -> Preset:
     """The preset ``name``; ``p`` is the masking probability of the variants that need one."""
     if name not in _BUILDERS:
-        raise ValueError(f"unknown ablation preset {name!r}; choose from {', '.join(PRESETS)}")
+        raise InputError(f"unknown ablation preset {name!r}; choose from {', '.join(PRESETS)}")
     if not 0 <= p < 1:
-        raise ValueError(f"p must be in [0, 1), got {p}")
+        raise InputError(f"p must be in [0, 1), got {p}")
     paper, help_text, build = _BUILDERS[name]
     return Preset(name, paper, help_text, build(float(p)))
 

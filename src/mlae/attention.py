@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InputError
+
 __all__ = ["ATTENTION_CHOICES", "resolve_attention", "set_attention"]
 
 ATTENTION_CHOICES = ("auto", "fused", "math")
@@ -21,7 +23,7 @@ ATTENTION_CHOICES = ("auto", "fused", "math")
 def resolve_attention(choice: str, device: torch.device | str, precision: str) -> str:
     """``auto`` -> ``math`` on the CPU under bf16 autocast (the fused CPU backward is slow there), else ``fused``."""
     if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {choice!r}")
+        raise InputError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {choice!r}")
     if choice != "auto":
         return choice
     return "math" if torch.device(device).type == "cpu" and precision == "bf16" else "fused"

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import MLAEError
+
 __all__ = [
     "EMBEDDED",
     "BackboneError",
@@ -63,7 +65,7 @@ EMBEDDED_MEAN = (0.5, 0.5, 0.5)
 EMBEDDED_STD = (0.5, 0.5, 0.5)
 
 
-class BackboneError(RuntimeError):
+class BackboneError(MLAEError, RuntimeError):
     """A backbone could not be built or its weights could not be loaded (message says why and what to do)."""
 
 

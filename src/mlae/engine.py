@@ -3,7 +3,8 @@
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
 ``checkpoint.safetensors`` (while training), the trained weights (``adapter.safetensors``, or
 ``model.safetensors`` for full fine-tuning), ``results.json`` (written last: its presence marks a finished run),
-``curves.png`` (when matplotlib is installed) and ``tensorboard/`` (``--tensorboard``).
+``curves.png`` (when matplotlib is installed), ``tensorboard/`` (``--tensorboard``) and ``.mlae.lock`` while a
+process writes it (:class:`mlae.utils.FolderLock`).
 
 Determinism: the data order and augmentation of epoch ``e`` are drawn from generators seeded by ``(seed, e)``,
 and the global RNG states (dropout, drop-path, expert masks) are checkpointed at epoch boundaries, so a run
@@ -11,6 +12,7 @@ resumed from a checkpoint ends with the same metrics as an uninterrupted one (sa
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import set_attention
+from .errors import InputError, MLAEError, MissingFileError, RunDirError
 from .recipes import get_method
-from .utils import (DistInfo, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
+from .utils import (DistInfo, FolderLock, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
                     get_rng_state, init_distributed, resolve_device, resolve_precision, seed_everything,
                     set_rng_state)
 
@@ -45,16 +48,15 @@ MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
 # How inputs are normalised (see backbone_stats); "auto" is what runs made before the option used.
 NORMALIZE_CHOICES = ("auto", "backbone", "inception", "imagenet")
 HEAD_INITS = ("timm", "zero")
+# Settings a resumed run may change: where things are and how this machine runs them, not what is trained.
+RESUME_MAY_CHANGE = ("threads", "device", "attention", "progress", "cache", "data_root", "checkpoint_every", "out",
+                     "runs_dir")
 PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's honest protocol), "
             "not the best of periodic evaluations")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MLAEError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); files already written are kept."""
-
-
-class RunDirError(RuntimeError):
-    """The output folder holds a run that must not be overwritten (or needs --resume)."""
 
 
 @dataclass
@@ -75,6 +77,7 @@ class TrainConfig:
     head_init: str = "timm"          # the new head: timm (trunc-normal 0.02, timm >= 1.0) | zero (timm 0.4 era)
     # data
     data_root: str | None = None
+    cache: bool = True               # keep decoded VTAB-1k / FGVC / folder images in a cache file
     split: str = "test"              # "test": train on train+val, report test; "val": hold out a validation split
     skip_bad_images: bool = False    # folder datasets: train without unreadable images (listed in results.json)
     # optimisation
@@ -103,20 +106,20 @@ class TrainConfig:
         from .attention import ATTENTION_CHOICES
 
         if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
+            raise InputError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
         if self.normalize not in NORMALIZE_CHOICES:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, not {self.normalize!r}")
+            raise InputError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, not {self.normalize!r}")
         if self.head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, not {self.head_init!r}")
+            raise InputError(f"head_init must be one of {', '.join(HEAD_INITS)}, not {self.head_init!r}")
         if self.split not in ("test", "val"):
-            raise ValueError(f"split must be test or val, not {self.split!r}")
+            raise InputError(f"split must be test or val, not {self.split!r}")
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise InputError(f"{name} must be >= 1")
         if self.eval_every < 0:
-            raise ValueError("eval_every must be >= 1, or 0 for about four evaluations per run")
+            raise InputError("eval_every must be >= 1, or 0 for about four evaluations per run")
         if self.warmup_epochs < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("warmup_epochs and weight_decay must be >= 0 and lr > 0")
+            raise InputError("warmup_epochs and weight_decay must be >= 0 and lr > 0")
 
     @property
     def eval_interval(self) -> int:
@@ -129,7 +132,7 @@ class TrainConfig:
         method = get_method(self.method)
         unknown = set(self.method_options) - set(method.defaults())
         if unknown:
-            raise ValueError(f"method {self.method!r} has no option(s) {', '.join(sorted(unknown))}")
+            raise InputError(f"method {self.method!r} has no option(s) {', '.join(sorted(unknown))}")
         return {**method.defaults(), **self.method_options}
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,7 +153,7 @@ class TrainConfig:
         known = set(get_method(kwargs.get("method", cls.method)).defaults())
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for method "
+            raise InputError(f"unknown option(s) {', '.join(sorted(unknown))} for method "
                              f"{kwargs.get('method', cls.method)!r}")
         return cls(**kwargs, method_options=options)
 
@@ -189,16 +192,19 @@ def _default_out(cfg: TrainConfig) -> Path:
     return Path(cfg.runs_dir) / f"{dataset_key(cfg.dataset)}_{cfg.method}_s{cfg.seed}"
 
 
-def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
-    """Pick the output folder; returns (folder, resume_from_checkpoint)."""
+def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path, bool]:
+    """Pick the output folder and lock it for this process until ``stack`` closes (a second writer is refused);
+    returns (folder, resume_from_checkpoint)."""
     if cfg.out is None and not cfg.resume:
         base = _default_out(cfg)
         out, i = base, 1
         while out.exists() and any(out.iterdir()):
             i += 1
             out = base.with_name(f"{base.name}-{i}")
+        stack.enter_context(FolderLock(out))
         return out, False
     out = Path(cfg.out) if cfg.out is not None else _default_out(cfg)
+    stack.enter_context(FolderLock(out))  # before looking inside: what is found stays true while we run
     finished = (out / RESULTS).exists()
     has_checkpoint = (out / CHECKPOINT).exists()
     if cfg.overwrite:
@@ -208,11 +214,36 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     if cfg.resume:
         if not has_checkpoint:
             print(f"note: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        else:
+            _check_resume(out, cfg)
         return out, has_checkpoint
     if has_checkpoint:
         raise RunDirError(f"{out} holds an unfinished run with a checkpoint; pass --resume to continue it "
                           "(or --overwrite to start over)")
     return out, False
+
+
+def _check_resume(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to continue a run with other settings than it was started with: the result would be a mixture
+    (e.g. a learning-rate schedule spliced from two lengths). Compared with the settings the checkpoint was
+    written with (config.yaml for checkpoints older than that record)."""
+    import yaml
+    from safetensors import safe_open
+
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        before = json.loads(f.metadata()["state"]).get("config")
+    if before is None and (out / "config.yaml").exists():
+        before = yaml.safe_load((out / "config.yaml").read_text())
+    if before is None:
+        raise RunDirError(f"{out}: the checkpoint records no settings to check a resumed run against; pass "
+                          "--overwrite to start over")
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as they were stored
+    changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in before
+               if k not in RESUME_MAY_CHANGE and before[k] != now.get(k)]
+    if changed:
+        raise RunDirError(f"{out}: --resume with other settings than the interrupted run's ({', '.join(changed[:8])}"
+                          f"{', ...' if len(changed) > 8 else ''}); resume with its own settings (only "
+                          f"{', '.join(RESUME_MAY_CHANGE[:5])}, ... may change), or start a new run in another --out")
 
 
 def _clear_run_files(out: Path) -> None:
@@ -225,8 +256,9 @@ def _clear_run_files(out: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]]) -> None:
-    """Trainable parameters, optimizer state, RNG states (one per rank) and progress, without pickle."""
+                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]], config: dict | None = None) -> None:
+    """Trainable parameters, optimizer state, RNG states (one per rank), progress and the run's settings
+    (``config``, checked by --resume), without pickle."""
     # Everything the optimizer holds, trainable now or not (DMLoRA's stage 2 freezes the branches it trained).
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     tensors = {f"model.{n}": p for n, p in model.named_parameters() if id(p) in held}
@@ -240,7 +272,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             tensors[f"rng.{rank}.{key}"] = value
         rng_info.append(info)
     state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
-             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads()}
+             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads(), "config": config}
     atomic_save_file(tensors, path, {"format": "mlae-checkpoint-1", "state": json.dumps(state)})
 
 
@@ -355,7 +387,7 @@ def backbone_stats(backbone: str | None, model: nn.Module, normalize: str = "aut
         return INCEPTION_MEAN, INCEPTION_STD
     card = getattr(model, "pretrained_cfg", None) or {}
     if "mean" not in card or "std" not in card:
-        raise ValueError(f"--normalize backbone: {backbone or 'the embedded backbone'} declares no mean/std in its "
+        raise InputError(f"--normalize backbone: {backbone or 'the embedded backbone'} declares no mean/std in its "
                          "pretrained_cfg; pass --normalize inception or --normalize imagenet")
     return tuple(float(v) for v in card["mean"]), tuple(float(v) for v in card["std"])
 
@@ -390,8 +422,13 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     """Fine-tune as ``cfg`` says; returns the results dict (also written to ``results.json``).
 
     ``on_epoch_end(epoch, metrics)`` runs after every epoch (1-based) and may raise to stop the run early
-    (e.g. optuna.TrialPruned); the files written so far are kept.
+    (e.g. optuna.TrialPruned); the files written so far are kept. The run folder is locked until it returns.
     """
+    with contextlib.ExitStack() as stack:
+        return _train(cfg, on_epoch_end, stack)
+
+
+def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, stack: contextlib.ExitStack) -> dict:
     import mlae
     from .data import load_task
 
@@ -404,7 +441,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
-    out, resume = prepare_run_dir(cfg) if dist_info.is_main else (None, False)
+    out, resume = prepare_run_dir(cfg, stack) if dist_info.is_main else (None, False)
     if dist_info.enabled:
         shared = [out, resume]
         dist.broadcast_object_list(shared, src=0)
@@ -416,7 +453,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     image_size = cfg.img_size or _input_size(build_backbone(cfg.backbone, 1, cfg.seed, **{**kwargs,
                                                                                            "pretrained": False}))
     task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed,
-                     skip_bad=cfg.skip_bad_images)
+                     skip_bad=cfg.skip_bad_images, cache=cfg.cache)
     model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
     init_head(model, cfg.head_init)
     normalize = resolve_normalize(cfg.normalize, cfg.backbone)
@@ -459,7 +496,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             _clear_run_files(out)
-        _write_config(out / "config.yaml", cfg, out)
+        if not resume or not (out / "config.yaml").exists():  # a resumed run keeps the record it started with
+            _write_config(out / "config.yaml", cfg, out)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
     def wrap(model: nn.Module) -> nn.Module:
@@ -551,7 +589,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(m) + "\n")
                 if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
-                    save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng)
+                    save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng, cfg.to_dict())
             if board is not None:
                 _log_tensorboard(board, m, model)
             if on_epoch_end is not None:
@@ -745,12 +783,12 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingFileError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as err:  # safetensors raises several types for truncated/foreign files
-        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        raise InputError(f"{path} is not a readable safetensors file ({err})") from None
 
 
 def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -760,7 +798,7 @@ def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
     header = _read_header(path)
     meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else mlae.read_adapter_metadata(path)
     if "backbone" not in meta or "num_classes" not in meta:
-        raise ValueError(f"{path}: no backbone metadata; was it written by `mlae train`?")
+        raise InputError(f"{path}: no backbone metadata; was it written by `mlae train`?")
     return meta
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters.base import AdapterConfig, AdapterLayer
+from .errors import InputError
 
 __all__ = ["apply", "merge", "unmerge", "merge_and_unload", "adapter_layers", "freeze_backbone",
            "head_module_names", "count_parameters", "set_progress", "set_train_size", "aux_losses",
@@ -37,7 +38,7 @@ def head_module_names(model: nn.Module, modules_to_save: list[str] | None = None
     if modules_to_save is not None:
         found = [n for n in names if n and any(_matches(n, p) for p in modules_to_save)]
         if not found:
-            raise ValueError(f"modules_to_save {modules_to_save} match no module of {type(model).__name__}")
+            raise InputError(f"modules_to_save {modules_to_save} match no module of {type(model).__name__}")
         return found
     if hasattr(model, "get_classifier"):
         head = model.get_classifier()
@@ -100,22 +101,22 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"expected an adapter config (e.g. mlae.MLAEConfig()), got {type(config).__name__}")
     if getattr(model, CONFIG_ATTR, None) is not None or any(True for _ in adapter_layers(model)):
-        raise ValueError("this model already has adapters; create a fresh model to apply another config")
+        raise InputError("this model already has adapters; create a fresh model to apply another config")
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     targets = [(n, m) for n, m in linear if any(_matches(n, p) for p in config.target_modules)]
     if not targets:
         examples = ", ".join(n for n, _ in linear[:6]) or "none"
-        raise ValueError(f"no nn.Linear of {type(model).__name__} matches target_modules {config.target_modules}; "
+        raise InputError(f"no nn.Linear of {type(model).__name__} matches target_modules {config.target_modules}; "
                          f"Linear modules in this model include: {examples}")
     bad = _unsupported_targets(model, targets)
     if bad:
-        raise ValueError(f"cannot adapt {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") +
+        raise InputError(f"cannot adapt {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") +
                          ": it is the out_proj of an nn.MultiheadAttention, whose forward reads out_proj.weight "
                          "directly, so an adapter there would never run; target other Linear layers (e.g. the "
                          "MLP's) or narrow target_modules")
     heads = head_module_names(model, config.modules_to_save) if config.train_head or config.modules_to_save else []
     if any(n in heads for n, _ in targets):
-        raise ValueError(f"target_modules {config.target_modules} also match the head {heads}; "
+        raise InputError(f"target_modules {config.target_modules} also match the head {heads}; "
                          "narrow the patterns or set train_head=False")
     plan = dict(zip([n for n, _ in targets], config.layer_plan([n for n, _ in targets])))
 
@@ -123,6 +124,9 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for name, base in targets:
         layer = config.create_layer(base, **plan[name])
         layer.name = name
+        # A new module starts in training mode; inside a model already in eval mode that would leave masking
+        # and dropout active although model.training is False. Take the mode of the layer it replaces.
+        layer.train(base.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
@@ -205,7 +209,7 @@ def set_progress(model: nn.Module, t: float) -> None:
     """Tell the adapters how far training is (``t`` in [0, 1]); methods with schedules (DMLoRA's gradual
     branch dropout) read it, the others ignore it. Call once per training step."""
     if not 0.0 <= t <= 1.0:
-        raise ValueError(f"training progress must be in [0, 1], got {t}")
+        raise InputError(f"training progress must be in [0, 1], got {t}")
     for _, layer in adapter_layers(model):
         if hasattr(layer, "set_progress"):
             layer.set_progress(t)
@@ -216,7 +220,7 @@ def set_train_size(model: nn.Module, n: int) -> None:
     a per-example objective (MLAE with ``dropout="auto"``: KL / N) read it, the others ignore it. Call once before
     training."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the training-set size must be a positive integer, got {n!r}")
+        raise InputError(f"the training-set size must be a positive integer, got {n!r}")
     for _, layer in adapter_layers(model):
         if hasattr(layer, "set_train_size"):
             layer.set_train_size(n)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
+from .errors import InputError, MissingFileError, NotMergeableError
 from .inject import (CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, backbone_fingerprint, freeze_backbone,
                      learned_values)
 from .utils import atomic_save_file
@@ -44,7 +45,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     the frozen backbone goes with it, so that loading onto other backbone weights is noticed."""
     config: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
     if config is None and not getattr(model, HEADS_ATTR, None):
-        raise ValueError("the model has no adapters and no trained head to save; call mlae.apply first")
+        raise InputError("the model has no adapters and no trained head to save; call mlae.apply first")
     fingerprint = backbone_fingerprint(model)
     header = {
         "format": FORMAT,
@@ -62,17 +63,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
 def _read_header(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if path.is_dir() and (path / "adapter_config.json").exists():
-        raise ValueError(f"{path} is a PEFT adapter directory, not an mlae adapter file")
+        raise InputError(f"{path} is a PEFT adapter directory, not an mlae adapter file")
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
+        raise MissingFileError(f"adapter file not found: {path}")
     try:
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
     except Exception as err:  # safetensors raises several types for truncated/foreign files
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); adapters are only read as "
+        raise InputError(f"{path} is not a readable safetensors file ({err}); adapters are only read as "
                          "safetensors, never unpickled") from None
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not an mlae adapter (metadata format is "
+        raise InputError(f"{path} is a safetensors file but not an mlae adapter (metadata format is "
                          f"{header.get('format')!r}, expected {FORMAT!r})")
     return header
 
@@ -99,26 +100,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str 
     differ from those the adapter was trained on (fingerprints differ), ``check_backbone`` says what to do:
     ``"warn"``, ``"error"`` (ValueError) or ``"ignore"``."""
     if check_backbone not in ("warn", "error", "ignore"):
-        raise ValueError(f"check_backbone must be warn, error or ignore, not {check_backbone!r}")
+        raise InputError(f"check_backbone must be warn, error or ignore, not {check_backbone!r}")
     header = _read_header(path)
     cfg_dict = json.loads(header["config"])
     saved_names, heads = json.loads(header["adapted_modules"]), json.loads(header["modules_to_save"])
     current: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
     if cfg_dict is None:
         if current is not None:
-            raise ValueError(f"{path} holds a head-only (linear probe) adapter but the model already has adapters")
+            raise InputError(f"{path} holds a head-only (linear probe) adapter but the model already has adapters")
         freeze_backbone(model, modules_to_save=heads)
     elif current is None:
         apply(model, config_from_dict(cfg_dict))
     elif current.to_dict() != cfg_dict:
-        raise ValueError(f"the model already has adapters with another config than {path}: "
+        raise InputError(f"the model already has adapters with another config than {path}: "
                          f"{current.to_dict()} vs {cfg_dict}")
     names = [n for n, _ in adapter_layers(model)]
     if names != saved_names:
-        raise ValueError(f"{path} adapts {len(saved_names)} modules ({saved_names[:3]}...) but on this model the "
+        raise InputError(f"{path} adapts {len(saved_names)} modules ({saved_names[:3]}...) but on this model the "
                          f"config adapts {len(names)} ({names[:3]}...): is it the same architecture?")
     if any(layer.merged for _, layer in adapter_layers(model)):
-        raise ValueError("unmerge the model before loading adapter weights into it")
+        raise InputError("unmerge the model before loading adapter weights into it")
     expected = _saved_state(model)
     problems = []
     with safe_open(str(path), "pt") as f:
@@ -132,7 +133,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str 
                 problems.append(f"{k}: file has shape {list(shape)}, model has {list(expected[k].shape)}")
         problems += [f"{k}: missing from the file" for k in sorted(set(expected) - keys)]
         if problems:
-            raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:10]) +
+            raise InputError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:10]) +
                              ("\n  (a head shape mismatch means a different num_classes)" if heads else ""))
         saved_fp = header.get("backbone_sha256")
         own_fp = backbone_fingerprint(model) if saved_fp and check_backbone != "ignore" else saved_fp
@@ -141,7 +142,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str 
                        f"{saved_fp[:12]} in the file, {(own_fp or 'none')[:12]} here): was the backbone "
                        "checkpoint replaced or a different one passed? Its accuracy would be meaningless")
             if check_backbone == "error":
-                raise ValueError(message)
+                raise InputError(message)
             warnings.warn(message, UserWarning, stacklevel=2)
         with torch.no_grad():
             for k in keys:
@@ -159,14 +160,18 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     exported with ``lora_alpha = r`` (scaling 1) per layer; the head goes in ``modules_to_save``."""
     layers = list(adapter_layers(model))
     if not layers:
-        raise ValueError("the model has no adapters to export")
+        raise InputError("the model has no adapters to export")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} is a file, but a PEFT adapter is a folder (adapter_config.json + "
+                         "adapter_model.safetensors): choose another path")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     with torch.no_grad():
         for name, layer in layers:
             if not layer.mergeable:
-                raise TypeError(f"{type(layer).__name__} ({name}) is input dependent and has no PEFT LoRA form")
+                raise NotMergeableError(f"{type(layer).__name__} ({name}) is input dependent and has no PEFT LoRA "
+                                        "form")
             a, b = layer.factors()
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.float()
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.float()

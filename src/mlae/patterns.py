@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["EXPERT_COUNT_PATTERNS", "DROPOUT_PATTERNS", "PATTERN_NAMES", "resample", "expert_counts", "dropout_rates",
            "layer_index", "per_depth"]
 
@@ -31,7 +33,7 @@ PATTERN_NAMES = ("uniform", "incremental", "decremental", "hourglass", "protrudi
 def resample(values: list[float], depth: int) -> list[float]:
     """Linear interpolation of a per-layer curve onto ``depth`` layers."""
     if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+        raise InputError(f"depth must be >= 1, got {depth}")
     if depth == len(values):
         return [float(v) for v in values]
     if depth == 1:
@@ -46,9 +48,9 @@ def expert_counts(pattern: str | list[int], depth: int, experts: int = 8, seed: 
     if isinstance(pattern, (list, tuple)):
         counts = [int(v) for v in pattern]
         if len(counts) != depth:
-            raise ValueError(f"explicit expert-count pattern has {len(counts)} entries but {depth} layers are adapted")
+            raise InputError(f"explicit expert-count pattern has {len(counts)} entries but {depth} layers are adapted")
         if min(counts) < 1 or any(int(v) != v for v in pattern):
-            raise ValueError(f"expert counts must be positive integers, got {list(pattern)}")
+            raise InputError(f"expert counts must be positive integers, got {list(pattern)}")
         return counts
     if pattern == "uniform":
         return [experts] * depth
@@ -64,7 +66,7 @@ def expert_counts(pattern: str | list[int], depth: int, experts: int = 8, seed: 
                 counts[i] += step
         return counts.tolist()
     if pattern not in EXPERT_COUNT_PATTERNS:
-        raise ValueError(f"unknown pattern {pattern!r}; choose one of {PATTERN_NAMES} or give a per-layer list")
+        raise InputError(f"unknown pattern {pattern!r}; choose one of {PATTERN_NAMES} or give a per-layer list")
     curve = resample([v * experts / 8 for v in EXPERT_COUNT_PATTERNS[pattern]], depth)
     return [max(1, int(round(v))) for v in curve]
 
@@ -74,17 +76,17 @@ def dropout_rates(pattern: str | list[float], depth: int, p: float) -> list[floa
     if isinstance(pattern, (list, tuple)):
         rates = [float(v) for v in pattern]
         if len(rates) != depth:
-            raise ValueError(f"explicit dropout pattern has {len(rates)} entries but {depth} layers are adapted")
+            raise InputError(f"explicit dropout pattern has {len(rates)} entries but {depth} layers are adapted")
     elif pattern == "uniform":
         rates = [float(p)] * depth
     elif pattern in DROPOUT_PATTERNS:
         rates = resample(DROPOUT_PATTERNS[pattern], depth)
     elif pattern == "random":
-        raise ValueError("the random pattern exists for fixed masking (expert counts) only")
+        raise InputError("the random pattern exists for fixed masking (expert counts) only")
     else:
-        raise ValueError(f"unknown pattern {pattern!r}; choose one of {PATTERN_NAMES} or give a per-layer list")
+        raise InputError(f"unknown pattern {pattern!r}; choose one of {PATTERN_NAMES} or give a per-layer list")
     if not all(0 <= r < 1 for r in rates):
-        raise ValueError(f"dropout rates must be in [0, 1), got {rates}")
+        raise InputError(f"dropout rates must be in [0, 1), got {rates}")
     return rates
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from .adapters.mlae import MASK_GRANULARITIES, MASKINGS
 from .patterns import PATTERN_NAMES
+from .errors import InputError
 
 __all__ = [
     "METHODS",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe or method option that cannot be used."""
 
 
@@ -110,7 +111,7 @@ def _bool(text: str | bool) -> bool:
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"not a boolean: {text!r}")
+    raise InputError(f"not a boolean: {text!r}")
 
 
 def _dropout(text: str | float) -> float | str:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters.base import AdapterLayer
+from .errors import InputError
 from .inject import adapter_layers
 
 __all__ = ["expert_similarity", "similarity_matrix"]
@@ -43,7 +44,7 @@ def expert_similarity(model: nn.Module, per_layer: bool = False) -> float | dict
     the value of every layer by name). Zero experts (e.g. B = 0 at initialisation) are left out."""
     values = {name: _mean_pairwise(similarity_matrix(layer)) for name, layer in adapter_layers(model)}
     if not values:
-        raise ValueError("the model has no adapters")
+        raise InputError("the model has no adapters")
     if per_layer:
         return values
     return float(torch.tensor(list(values.values())).nanmean())

@@ -1,10 +1,15 @@
-"""Device, precision, seeding and random-state helpers shared by the training commands."""
+"""Device, precision, seeding and random-state helpers, atomic writes and folder locks shared by the commands."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
+import re
+import socket
+import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import InputError, RunDirError
 
 __all__ = [
     "DistInfo",
@@ -32,9 +39,21 @@ __all__ = [
 
 def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
     """The requested device, or CUDA when available, else the CPU. A bare "cuda" means this process's GPU
-    (``local_rank`` under torchrun)."""
+    (``local_rank`` under torchrun). A device this machine does not have is refused here, with what it has,
+    rather than by the first tensor moved there."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as err:
+        raise InputError(f"--device {device}: not a device name ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise InputError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             "False); use --device cpu, or leave --device out to pick the GPU when there is one")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
     if device and device != "cuda":
-        return torch.device(device)
+        return dev
     if device == "cuda" or torch.cuda.is_available():
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
@@ -54,7 +73,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map ``auto|bf16|fp32`` to ``bf16`` or ``fp32`` for ``device``."""
     if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        raise InputError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -226,7 +245,17 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as err:  # SafetensorError, which is no OSError even for a full disk
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+
+    atomic_write(path, write)
     return path
 
 
@@ -236,3 +265,85 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+LOCK_FILE = ".mlae.lock"
+
+
+class FolderLock:
+    """One process's exclusive claim on an output folder: ``<folder>/.mlae.lock`` names the owner (pid, host,
+    start, command) and is ``flock``-ed while held, so the kernel frees it the moment its owner dies. The lock
+    left behind by a dead process on this host is taken over with a note; one from another host is refused
+    (whether that process still runs cannot be known from here). Use as a context manager."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+        self._made_folder = False
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl  # POSIX only, like the rest of the run-folder machinery
+
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunDirError(f"{self.folder} is a file, not a folder; choose another --out")
+        try:
+            self._made_folder = self._made_folder or not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirError(f"cannot write to {self.folder}: {err.strerror}; choose another --out") from None
+        host = socket.gethostname()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        except OSError:  # a file system without locks (some network mounts): judge by the recorded owner alone
+            held = None
+        if not held and (not self.path.exists() or os.stat(self.path).st_ino != os.fstat(fd).st_ino):
+            os.close(fd)  # its owner removed the file between our open and our lock: claim the new one
+            return self.__enter__()
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            owner = {}
+        mine = owner.get("host") == host
+        if owner and not held and mine and (held is False or not pid_alive(int(owner.get("pid", 0)))):
+            print(f"note: {self.folder} was locked by process {owner.get('pid')}, which has ended; taking the lock "
+                  "over", file=sys.stderr)
+        elif held or owner:
+            os.close(fd)
+            self._made_folder = False
+            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(owner["since"])) if "since" in owner else "?"
+            hint = "wait for it to finish or choose another --out" if held or mine else (
+                f"if it no longer runs, delete {self.path}")
+            raise RunDirError(f"{self.folder} is in use by process {owner.get('pid', '?')} on "
+                              f"{owner.get('host', '?')} since {since} ({owner.get('command', '?')}); {hint}")
+        record = {"pid": os.getpid(), "host": host, "since": time.time(), "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is None:
+            return
+        # Remove the file while still holding the lock; a process that opened it meanwhile sees it gone and retries.
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # leave no empty folder behind a run that failed before writing anything

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import InputError, NotMergeableError
+
 __all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict"]
 
 # method name -> config class; filled by ``AdapterConfig.__init_subclass__``.
@@ -46,7 +48,7 @@ class AdapterConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
-            raise ValueError(f"target_modules must be a non-empty list of names/patterns, got {self.target_modules!r}")
+            raise InputError(f"target_modules must be a non-empty list of names/patterns, got {self.target_modules!r}")
         self.target_modules = list(self.target_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
@@ -56,7 +58,7 @@ class AdapterConfig:
         for name in names:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
             setattr(self, name, int(v))
 
     # --- what a method provides -------------------------------------------------------------------
@@ -80,12 +82,12 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     d = dict(d)
     method = d.pop("method", None)
     if method not in CONFIGS:
-        raise ValueError(f"unknown adapter method {method!r}; known: {sorted(CONFIGS)}")
+        raise InputError(f"unknown adapter method {method!r}; known: {sorted(CONFIGS)}")
     cls = CONFIGS[method]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"{method} config has unknown fields {unknown}")
+        raise InputError(f"{method} config has unknown fields {unknown}")
     return cls(**d)
 
 
@@ -165,11 +167,12 @@ class AdapterLayer(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """``W + ΔW`` in the base weight's dtype; raises if it is not finite (nothing is changed then)."""
         if not self.mergeable:
-            raise TypeError(f"{type(self).__name__} at {self.name or '?'} cannot be merged into its base layer")
+            raise NotMergeableError(f"{type(self).__name__} at {self.name or '?'} cannot be merged into its base "
+                                    "layer: its update depends on the input")
         w = self.base.weight
         new = (w.float() + self.delta_weight().to(w.device)).to(w.dtype)
         if not torch.isfinite(new).all():
-            raise ValueError(f"merging the adapter of {self.name or 'this layer'} would write non-finite weights; "
+            raise InputError(f"merging the adapter of {self.name or 'this layer'} would write non-finite weights; "
                              "the layer is left unmerged (check the adapter for NaN/inf values)")
         return new
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .base import AdapterConfig, AdapterLayer
 
 __all__ = ["DMLoRAConfig", "DMLoRALinear", "drop_probability", "layer_scales", "learned_scales", "start_stage2",
@@ -44,7 +45,7 @@ def drop_probability(t: float, p_max: float, schedule: str) -> float:
         return p_max * (1.0 - math.cos(math.pi * t)) / 2.0
     if schedule == "constant":
         return p_max
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 @dataclass
@@ -74,16 +75,16 @@ class DMLoRAConfig(AdapterConfig):
         super().__post_init__()
         self._require_positive_int("branches", "rank")
         if not self.rank_per_branch and self.rank % self.branches:
-            raise ValueError(f"rank {self.rank} cannot be split over {self.branches} branches; choose a multiple "
+            raise InputError(f"rank {self.rank} cannot be split over {self.branches} branches; choose a multiple "
                              "or set rank_per_branch=True")
         if not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
+            raise InputError(f"alpha must be finite, got {self.alpha!r}")
         if not 0 <= self.branch_dropout < 1:
-            raise ValueError(f"branch_dropout must be in [0, 1), got {self.branch_dropout!r}")
+            raise InputError(f"branch_dropout must be in [0, 1), got {self.branch_dropout!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise InputError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.stage2_fraction < 1:
-            raise ValueError(f"stage2_fraction must be in [0, 1), got {self.stage2_fraction!r}")
+            raise InputError(f"stage2_fraction must be in [0, 1), got {self.stage2_fraction!r}")
 
     @property
     def branch_rank(self) -> int:
@@ -150,7 +151,7 @@ def _layers(model: nn.Module) -> list[DMLoRALinear]:
 
     layers = [layer for _, layer in adapter_layers(model) if isinstance(layer, DMLoRALinear)]
     if not layers:
-        raise ValueError("the model has no DMLoRA layers; apply mlae.DMLoRAConfig first")
+        raise InputError("the model has no DMLoRA layers; apply mlae.DMLoRAConfig first")
     return layers
 
 

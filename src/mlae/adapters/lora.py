@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .base import AdapterConfig, AdapterLayer
 
 __all__ = ["LoRAConfig", "LoRALinear"]
@@ -28,9 +29,9 @@ class LoRAConfig(AdapterConfig):
         super().__post_init__()
         self._require_positive_int("rank")
         if not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
+            raise InputError(f"alpha must be finite, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     def create_layer(self, base: nn.Linear, **_) -> "LoRALinear":
         return LoRALinear(base, self.rank, self.alpha / self.rank, self.dropout)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import patterns
+from ..errors import InputError
 from .base import AdapterConfig, AdapterLayer
 
 MASKINGS = ("stochastic", "fixed", "mixed")
@@ -91,31 +92,31 @@ class MLAEConfig(AdapterConfig):
         self._require_positive_int("experts", "expert_rank")
         if self.dropout == AUTO:
             if self.dropout_learner not in LEARNERS:
-                raise ValueError(f"dropout_learner must be one of {LEARNERS}, got {self.dropout_learner!r}")
+                raise InputError(f"dropout_learner must be one of {LEARNERS}, got {self.dropout_learner!r}")
             if not 0 < self.dropout_init < P_MAX:
-                raise ValueError(f"dropout_init must be in (0, {P_MAX}), got {self.dropout_init!r}")
+                raise InputError(f"dropout_init must be in (0, {P_MAX}), got {self.dropout_init!r}")
             if self.masking == "fixed":
-                raise ValueError("masking='fixed' has no stochastic masks to learn: use dropout='auto' with "
+                raise InputError("masking='fixed' has no stochastic masks to learn: use dropout='auto' with "
                                  "masking='stochastic' or 'mixed'")
             if self.masking == "stochastic" and self.pattern != "uniform":
-                raise ValueError(f"dropout='auto' learns the per-layer rates itself: it cannot follow pattern "
+                raise InputError(f"dropout='auto' learns the per-layer rates itself: it cannot follow pattern "
                                  f"{self.pattern!r} (use pattern='uniform')")
         elif isinstance(self.dropout, str) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
+            raise InputError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
         elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert) != ("variational", 0.1, False):
-            raise ValueError("dropout_learner, dropout_init and dropout_per_expert apply to dropout='auto' only")
+            raise InputError("dropout_learner, dropout_init and dropout_per_expert apply to dropout='auto' only")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
-            raise ValueError("coeff_init and scale must be finite")
+            raise InputError("coeff_init and scale must be finite")
         if self.masking not in MASKINGS:
-            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
+            raise InputError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
         if self.mask_granularity not in MASK_GRANULARITIES:
-            raise ValueError(f"mask_granularity must be one of {MASK_GRANULARITIES}, got {self.mask_granularity!r}")
+            raise InputError(f"mask_granularity must be one of {MASK_GRANULARITIES}, got {self.mask_granularity!r}")
         if isinstance(self.pattern, tuple):
             self.pattern = list(self.pattern)
         if isinstance(self.pattern, str) and self.pattern not in patterns.PATTERN_NAMES:
-            raise ValueError(f"unknown pattern {self.pattern!r}; choose one of {patterns.PATTERN_NAMES} or a list")
+            raise InputError(f"unknown pattern {self.pattern!r}; choose one of {patterns.PATTERN_NAMES} or a list")
         if self.pattern == "random" and self.masking == "stochastic":
-            raise ValueError("the random pattern draws expert counts: use it with masking='fixed' or 'mixed'")
+            raise InputError("the random pattern draws expert counts: use it with masking='fixed' or 'mixed'")
 
     def layer_plan(self, names: list[str]) -> list[dict[str, Any]]:
         def plan(depth: int) -> list[dict[str, Any]]:
@@ -257,7 +258,7 @@ class MLAELinear(AdapterLayer):
             return {}
         n = learned[0].learned.train_size
         if n is None:
-            raise ValueError("MLAE with dropout='auto' needs the training-set size for its KL term: call "
+            raise InputError("MLAE with dropout='auto' needs the training-set size for its KL term: call "
                              "mlae.set_train_size(model, N) before training")
         return {"dropout_kl": torch.stack([layer.learned.kl() for layer in learned]).sum() / n}
 

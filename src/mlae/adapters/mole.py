@@ -36,6 +36,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import patterns
+from ..errors import InputError, MissingFileError, NotMergeableError
 from .base import AdapterConfig, AdapterLayer
 
 __all__ = ["MoLEConfig", "MoLELinear", "from_adapters", "read_expert", "select_experts", "arithmetic_merge",
@@ -64,15 +65,15 @@ class MoLEConfig(AdapterConfig):
         super().__post_init__()
         for ranks in [self.expert_ranks, *self.rank_pattern.values()]:
             if not ranks or any(isinstance(r, bool) or int(r) != r or r < 1 for r in ranks):
-                raise ValueError(f"expert ranks must be non-empty lists of positive integers, got {ranks!r}")
+                raise InputError(f"expert ranks must be non-empty lists of positive integers, got {ranks!r}")
             if len(ranks) != len(self.expert_ranks):
-                raise ValueError(f"every rank list needs one rank per expert ({len(self.expert_ranks)}), got {ranks}")
+                raise InputError(f"every rank list needs one rank per expert ({len(self.expert_ranks)}), got {ranks}")
         self.expert_ranks = [int(r) for r in self.expert_ranks]
         self.rank_pattern = {k: [int(r) for r in v] for k, v in self.rank_pattern.items()}
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+            raise InputError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+            raise InputError(f"temperature must be a positive number, got {self.temperature!r}")
         self.sources = [str(s) for s in self.sources]
 
     def layer_plan(self, names: list[str]) -> list[dict[str, Any]]:
@@ -117,7 +118,7 @@ class MoLELinear(AdapterLayer):
             group.update(gate=MoLEGate(n, base.out_features, device=dev), out=base.out_features)
             self.lora_gate = group["gate"]  # registered (trained, saved) by the group's first layer only
         elif group["out"] != base.out_features:
-            raise ValueError(f"a shared MoLE gate needs equal output sizes, but {base.out_features} != {group['out']};"
+            raise InputError(f"a shared MoLE gate needs equal output sizes, but {base.out_features} != {group['out']};"
                              " use granularity='layer' or gate layers of one size")
         self._gate = (group["gate"],)  # a tuple, so that sharing layers do not register it again
         self.active: torch.Tensor | None = None  # experts kept by select_experts (None: all)
@@ -151,7 +152,7 @@ class MoLELinear(AdapterLayer):
         return (g.to(e.dtype).unsqueeze(-1) * e).sum(-2)
 
     def factors(self):
-        raise TypeError("a MoLE layer's update depends on the input: it has no single (A, B)")
+        raise NotMergeableError("a MoLE layer's update depends on the input: it has no single (A, B)")
 
     @staticmethod
     def collect_aux_losses(layers: list["MoLELinear"]) -> dict[str, torch.Tensor]:
@@ -177,7 +178,7 @@ def _linear(model: nn.Module, name: str, source) -> nn.Linear:
         module = None
     module = getattr(module, "base", module)  # already adapted: the frozen layer inside
     if not isinstance(module, nn.Linear):
-        raise ValueError(f"expert {source} adapts {name!r}, which is not an nn.Linear of this model")
+        raise InputError(f"expert {source} adapts {name!r}, which is not an nn.Linear of this model")
     return module
 
 
@@ -187,9 +188,9 @@ def _read_mlae_file(path: Path, model: nn.Module) -> Factors:
 
     config = read_adapter_config(path)
     if config is None:
-        raise ValueError(f"{path} is a linear probe (head only), not a LoRA-like adapter")
+        raise InputError(f"{path} is a linear probe (head only), not a LoRA-like adapter")
     if isinstance(config, MoLEConfig):
-        raise ValueError(f"{path} is a MoLE adapter, which is input dependent; MoLE experts must be LoRA-like "
+        raise InputError(f"{path} is a MoLE adapter, which is input dependent; MoLE experts must be LoRA-like "
                          "(lora, mlae, dmlora)")
     with safe_open(str(path), "pt") as f:
         names = json.loads(f.metadata()["adapted_modules"])
@@ -202,7 +203,7 @@ def _read_mlae_file(path: Path, model: nn.Module) -> Factors:
             try:
                 layer.load_state_dict(state, strict=False, assign=True)
             except RuntimeError as err:  # shape mismatch: trained on another backbone
-                raise ValueError(f"{path} does not fit {name} of this model (another backbone?): {err}") from None
+                raise InputError(f"{path} does not fit {name} of this model (another backbone?): {err}") from None
             a, b = layer.factors()
             out[name] = (a.detach().float(), b.detach().float())
     return out
@@ -219,12 +220,12 @@ def _pattern_value(pattern: dict, name: str, default):
 def _read_peft_dir(path: Path, model: nn.Module) -> Factors:
     config = json.loads((path / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path} is a PEFT {config.get('peft_type')} adapter; MoLE experts must be LoRA")
+        raise InputError(f"{path} is a PEFT {config.get('peft_type')} adapter; MoLE experts must be LoRA")
     if config.get("use_dora") or config.get("fan_in_fan_out"):
-        raise ValueError(f"{path}: DoRA and fan_in_fan_out LoRAs are not supported as MoLE experts")
+        raise InputError(f"{path}: DoRA and fan_in_fan_out LoRAs are not supported as MoLE experts")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found (only safetensors PEFT adapters are read, never pickles)")
+        raise MissingFileError(f"{weights} not found (only safetensors PEFT adapters are read, never pickles)")
     prefix = "base_model.model."
     out: Factors = {}
     with safe_open(str(weights), "pt") as f:
@@ -237,14 +238,14 @@ def _read_peft_dir(path: Path, model: nn.Module) -> Factors:
             name = name[len(prefix):] if name.startswith(prefix) else name
             target = _linear(model, name, path)
             if a.shape[1] != target.in_features or b.shape[0] != target.out_features:
-                raise ValueError(f"{path}: the LoRA of {name} is {b.shape[0]}x{a.shape[1]} but this model's layer is "
+                raise InputError(f"{path}: the LoRA of {name} is {b.shape[0]}x{a.shape[1]} but this model's layer is "
                                  f"{target.out_features}x{target.in_features} (another backbone?)")
             r = a.shape[0]
             alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
             scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
             out[name] = (a, b * scaling)
     if not out:
-        raise ValueError(f"{weights} holds no LoRA weights")
+        raise InputError(f"{weights} holds no LoRA weights")
     return out
 
 
@@ -254,22 +255,22 @@ def read_expert(source: str | os.PathLike, model: nn.Module) -> Factors:
     path = Path(source)
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder without adapter_config.json: not a PEFT adapter")
+            raise MissingFileError(f"{path} is a folder without adapter_config.json: not a PEFT adapter")
         return _read_peft_dir(path, model)
     if not path.is_file():
-        raise FileNotFoundError(f"expert adapter not found: {path}")
+        raise MissingFileError(f"expert adapter not found: {path}")
     return _read_mlae_file(path, model)
 
 
 def _read_experts(sources: Sequence, model: nn.Module) -> tuple[list[str], list[Factors]]:
     if not sources:
-        raise ValueError("give at least one trained adapter to build experts from")
+        raise InputError("give at least one trained adapter to build experts from")
     experts = [read_expert(s, model) for s in sources]
     order = [n for n, _ in model.named_modules() if n in experts[0]]
     for source, e in zip(sources[1:], experts[1:]):
         if set(e) != set(experts[0]):
             diff = sorted(set(e) ^ set(experts[0]))
-            raise ValueError(f"all experts must adapt the same modules: {sources[0]} and {source} differ on "
+            raise InputError(f"all experts must adapt the same modules: {sources[0]} and {source} differ on "
                              f"{diff[:4]}{'...' if len(diff) > 4 else ''}")
     return order, experts
 
@@ -301,12 +302,12 @@ def select_experts(model: nn.Module, indices: Sequence[int] | None) -> nn.Module
 
     layers = [layer for _, layer in adapter_layers(model) if isinstance(layer, MoLELinear)]
     if not layers:
-        raise ValueError("the model has no MoLE layers")
+        raise InputError("the model has no MoLE layers")
     n = layers[0].experts
     if indices is not None:
         indices = sorted({int(i) for i in indices})
         if not indices or indices[0] < 0 or indices[-1] >= n:
-            raise ValueError(f"expert indices must be a non-empty subset of 0..{n - 1}, got {indices}")
+            raise InputError(f"expert indices must be a non-empty subset of 0..{n - 1}, got {indices}")
     for layer in layers:
         if indices is None:
             layer.active = None
@@ -327,7 +328,7 @@ def arithmetic_merge(model: nn.Module, sources: Sequence[str | os.PathLike],
     names, experts = _read_experts(sources, model)
     weights = [1.0 / len(experts)] * len(experts) if weights is None else [float(w) for w in weights]
     if len(weights) != len(experts):
-        raise ValueError(f"got {len(weights)} weights for {len(experts)} experts")
+        raise InputError(f"got {len(weights)} weights for {len(experts)} experts")
     rank = max(sum(e[n][0].shape[0] for e in experts) for n in names)
     apply(model, LoRAConfig(target_modules=names, rank=rank, alpha=rank))  # scaling 1: B carries everything
     with torch.no_grad():

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError, MissingFileError
+
 __all__ = ["register", "resolve_run", "expand_runs", "series_of", "run_labels", "similarity_report",
            "plot_similarity", "by_dataset", "plot_by_dataset", "plot_matrix", "write_similarity", "attention_maps",
            "plot_attention", "dropout_history", "plot_dropout_history", "plot_dropout_profile"]
@@ -53,10 +55,10 @@ def resolve_run(run: str | Path) -> Path:
         if not (path / ADAPTER_FILE).exists():
             other = " (it holds a fully fine-tuned model: no adapters to analyse)" if (
                 path / "model.safetensors").exists() else " (an unfinished run?)"
-            raise FileNotFoundError(f"{path} has no {ADAPTER_FILE}{other}")
+            raise MissingFileError(f"{path} has no {ADAPTER_FILE}{other}")
         return path / ADAPTER_FILE
     if not path.exists():
-        raise FileNotFoundError(f"run folder or adapter file not found: {path}")
+        raise MissingFileError(f"run folder or adapter file not found: {path}")
     return path
 
 
@@ -68,7 +70,7 @@ def expand_runs(runs: list[str | Path]) -> list[Path]:
         if run.is_dir() and not (run / ADAPTER_FILE).exists() and (run / "runs").is_dir():
             found = sorted(p.parent for p in run.glob(f"runs/*/*/s*/{ADAPTER_FILE}"))
             if not found:
-                raise FileNotFoundError(f"{run} is an `mlae compare` folder without finished adapter runs")
+                raise MissingFileError(f"{run} is an `mlae compare` folder without finished adapter runs")
             out += found
         else:
             out.append(run)
@@ -101,7 +103,7 @@ def _runs_and_labels(runs: list[str], labels: str | None) -> tuple[list[Path], l
     runs = expand_runs(runs)
     names = labels.split(",") if labels else run_labels(runs)
     if len(names) != len(runs) or len(set(names)) != len(names):
-        raise ValueError(f"--labels needs {len(runs)} distinct names, got {labels!r}")
+        raise InputError(f"--labels needs {len(runs)} distinct names, got {labels!r}")
     return runs, names
 
 
@@ -137,11 +139,11 @@ def _select_layer(names: list[str], layer: str | int | None) -> str | None:
     if isinstance(layer, int) or re.fullmatch(r"-?\d+", str(layer)):
         i = int(layer)
         if not -len(names) <= i < len(names):
-            raise ValueError(f"--layer {i} is out of range: the run adapts {len(names)} layers")
+            raise InputError(f"--layer {i} is out of range: the run adapts {len(names)} layers")
         return names[i]
     found = [n for n in names if n == layer or n.endswith("." + str(layer))]
     if len(found) != 1:
-        raise ValueError(f"--layer {layer!r} matches {len(found)} adapted layers; choose one of: "
+        raise InputError(f"--layer {layer!r} matches {len(found)} adapted layers; choose one of: "
                          f"{', '.join(names)}")
     return found[0]
 
@@ -154,12 +156,12 @@ def similarity_report(model: nn.Module, layer: str | int | None = None) -> dict:
 
     layers = list(mlae.adapter_layers(model))
     if not layers:
-        raise ValueError("the model has no adapter layers (a linear probe or full fine-tuning run?)")
+        raise InputError("the model has no adapter layers (a linear probe or full fine-tuning run?)")
     try:
         per_layer = mlae.expert_similarity(model, per_layer=True)
         matrices = {name: mlae.similarity_matrix(lay).double() for name, lay in layers}
     except TypeError as err:  # e.g. MoLE: gated, input-dependent updates have no fixed experts
-        raise ValueError(f"no expert similarity for {type(layers[0][1]).__name__}: {err}") from None
+        raise InputError(f"no expert similarity for {type(layers[0][1]).__name__}: {err}") from None
     rows = {name: {"mean": per_layer[name],
                    "mean_abs": _nanmean(_offdiag(m).abs()) if m.shape[0] > 1 else float("nan"),
                    "experts": int(m.shape[0])} for name, m in matrices.items()}
@@ -348,7 +350,7 @@ def run_similarity(args: argparse.Namespace) -> int:
                                   "series": series_of(path, meta, label if args.labels else None),
                                   **similarity_report(model, args.layer)}
             except ValueError as err:
-                raise ValueError(f"{run}: {err}") from None
+                raise InputError(f"{run}: {err}") from None
         write_similarity(reports, Path(args.out), absolute=args.absolute)
     except Exception as err:
         return _fail(err)
@@ -417,7 +419,7 @@ def _attention_input(model: nn.Module, block: nn.Module, x: torch.Tensor) -> tor
     finally:
         handle.remove()
     if not seen:
-        raise ValueError("the model's forward never reached the chosen block's attention")
+        raise InputError("the model's forward never reached the chosen block's attention")
     return seen[0]
 
 
@@ -444,16 +446,16 @@ def attention_maps(model: nn.Module, x: torch.Tensor, block: int,
     from ..adapters.base import AdapterLayer
 
     if other_blocks not in ("adapted", "base"):
-        raise ValueError(f"other_blocks must be 'adapted' or 'base', got {other_blocks!r}")
+        raise InputError(f"other_blocks must be 'adapted' or 'base', got {other_blocks!r}")
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(getattr(model, "patch_embed", None), "grid_size"):
-        raise ValueError(f"attention maps need a timm VisionTransformer, got {type(model).__name__}")
+        raise InputError(f"attention maps need a timm VisionTransformer, got {type(model).__name__}")
     if not -len(blocks) <= block < len(blocks):
-        raise ValueError(f"--block {block} is out of range: the model has {len(blocks)} blocks")
+        raise InputError(f"--block {block} is out of range: the model has {len(blocks)} blocks")
     blk = blocks[block]
     layer = blk.attn.qkv
     if not isinstance(layer, AdapterLayer):
-        raise ValueError(f"block {block}'s attn.qkv is not adapted in this run (no experts to show)")
+        raise InputError(f"block {block}'s attn.qkv is not adapted in this run (no experts to show)")
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     has_cls = getattr(model, "cls_token", None) is not None
     grid = tuple(model.patch_embed.grid_size)
@@ -465,7 +467,7 @@ def attention_maps(model: nn.Module, x: torch.Tensor, block: int,
     try:
         a, b = (t.detach() for t in layer.factors())
     except TypeError as err:  # e.g. MoLE
-        raise ValueError(f"no per-expert updates in {type(layer).__name__}: {err}") from None
+        raise InputError(f"no per-expert updates in {type(layer).__name__}: {err}") from None
     base_up = layer.base(x_up)
     columns = ["base", "all experts"]
     outputs = [layer.base(x_base), layer(x_up)]
@@ -549,7 +551,7 @@ def _test_images(meta: dict, n: int, dataset: str | None, data_root: str | None,
     from ..engine import Inputs
 
     if n < 1:
-        raise ValueError(f"--images must be >= 1, got {n}")
+        raise InputError(f"--images must be >= 1, got {n}")
     size = int(meta["image_size"])
     task = load_task(dataset or meta.get("dataset_spec") or meta["dataset"],
                      data_root=data_root if data_root is not None else meta.get("data_root"),
@@ -605,11 +607,11 @@ def dropout_history(run: str | Path) -> dict:
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     path = folder / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{folder} has no metrics.jsonl (is it a run folder of `mlae train`?)")
+        raise MissingFileError(f"{folder} has no metrics.jsonl (is it a run folder of `mlae train`?)")
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     lines = [m for m in lines if any("dropout" in v for v in m.get("learned", {}).values())]
     if not lines:
-        raise ValueError(f"{folder}: its metrics.jsonl records no learned masking probability (train with "
+        raise InputError(f"{folder}: its metrics.jsonl records no learned masking probability (train with "
                          "--method mlae --dropout auto)")
     layers = [name for name, v in lines[-1]["learned"].items() if "dropout" in v]
     p = {name: [_mean(m["learned"][name]["dropout"]) for m in lines] for name in layers}
@@ -795,7 +797,7 @@ def run_ablation(args: argparse.Namespace) -> int:
         missing = [flag for flag, v in (("PRESET", args.preset), ("--datasets", args.datasets),
                                         ("--out", args.compare_out)) if not v]
         if missing:
-            raise ValueError(f"ablation needs {', '.join(missing)} (or --list)")
+            raise InputError(f"ablation needs {', '.join(missing)} (or --list)")
         given = {k: v for k, v in vars(args).items() if k not in ABLATION_OWN and k != "_flags"}
         extra = args._flags(given)
         if args.jobs:

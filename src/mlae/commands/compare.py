@@ -31,7 +31,7 @@ from statistics import mean, stdev
 from typing import Any, Callable
 
 from ..recipes import RecipeError, get_method
-from ..utils import atomic_write, atomic_write_text, cpu_jobs
+from ..utils import FolderLock, atomic_write, atomic_write_text, cpu_jobs
 
 __all__ = ["Run", "Variant", "execute_runs", "parse_methods", "parse_seeds", "train_parent", "given_train_options", "run_compare",
            "summarize"]
@@ -39,7 +39,7 @@ __all__ = ["Run", "Variant", "execute_runs", "parse_methods", "parse_seeds", "tr
 RESULTS = "results.json"
 RUN_RECIPE = "compare.yaml"
 # Settings that may change between invocations without invalidating a finished run.
-VOLATILE = ("out", "runs_dir", "threads", "device", "checkpoint_every", "progress", "resume", "overwrite")
+VOLATILE = ("out", "runs_dir", "threads", "device", "checkpoint_every", "progress", "resume", "overwrite", "cache")
 
 
 # --------------------------------------------------------------------------------------------- train options
@@ -388,14 +388,19 @@ def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | Non
 def run_compare(args: argparse.Namespace) -> int:
     try:
         variants, datasets, seeds, runs = plan(args)
+        out = Path(args.compare_out)
+        # One compare per folder at a time: two would train the same runs and interleave the tables. Each run's
+        # own folder is locked by the `mlae train` process that writes it, not here.
+        with FolderLock(out):
+            return _run_all(args, out, variants, datasets, seeds, runs)
     except Exception as err:
         return _fail(err)
-    out = Path(args.compare_out)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _run_all(args, out: Path, variants: list[Variant], datasets: list[str], seeds: list[int], runs: list[Run]) -> int:
     todo = [r for r in runs if not (r.folder / RESULTS).exists()]
     print(f"{len(runs)} runs ({len(variants)} methods × {len(datasets)} datasets × {len(seeds)} seeds): "
           f"{len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
-
     try:
         failures = execute_runs(todo, jobs=args.jobs, threads=getattr(args, "threads", None),
                                 device=getattr(args, "device", None))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recipes import RecipeError, get_method
-from ..utils import atomic_write, atomic_write_text
+from ..utils import LOCK_FILE, atomic_write, atomic_write_text, pid_alive
 from .compare import given_train_options, refuse_options, resolve_config, train_parent
 
 __all__ = ["Param", "DEFAULT_SPACE", "parse_param", "load_space", "run_sweep", "write_reports"]
@@ -43,9 +43,10 @@ DEFAULT_SPACE = {"dropout": (0.0, 0.1, 0.3, 0.5, 0.7, 0.9), "coeff_init": (0.125
 # TPE's default: the same box, continuous.
 DEFAULT_RANGES = {"dropout": "0:0.9", "coeff_init": "0.125:4:log"}
 NOT_SEARCHABLE = {"dataset", "method", "method_options", "out", "runs_dir", "split", "resume", "overwrite",
-                  "progress", "device", "threads", "data_root"}
+                  "progress", "device", "threads", "data_root", "cache"}
 # Settings that may differ between the workers of one study (machine-specific or bookkeeping).
-WORKER_LOCAL = ("data_root", "device", "threads", "precision", "out", "runs_dir", "checkpoint_every", "progress")
+WORKER_LOCAL = ("data_root", "device", "threads", "precision", "out", "runs_dir", "checkpoint_every", "progress",
+                "cache")
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -403,7 +404,7 @@ class Sweep:
             if worker and worker != self.worker:
                 w_host, pid, _ = worker.rsplit(":", 2)
                 # our own pid under another token is a previous process that had our pid
-                dead |= w_host == host and (int(pid) == os.getpid() or not _pid_alive(int(pid)))
+                dead |= w_host == host and (int(pid) == os.getpid() or not pid_alive(int(pid)))
             if not dead:
                 continue
             try:
@@ -464,7 +465,8 @@ class Sweep:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        from ..engine import TrainConfig, TrainingError, train
+        from ..engine import TrainConfig, train
+        from ..errors import MLAEError
 
         params = {p.name: p.suggest(trial) for p in self.space}
         trial.set_user_attr("heartbeat", time.time())
@@ -475,6 +477,8 @@ class Sweep:
             old = self.out / "trials" / str(retry_of)
             if (old / CHECKPOINT).exists() and not folder.exists():
                 os.replace(old, folder)  # continue the dead trial's run rather than start over
+                # fail_stale judged its worker dead, on this host or (by its heartbeat) on another one
+                (folder / LOCK_FILE).unlink(missing_ok=True)
                 resume = True
                 for line in (folder / "metrics.jsonl").read_text().splitlines():
                     m = json.loads(line)
@@ -511,7 +515,7 @@ class Sweep:
                 if ours:
                     self._requeue(trial, params)
                 raise
-            if not isinstance(err, (TrainingError, ValueError)):
+            if not isinstance(err, (MLAEError, ValueError)):
                 raise
             print(f"trial {trial.number} failed: {err}", file=sys.stderr, flush=True)
             return

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..attention import ATTENTION_CHOICES
+from ..errors import InputError, NotMergeableError
 from ..recipes import METHODS, RecipeError, get_method, load_recipe, resolve_recipe
 
 
@@ -41,6 +42,8 @@ def _register_train(subparsers) -> None:
     g.add_argument("--config", metavar="FILE", help="YAML recipe (e.g. configs/vtab_mlae.yaml); command-line "
                    "options override it")
     g.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+    g.add_argument("--no-cache", dest="cache", action="store_false", help="decode the images afresh and write no "
+                   "cache file (default: decoded images are cached next to the data, or in ~/.cache/mlae)")
     g.add_argument("--split", choices=["test", "val"], help="test: train on train+val, report test (default); "
                    "val: hold out a validation split and report it")
     g.add_argument("--skip-bad-images", action="store_true", help="folder datasets: train without the images "
@@ -168,23 +171,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _fail(err: Exception) -> int:
-    """Print a user-facing error as one line; unexpected errors keep their traceback."""
-    from ..engine import RunDirError, TrainingError
+    """Print a user error (an mlae.MLAEError, or the operating system refusing a file: full disk, read-only
+    folder, no permission) as one line; anything else is a bug and keeps its traceback."""
+    from ..errors import MLAEError, os_error_message
 
-    expected = (RecipeError, RunDirError, TrainingError, FileNotFoundError, ValueError)
-    try:
-        from ..data import DatasetError
-        expected += (DatasetError,)
-    except ImportError:
-        pass
-    try:
-        from ..backbones import BackboneError
-        expected += (BackboneError,)
-    except ImportError:
-        pass
-    if not isinstance(err, expected):
+    if isinstance(err, MLAEError):
+        message = str(err)
+    elif isinstance(err, OSError) and err.errno is not None:
+        message = os_error_message(err)
+    else:
         raise err
-    print(f"mlae: error: {err}", file=sys.stderr)
+    print(f"mlae: error: {message}", file=sys.stderr)
     return 1
 
 
@@ -198,6 +195,8 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the one the adapter was trained on)")
     p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default: the one the adapter "
                    "was trained with)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="decode the images afresh and write no "
+                   "cache file")
     p.add_argument("--split", choices=["test", "val"], default="test", help="test: the test set (default); val: the "
                    "validation split (VTAB-1k: val200)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -216,20 +215,23 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         result = evaluate_file(args.adapter, dataset=args.dataset, data_root=args.data_root, split=args.split,
                                precision=args.precision, device=args.device, experts=args.experts,
-                               attention=args.attention)
+                               attention=args.attention, cache=args.cache)
     except Exception as err:
         return _fail(err)
     print(f"{result['dataset']} ({result['eval_split']}, {result['images']} images): top-1 "
           f"{100 * result['top1']:.2f}%")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            return _fail(err)
     return 0
 
 
 def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | None = None, split: str = "test",
                   precision: str = "auto", device: str | None = None, experts: list[int] | None = None,
-                  attention: str = "auto") -> dict:
+                  attention: str = "auto", cache: bool = True) -> dict:
     from ..adapters.mole import select_experts
     from ..attention import set_attention
     from ..data import load_task
@@ -243,10 +245,10 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     prec = resolve_precision(precision, dev)
     spec = dataset or meta.get("dataset_spec") or meta["dataset"]
     task = load_task(spec, data_root=data_root if data_root is not None else meta.get("data_root"),
-                     image_size=int(meta["image_size"]), split=split, seed=int(meta.get("seed", 0)),
+                     image_size=int(meta["image_size"]), split=split, seed=int(meta.get("seed", 0)), cache=cache,
                      skip_bad=bool(meta.get("skip_bad_images")) and spec.startswith("folder:"))
     if task.num_classes != int(meta["num_classes"]):
-        raise ValueError(f"{path} has a {meta['num_classes']}-class head but {task.name} has {task.num_classes} "
+        raise InputError(f"{path} has a {meta['num_classes']}-class head but {task.name} has {task.num_classes} "
                          "classes")
     inputs = Inputs(task.augment, int(meta["image_size"]), dev, meta.get("input_mean"), meta.get("input_std"))
     model = model.to(dev)
@@ -371,8 +373,12 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
 
     target = Path(out)
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
-        raise ValueError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
+        raise InputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
     model, meta = load_trained(adapter)
+    if not all(layer.mergeable for _, layer in mlae.adapter_layers(model)):
+        raise NotMergeableError(f"{adapter} is a {meta.get('method')} adapter: its gates weigh the LoRAs anew for "
+                                "every input, so it has no merged or single-LoRA form to export; use it as it is "
+                                f"(mlae eval --adapter {adapter})")
     if fmt == "peft":
         return mlae.export_peft(model, out)
     mlae.merge(model)

@@ -2,7 +2,8 @@
 
 Every loader turns a list of `(image path, label)` entries into a `Split` of uint8 RGB tensors of one fixed
 size. Decoding happens once: the result is kept in memory and (optionally) written as a safetensors file next
-to the data, keyed by a hash of the entry list so that an edited list file invalidates it.
+to the data, keyed by a hash of the entry list and of every image file's size and times, so that an edited list
+file or a replaced image invalidates it.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..utils import atomic_save_file
 
 __all__ = ["DatasetError", "Split", "Task", "Entry", "decode_entries", "cached_split", "to_rgb", "clear_cache"]
 
 CACHE_DIR_NAME = ".mlae_cache"
-CACHE_FORMAT = "mlae-cache-1"
+CACHE_FORMAT = "mlae-cache-2"  # 2: the key covers every file's size and times
 # Splits at least this big get a progress bar while decoding.
 PROGRESS_MIN = 512
 # Bad images named in one error, at most (the count of the others follows).
@@ -33,7 +35,7 @@ MAX_LISTED = 100
 MEMORY_CACHE_SIZE = 8
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset could not be loaded; the message names the file (and line) at fault."""
 
 
@@ -211,14 +213,21 @@ def clear_cache() -> None:
 
 
 def entries_key(entries: Sequence[Entry], root: Path, size: int, resample: str) -> str:
-    """Hash of what a decoded split depends on: the (relative path, label) list, the size and the resampling."""
+    """Hash of what a decoded split depends on: the (relative path, label) list, the size and the resampling,
+    and each image file's size and modification and change times, so that a replaced, rewritten or deleted
+    image is decoded again (a change time moves even when a copy keeps the old modification time)."""
     h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{resample}\n".encode())
     for e in entries:
         try:
             rel = e.path.relative_to(root).as_posix()
         except ValueError:
             rel = e.path.as_posix()
-        h.update(f"{rel}\t{e.label}\n".encode())
+        try:
+            st = e.path.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        except OSError:
+            stamp = "missing"  # never a hit: decoding then names the missing file
+        h.update(f"{rel}\t{e.label}\t{stamp}\n".encode())
     return h.hexdigest()
 
 
@@ -260,16 +269,17 @@ def _write_cache(paths: Sequence[Path], split: Split, key: str, info: dict) -> P
 
 
 def cached_split(entries: Sequence[Entry], *, root: Path, cache_name: str, size: int, cache: bool = True,
-                 resample: str = "bicubic", desc: str | None = None, stamp: str = "", skip_bad: bool = False) -> Split:
-    """Decode `entries` at `size` px, or return them from the memory / disk cache when the entry list is unchanged.
+                 resample: str = "bicubic", desc: str | None = None, skip_bad: bool = False) -> Split:
+    """Decode `entries` at `size` px, or return them from the memory / disk cache when neither the entry list nor
+    any image file changed (see `entries_key`).
 
-    `cache_name` names the file (`<root>/.mlae_cache/<cache_name>_<size>.safetensors`); `stamp` is mixed into the
-    key (e.g. file times, for sources without a list file). `cache=False` always decodes and stores nothing.
+    `cache_name` names the file (`<root>/.mlae_cache/<cache_name>_<size>.safetensors`, or the per-user cache
+    folder when the data folder cannot be written). `cache=False` always decodes and stores nothing.
     """
     desc = desc or f"decoding {root.name}/{cache_name}"
     if not cache:
         return decode_entries(entries, size, resample=resample, desc=desc, skip_bad=skip_bad)
-    key = entries_key(entries, root, size, resample + stamp)
+    key = entries_key(entries, root, size, resample)
     mem_key = (str(root.resolve()), key)
     if mem_key in _memory:
         _memory.move_to_end(mem_key)

@@ -9,7 +9,6 @@ class folder without images still counts as a class (its name gives it an index)
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -86,12 +85,9 @@ def load_folder(path: str | Path, *, image_size: int = 32, split: str = "test", 
                 warnings.warn(f"{root / sub if sub != 'all' else root}: class folder(s) {empty} hold no images but "
                               f"still count as classes ({len(classes)} outputs); remove them if that is a mistake",
                               UserWarning, stacklevel=3)
-        # no list file to hash, so a replaced or touched image must invalidate the cache by itself
-        stamp = hashlib.sha256("".join(f"{st.st_mtime_ns}:{st.st_size};" for st in (e.path.stat() for e in entries))
-                               .encode()).hexdigest()
         # A cached split does not remember which images were skipped: decode afresh when skipping.
         data = cached_split(entries, root=root, cache_name=sub, size=image_size, cache=cache and not skip_bad,
-                            stamp=stamp, desc=f"decoding {root.name}/{sub}", skip_bad=skip_bad)
+                            desc=f"decoding {root.name}/{sub}", skip_bad=skip_bad)
         skipped.extend(data.skipped)
         return data
 
