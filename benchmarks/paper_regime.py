@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from mlae.commands.compare import RESULTS, Run, dataset_slug, execute_runs, parse_methods, resolve_config
+from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,7 +280,8 @@ def main(argv=None) -> None:
     ap.add_argument("--alpha-grid", default=ALPHA_GRID)
     ap.add_argument("--claim-variants", default=CLAIM_VARIANTS, help="compare-style variants of the claims part; "
                     "{p} stands for the p chosen on validation")
-    ap.add_argument("--backbone", default=None, help="as `mlae train --backbone` (default: the embedded ViT)")
+    ap.add_argument("--backbone", default=DEFAULT_EMBEDDED, help="as `mlae train --backbone`; the default names the "
+                    "embedded version, so that rows stay unambiguous when the default embedded backbone changes")
     ap.add_argument("--no-pretrained", action="store_true", help="(tests) random initial weights")
     ap.add_argument("--img-size", type=int)
     ap.add_argument("--patch-size", type=int)

@@ -239,3 +239,16 @@ def test_npz_into_a_model_that_is_not_a_vit(tmp_path):
     to_google_npz(tiny(), tmp_path / "ViT-tiny.npz")
     with pytest.raises(BackboneError, match=r"VisionTransformer models only, not Sequential; pick a ViT"):
         load_checkpoint(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "ViT-tiny.npz")
+
+
+def test_embedded_versions_are_selectable_by_name():
+    from mlae.backbones import DEFAULT_EMBEDDED, EMBEDDED_VERSIONS
+    from mlae.engine import resolve_normalize
+
+    assert DEFAULT_EMBEDDED in EMBEDDED_VERSIONS
+    named, default = create_backbone(DEFAULT_EMBEDDED, num_classes=3), create_backbone(None, num_classes=3)
+    for (key, a), (_, b) in zip(named.state_dict().items(), default.state_dict().items()):
+        if not key.startswith("head"):
+            assert torch.equal(a, b), key
+    assert named.pretrained_cfg["mean"] == default.pretrained_cfg["mean"]
+    assert resolve_normalize("auto", DEFAULT_EMBEDDED) == "backbone"  # its card's [-1, 1], as "embedded"

@@ -5,7 +5,7 @@
 
 * ``None`` / ``"embedded"`` — a small ViT (32×32 input, patch 4) pretrained from scratch on formula-driven
   fractal images (see :mod:`mlae.pretrain`); its weights ship inside the package (``mlae/weights``), so it
-  works offline. ``pretrained=False`` gives the same architecture randomly initialised.
+  works offline. ``"embedded-v2"`` names that version explicitly (:data:`EMBEDDED_VERSIONS`). ``pretrained=False`` gives the same architecture randomly initialised.
 * a timm model name, e.g. ``vit_base_patch16_224.orig_in21k`` (the paper's ViT-B/16 ImageNet-21k) — weights
   come from the Hugging Face hub through timm, which needs network access.
 * a folder written by ``mlae pretrain --out DIR`` (``embedded_vit.safetensors`` + ``embedded_vit.json``), or
@@ -31,6 +31,8 @@ from .errors import MLAEError
 
 __all__ = [
     "EMBEDDED",
+    "EMBEDDED_VERSIONS",
+    "DEFAULT_EMBEDDED",
     "BackboneError",
     "create_backbone",
     "backbone_input_size",
@@ -42,6 +44,10 @@ __all__ = [
 ]
 
 EMBEDDED = "embedded"
+# Shipped embedded backbones by version name (folder under mlae/weights; "" = the folder itself). "embedded" is
+# the default one. Results name the version, so that they stay reproducible when the default changes.
+EMBEDDED_VERSIONS = {"embedded-v2": ""}
+DEFAULT_EMBEDDED = "embedded-v2"
 DEFAULT_ARCH = "vit_base_patch16_224"  # = timm's old `vit_base_patch16_224_in21k` layout (ViT-B/16)
 WEIGHTS_FILE = "embedded_vit.safetensors"
 CARD_FILE = "embedded_vit.json"
@@ -78,6 +84,8 @@ def card_folder(name: str | os.PathLike | None) -> Path | None:
     """The folder of a backbone given as ``mlae pretrain`` output (the folder or its weights file), else None."""
     if name is None or str(name) == EMBEDDED:
         return None
+    if str(name) in EMBEDDED_VERSIONS:
+        return _weights_dir() / EMBEDDED_VERSIONS[str(name)]
     path = Path(name).expanduser()
     folder = path if path.is_dir() else path.parent if path.name == WEIGHTS_FILE else None
     return folder if folder is not None and (folder / CARD_FILE).is_file() else None
