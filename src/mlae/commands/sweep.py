@@ -254,16 +254,6 @@ def _enqueue(study, params: dict, **attrs) -> None:
     study.enqueue_trial(params, user_attrs={"params": params, **attrs})
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Heartbeat:
     """Records ``heartbeat`` (unix time) on a running trial every ``interval`` seconds from a thread."""
 
