@@ -15,7 +15,7 @@ from mlae.recipes import METHODS, dataset_key, load_recipe, resolve_recipe
 from mlae.utils import DistInfo, get_rng_state, set_rng_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# DESIGN.md §2, paper Table 10: dataset -> (expert dropout p, coefficient init)
+# The MLAE paper's Table 10: dataset -> (expert dropout p, coefficient init)
 TABLE_10 = {
     "cifar": (.7, 2), "caltech101": (.1, .5), "dtd": (.7, .25), "oxford_flowers102": (.7, 1),
     "oxford_iiit_pet": (.7, 2), "svhn": (.5, 4), "sun397": (.7, 4), "patch_camelyon": (.7, 1), "eurosat": (.5, 4),

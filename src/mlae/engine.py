@@ -39,7 +39,7 @@ __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "
            "backbone_stats", "resolve_normalize", "init_head", "NORMALIZE_CHOICES", "HEAD_INITS", "load_trained",
            "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
 
-# The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (DESIGN.md §4).
+# The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (docs/BACKBONES.md: pretraining adds most there).
 DEFAULT_DATASET = "suite:digits"
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"

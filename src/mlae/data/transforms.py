@@ -1,6 +1,6 @@
 """Turning cached uint8 images into model inputs, batched on whatever device the images live on.
 
-Two recipes, matching the benchmark protocols (DESIGN.md §2):
+Two recipes, matching the benchmark protocols (VTAB-1k: resize, no augmentation; FGVC: as VPT):
 - "none" (VTAB-1k and everything else): images are cached at the model's size; scale to [0, 1] and normalise.
 - "fgvc" (VPT): images are cached at the "resize 256" size for a 224 model (`fgvc_cache_size`); training takes a
   random `image_size` crop and a random horizontal flip per sample, evaluation takes the centre crop.
