@@ -144,6 +144,16 @@ def test_two_workers_share_one_grid(vtab_root, tmp_path):
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_jobs_starts_workers_that_share_the_grid(vtab_root, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(_argv(vtab_root, out, *GRID, "--epochs", "1", "--no-prune", "--no-final", "--jobs", "2")) == 0
+    assert "2 sweep workers × 1 torch thread(s) each" in capsys.readouterr().out
+    trials = _trials(f"sqlite:///{out / 'study.db'}", "sweep")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert sorted((t.params["dropout"], t.params["coeff_init"]) for t in trials) == [
+        (0.0, 0.5), (0.0, 2.0), (0.5, 0.5), (0.5, 2.0)]  # every grid point once, across the two processes
+
+
 def test_killed_worker_trial_is_failed_and_rerun(vtab_root, tmp_path):
     out = tmp_path / "sweep"
     journal = tmp_path / "study.journal"
@@ -242,7 +252,7 @@ def test_hopeless_trials_are_pruned_and_final_uses_test(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mlae.engine, "train", fake_train)
     out = tmp_path / "sweep"
-    assert main(["sweep", "--dataset", "suite:digits", "--epochs", "4", *GRID, "--out", str(out)]) == 0
+    assert main(["sweep", "--dataset", "suite:digits", "--epochs", "4", *GRID, "--jobs", "1", "--out", str(out)]) == 0
     states = {(t.params["dropout"], t.params["coeff_init"]): t.state.name
               for t in _trials(f"sqlite:///{out / 'study.db'}", "sweep")}
     assert states == {(0.0, 0.5): "COMPLETE", (0.0, 2.0): "COMPLETE", (0.5, 0.5): "COMPLETE", (0.5, 2.0): "PRUNED"}

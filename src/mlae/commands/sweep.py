@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recipes import RecipeError, get_method
-from ..utils import LOCK_FILE, atomic_write, atomic_write_text, pid_alive
+from ..utils import LOCK_FILE, atomic_write, atomic_write_text, cpu_jobs, pid_alive
 from .compare import given_train_options, refuse_options, resolve_config, train_parent
 
 __all__ = ["Param", "DEFAULT_SPACE", "parse_param", "load_space", "run_sweep", "write_reports"]
@@ -154,7 +154,7 @@ def build_space(args: argparse.Namespace, method: str) -> list[Param]:
 
 
 OWN = {"sweep_out", "param", "space", "sampler", "trials", "prune", "storage", "study_name", "final",
-       "stale_after", "config"}
+       "stale_after", "config", "jobs"}
 
 
 def register(subparsers) -> None:
@@ -194,6 +194,10 @@ def register(subparsers) -> None:
                    "journal file, safe for many processes and NFS); default sqlite:///<out>/study.db")
     g.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the --out folder's "
                    "name)")
+    g.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="workers this command starts on this machine, each taking trials of the shared study "
+                   "(default: on a CPU one 1-thread worker per free core, which beat one many-thread worker on small "
+                   "ViTs; 1 with a GPU); --threads sets each worker's torch threads")
     g.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
                    help="a running trial without heartbeat for this long is taken as dead (its worker on another "
                    "machine died); dead workers on this machine are detected at once (default 600)")
@@ -211,12 +215,56 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .train import _fail
 
     try:
+        jobs, threads = _workers(args)
+        if jobs > 1:
+            return _run_workers(args, jobs, threads)
         return Sweep(args).run()
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue the sweep", file=sys.stderr)
         return 130
     except Exception as err:
         return _fail(err)
+
+
+def _workers(args: argparse.Namespace) -> tuple[int, int | None]:
+    """(workers, torch threads each) for this machine: see --jobs."""
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if args.jobs is not None and args.jobs < 1:
+        raise RecipeError("--jobs must be >= 1")
+    device = getattr(args, "device", None)
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return args.jobs or 1, threads
+    return cpu_jobs(args.trials or 1_000, args.jobs, threads)
+
+
+def _run_workers(args: argparse.Namespace, jobs: int, threads: int | None) -> int:
+    """Start ``jobs`` worker processes of this sweep (the same arguments, one worker and ``threads`` threads each)
+    and wait for them. They share the study through its storage, as workers started by hand do."""
+    import multiprocessing
+
+    each = f" × {threads} torch thread(s) each" if threads else ""
+    print(f"{jobs} sweep workers{each} on this machine (--jobs / --threads override)", flush=True)
+    worker_args = argparse.Namespace(**{**vars(args), "jobs": 1, "threads": threads})
+    # spawn, not fork: a forked child would inherit torch's OpenMP state, which deadlocks under fork
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=run_sweep, args=(worker_args,)) for _ in range(jobs)]
+    for w in workers:
+        w.start()
+    try:
+        for w in workers:
+            w.join()
+    except KeyboardInterrupt:
+        for w in workers:  # the workers got the same SIGINT and are failing their trials for a later retry
+            w.join()
+        raise
+    failed = [w.exitcode for w in workers if w.exitcode != 0]
+    if failed:
+        print(f"mlae: error: {len(failed)} of {jobs} sweep workers failed (exit {', '.join(map(str, failed))}); "
+              "rerun the same command to continue the sweep", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- the sweep
