@@ -25,7 +25,7 @@ pytest.importorskip("yaml")
 testing = pytest.importorskip("mlae.data.testing")
 
 TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--patch-size", "4"]
-FAST = ["--batch-size", "16", "--warmup-epochs", "0", "--threads", "1"]
+FAST = ["--batch-size", "16", "--warmup-epochs", "0", "--threads", "1", "--jobs", "1"]
 GRID = ["--param", "dropout=0,0.5", "--param", "coeff_init=0.5,2"]
 
 
@@ -269,7 +269,8 @@ def test_trial_closed_by_another_worker_is_dropped_not_crashed(tmp_path, monkeyp
     from mlae.commands.sweep import Sweep
 
     out = tmp_path / "sweep"
-    argv = ["sweep", "--dataset", "suite:digits", "--epochs", "3", "--no-prune", "--no-final", *GRID, "--out", str(out)]
+    argv = ["sweep", "--dataset", "suite:digits", "--epochs", "3", "--no-prune", "--no-final", *GRID, "--jobs", "1",
+            "--out", str(out)]
     calls = []
 
     def fake_train(cfg, *, on_epoch_end=None):
