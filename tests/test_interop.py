@@ -151,11 +151,13 @@ def test_run_folder_files_keep_the_umask_mode(run):
         assert (run / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
-def test_without_matplotlib_the_run_finishes_without_curves(work, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["linear", "dmlora"])  # dmlora also plots its learned scales
+def test_without_matplotlib_the_run_finishes_without_curves(work, tmp_path, monkeypatch, capsys, method):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError, as uninstalled
     assert main(["train", "--dataset", f"folder:{work / 'pets'}", "--backbone", str(work / "bb"), "--method",
-                 "linear", *FAST, "--out", str(tmp_path / "run")]) == 0
+                 method, *FAST, "--out", str(tmp_path / "run")]) == 0
     assert _results(tmp_path / "run")["top1"] is not None and not (tmp_path / "run" / "curves.png").exists()
+    assert not (tmp_path / "run" / "scales.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 

@@ -31,15 +31,15 @@ from torch import nn
 from .attention import set_attention
 from .errors import InputError, MLAEError, MissingFileError, RunDirError
 from .recipes import get_method
-from .utils import (DistInfo, FolderLock, atomic_save_file, atomic_write, atomic_write_text, auto_threads, autocast,
-                    get_rng_state, init_distributed, resolve_device, resolve_precision, seed_everything,
+from .utils import (DistInfo, FolderLock, atomic_save_file, atomic_write_text, auto_threads, autocast, get_rng_state,
+                    init_distributed, pyplot, resolve_device, resolve_precision, save_png, seed_everything,
                     set_rng_state)
 
 __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
            "backbone_stats", "resolve_normalize", "init_head", "NORMALIZE_CHOICES", "HEAD_INITS", "load_trained",
            "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
 
-# The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (docs/BACKBONES.md: pretraining adds most there).
+# The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (docs/BACKBONES.md).
 DEFAULT_DATASET = "suite:digits"
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
@@ -105,12 +105,10 @@ class TrainConfig:
         get_method(self.method)
         from .attention import ATTENTION_CHOICES
 
-        if self.attention not in ATTENTION_CHOICES:
-            raise InputError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
-        if self.normalize not in NORMALIZE_CHOICES:
-            raise InputError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, not {self.normalize!r}")
-        if self.head_init not in HEAD_INITS:
-            raise InputError(f"head_init must be one of {', '.join(HEAD_INITS)}, not {self.head_init!r}")
+        for name, choices in (("attention", ATTENTION_CHOICES), ("normalize", NORMALIZE_CHOICES),
+                              ("head_init", HEAD_INITS)):
+            if getattr(self, name) not in choices:
+                raise InputError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
         if self.split not in ("test", "val"):
             raise InputError(f"split must be test or val, not {self.split!r}")
         for name in ("epochs", "batch_size", "checkpoint_every"):
@@ -731,13 +729,22 @@ def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, An
                          {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
 
 
+def _optional_pyplot(path: Path):
+    """pyplot, or None with a note when matplotlib is missing: plots are a convenience, results.json and
+    metrics.jsonl are the record."""
+    try:
+        return pyplot()
+    except ImportError:
+        print(f"note: matplotlib is not installed; no {path.name} (pip install matplotlib to get it)",
+              file=sys.stderr)
+        return None
+
+
 def _plot_scales(path: Path, scales: dict[str, float]) -> None:
     """Bars of DMLoRA's learned α_l / α per adapted layer, 1 marked (where stage 2 started)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _optional_pyplot(path)
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(scales) + 1.5), 3.2))
     ax.bar(range(len(scales)), [v - 1 for v in scales.values()], bottom=1.0)
     ax.axhline(1.0, color="black", linewidth=0.8)
@@ -745,21 +752,13 @@ def _plot_scales(path: Path, scales: dict[str, float]) -> None:
     ax.set_xticklabels(list(scales), rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("learned α_l / α")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # plots are a convenience; results.json and metrics.jsonl are the record
-        print(f"note: matplotlib is not installed; no {path.name} (pip install matplotlib to get it)",
-              file=sys.stderr)
+    plt = _optional_pyplot(path)
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [m["epoch"] for m in metrics]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], label="train loss")
@@ -772,8 +771,7 @@ def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
     ax_acc.set_ylabel("top-1")
     ax_acc.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- reloading

@@ -29,6 +29,8 @@ __all__ = [
     "cpu_jobs",
     "cpu_supports_bf16",
     "get_rng_state",
+    "pyplot",
+    "save_png",
     "init_distributed",
     "resolve_device",
     "resolve_precision",
@@ -235,6 +237,22 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (figures to files, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG through :func:`atomic_write` and close it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    pyplot().close(fig)
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, MissingFileError
+from ..utils import pyplot
 
 __all__ = ["register", "resolve_run", "expand_runs", "series_of", "run_labels", "similarity_report",
            "plot_similarity", "by_dataset", "plot_by_dataset", "plot_matrix", "write_similarity", "attention_maps",
@@ -179,15 +180,6 @@ def similarity_report(model: nn.Module, layer: str | int | None = None) -> dict:
             "layers": rows, "matrix_layer": chosen or MEAN, "matrix": matrix.float().tolist()}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _short(name: str) -> str:
     """``blocks.3.attn.qkv`` -> ``3.attn.qkv`` for axis ticks."""
     return re.sub(r"^(blocks|layers?|encoder\.layers?)\.", "", name)
@@ -202,7 +194,7 @@ def _all_layers(reports: dict[str, dict]) -> list[str]:
 
 
 def _grouped_bars(groups: list[str], series: dict[str, list[float]], xlabel: str, ylabel: str):
-    plt = _pyplot()
+    plt = pyplot()
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(groups) * max(1, len(series)) ** 0.5 + 2), 3.8))
     for i, (label, values) in enumerate(series.items()):
@@ -249,7 +241,7 @@ def plot_by_dataset(table: dict[str, dict[str, float]], key: str = "mean"):
 
 def plot_matrix(report: dict, title: str, absolute: bool = False):
     """Heat map of a report's E×E expert similarity matrix (paper Fig. 5)."""
-    plt = _pyplot()
+    plt = pyplot()
     m = torch.tensor(report["matrix"])
     m = m.abs() if absolute else m
     e = m.shape[0]
@@ -360,7 +352,7 @@ def run_similarity(args: argparse.Namespace) -> int:
 
 
 def write_similarity(reports: dict[str, dict], out: Path, absolute: bool = False) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     key = "mean_abs" if absolute else "mean"
     fig = plot_similarity(reports, key)
@@ -488,7 +480,7 @@ def plot_attention(images: torch.Tensor, columns: list[str], maps: torch.Tensor,
     magnitude (red: more attention than the backbone, blue: less) -- small updates are invisible otherwise."""
     import torch.nn.functional as F
 
-    plt = _pyplot()
+    plt = pyplot()
     n, c = maps.shape[:2]
     size = images.shape[-2:]
     fig, axes = plt.subplots(n, c + 1, figsize=(1.5 * (c + 1), 1.5 * n + (0.4 if title else 0.2)), squeeze=False)
@@ -579,7 +571,7 @@ def run_attention(args: argparse.Namespace) -> int:
         label = run_labels([args.run])[0]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        plt = _pyplot()
+        plt = pyplot()
         fig = plot_attention(shown, columns, maps, f"{label} ({meta.get('method')}): CLS attention, block "
                              f"{block}, other blocks {args.other_blocks}", relative=args.relative)
         stem = f"attention_block{block}"
@@ -633,7 +625,7 @@ def _mean(value) -> float:
 
 def plot_dropout_history(histories: dict[str, dict]):
     """One panel per run: p against the epoch, one line per adapted layer (dark: shallow, light: deep)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories) + 1.2, 3.6), squeeze=False,
                              sharey=True)
     for ax, (label, h) in zip(axes[0], histories.items()):
@@ -653,7 +645,7 @@ def plot_dropout_profile(histories: dict[str, dict]):
     """The last epoch's p over relative depth, one line per run, beside the paper's stochastic patterns."""
     from ..patterns import DROPOUT_PATTERNS, resample
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name in ("incremental", "decremental"):
         ys = resample(DROPOUT_PATTERNS[name], 12)
@@ -713,7 +705,7 @@ def run_dropout(args: argparse.Namespace) -> int:
         histories = {label: dropout_history(run) for label, run in zip(labels, runs)}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        plt = _pyplot()
+        plt = pyplot()
         for name, fig in (("dropout.png", plot_dropout_history(histories)),
                           ("dropout_profile.png", plot_dropout_profile(histories))):
             fig.savefig(out / name, dpi=120)

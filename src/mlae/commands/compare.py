@@ -31,10 +31,10 @@ from statistics import mean, stdev
 from typing import Any, Callable
 
 from ..recipes import RecipeError, get_method
-from ..utils import FolderLock, atomic_write, atomic_write_text, cpu_jobs
+from ..utils import FolderLock, atomic_write, atomic_write_text, cpu_jobs, pyplot, save_png
 
-__all__ = ["Run", "Variant", "execute_runs", "parse_methods", "parse_seeds", "train_parent", "given_train_options", "run_compare",
-           "summarize"]
+__all__ = ["Run", "Variant", "execute_runs", "parse_methods", "parse_seeds", "train_parent", "given_train_options",
+           "run_compare", "summarize"]
 
 RESULTS = "results.json"
 RUN_RECIPE = "compare.yaml"
@@ -579,10 +579,7 @@ def _paper_columns(variants: list[Variant], datasets: list[str], domains: dict[s
 
 
 def _bars(path: Path, domain: str, names: list[str], variants: list[Variant], table: dict, papers: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = names + [domain]
     width = 0.8 / len(variants)
@@ -602,5 +599,4 @@ def _bars(path: Path, domain: str, names: list[str], variants: list[Variant], ta
     ax.set_title(f"{domain}" + (" (black bars: paper)" if papers else ""))
     ax.legend(fontsize=7, ncol=min(4, len(variants)))
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, path)

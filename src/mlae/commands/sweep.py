@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recipes import RecipeError, get_method
-from ..utils import LOCK_FILE, atomic_write, atomic_write_text, cpu_jobs, pid_alive
+from ..utils import LOCK_FILE, atomic_write_text, cpu_jobs, pid_alive, pyplot, save_png
 from .compare import given_train_options, refuse_options, resolve_config, train_parent
 
 __all__ = ["Param", "DEFAULT_SPACE", "parse_param", "load_space", "run_sweep", "write_reports"]
@@ -736,10 +736,7 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
 def _heatmap(path: Path, rows: list[dict], space: list[Param]) -> None:
     """Validation top-1 over two searched settings (dropout × coeff_init when searched): a grid of annotated
     cells for discrete values (the best over any other settings), a scatter plot for ranges."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [p.name for p in space]
     axes = [n for n in ("coeff_init", "dropout") if n in names] if {"dropout", "coeff_init"} <= set(names) else \
@@ -793,5 +790,4 @@ def _heatmap(path: Path, rows: list[dict], space: list[Param]) -> None:
     extra = [n for n in names if n not in axes]
     ax.set_title("validation top-1 (%)" + (f" — best over {', '.join(extra)}" if extra else ""))
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_png(fig, path)
