@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -52,6 +51,7 @@ def baseline(folder: Path, epochs: int, lr: float, batch_size: int, loader_worke
 
     import mlae
     from mlae.backbones import create_backbone
+    from mlae.engine import lr_at
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
@@ -71,9 +71,8 @@ def baseline(folder: Path, epochs: int, lr: float, batch_size: int, loader_worke
     model.train()
     for _ in range(epochs):
         for x, y in loader:
-            scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
             for g in opt.param_groups:
-                g["lr"] = lr * scale
+                g["lr"] = lr_at(step, total, warm, lr)  # the schedule mlae train uses
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()

@@ -154,7 +154,7 @@ def main(argv=None) -> None:
             fn(x, y)
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(next(iter(times.values())))
-    print(f"\n| path | step (ms) | img/s | vs eager fused | achieved GFLOP/s | of GEMM limit |\n|---|---|---|---|---|---|")
+    print("\n| path | step (ms) | img/s | vs eager fused | achieved GFLOP/s | of GEMM limit |\n|---|---|---|---|---|---|")
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"| {name} | {1e3 * t:.0f} | {args.batch_size / t:.0f} | {base / t:.2f}x | {flops / t / 1e9:.1f} | "

@@ -5,7 +5,8 @@
 
 * ``None`` / ``"embedded"`` — a small ViT (32×32 input, patch 4) pretrained from scratch on formula-driven
   fractal images (see :mod:`mlae.pretrain`); its weights ship inside the package (``mlae/weights``), so it
-  works offline. ``"embedded-v2"`` names that version explicitly (:data:`EMBEDDED_VERSIONS`). ``pretrained=False`` gives the same architecture randomly initialised.
+  works offline. ``"embedded-v2"`` names that version explicitly (:data:`EMBEDDED_VERSIONS`).
+  ``pretrained=False`` gives the same architecture randomly initialised.
 * a timm model name, e.g. ``vit_base_patch16_224.orig_in21k`` (the paper's ViT-B/16 ImageNet-21k) — weights
   come from the Hugging Face hub through timm, which needs network access.
 * a folder written by ``mlae pretrain --out DIR`` (``embedded_vit.safetensors`` + ``embedded_vit.json``), or
