@@ -113,16 +113,29 @@ def from_compare(compare_dir: Path) -> None:
 
 
 REGIME_CLAIMS = CLAIMS + [("7. DMLoRA beats LoRA", "dmlora", "lora"),
+                          ("p chosen per task on val200 beats one p = 0.5", "mlae", "mlae-p0.5"),
+                          # learned p (MLAE-auto, one run per task): "within noise" of the sweep is its target
+                          ("MLAE-auto vs MLAE with p swept on val200", "mlae-auto", "mlae"),
+                          ("MLAE-auto beats MLAE p = 0.5", "mlae-auto", "mlae-p0.5"),
+                          ("MLAE-auto beats LoRA", "mlae-auto", "lora"),
                           ("selecting MLAE's p on test instead of val200", "mlae (test-selected)", "mlae"),
                           ("selecting LoRA's alpha on test instead of val200", "lora (test-selected)", "lora")]
 
 
 def from_regime(path: Path) -> None:
-    """Tables of docs/REPRODUCTION.md's paper-regime section from the committed CSV of benchmarks/paper_regime.py."""
-    from mlae.data import SUITE_TASKS
-
+    """Tables of docs/REPRODUCTION.md's paper-regime section from the committed CSV of benchmarks/paper_regime.py:
+    one section per study setting (backbone, epochs, lr), since rows of different settings do not compare."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    settings = sorted({(r["backbone"], int(r["epochs"]), float(r["lr"])) for r in rows})
+    for backbone, epochs, lr in settings:
+        print(f"# Backbone {backbone or 'embedded (default)'}, {epochs} epochs, lr {lr:g}\n")
+        regime_section([r for r in rows if (r["backbone"], int(r["epochs"]), float(r["lr"])) == (backbone, epochs, lr)])
+
+
+def regime_section(rows: list[dict]) -> None:
+    from mlae.data import SUITE_TASKS
+
     acc: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
         if r["split"] != "test" or r["selected_by"] in ("trial", "candidate"):
@@ -133,9 +146,15 @@ def from_regime(path: Path) -> None:
     print("## Regime: rank-8 LoRA (α = 8), seed 0\n")
     print("| dataset | train top-1 (eval mode) | test top-1 | test gain over the last quarter of training |")
     print("|---|---|---|---|")
-    for r in rows:
-        if r["variant"] == "lora-default":
-            print(f"| {r['dataset']} | {r['train_top1']} | {r['test_top1']} | {r.get('test_gain_last_quarter', '')} |")
+    regime = [r for r in rows if r["variant"] == "lora-default"]
+    for r in regime:
+        print(f"| {r['dataset']} | {r['train_top1']} | {r['test_top1']} | {r.get('test_gain_last_quarter', '')} |")
+    if regime:
+        memorised = sum(float(r["train_top1"]) >= 99.0 for r in regime)
+        print(f"\nTraining top-1 ≥ 99 % on {memorised} of {len(regime)} tasks.")
+    if not datasets:
+        print()
+        return
     print("\n## Selected hyperparameters (p for MLAE, α for LoRA) per dataset\n")
     print("| dataset | MLAE p (val200) | MLAE p (test) | LoRA α (val200) | LoRA α (test) |\n|---|---|---|---|---|")
     for d in datasets:
@@ -143,6 +162,14 @@ def from_regime(path: Path) -> None:
         cells = [pick.get((m, by), {}).get(col, "–") for m, col in (("mlae", "p"), ("lora", "alpha"))
                  for by in ("val", "test")]
         print(f"| {d} | " + " | ".join(cells[i] for i in (0, 1, 2, 3)) + " |")
+    learned = [r for r in rows if r["variant"] == "mlae-auto" and r.get("learned_p")]
+    if learned:
+        print("\n## MLAE-auto: the learned p per layer (first block first), seed by seed\n")
+        print("| dataset | seed | learned p per layer | p chosen on val200 |\n|---|---|---|---|")
+        for r in learned:
+            chosen = next((x["p"] for x in rows if x["dataset"] == r["dataset"] and x["variant"] == "mlae"
+                           and x["selected_by"] == "val"), "–")
+            print(f"| {r['dataset']} | {r['seed']} | {r['learned_p']} | {chosen} |")
     print("\n## Test top-1 (%), mean over seeds\n")
     labels = sorted({label for label, _ in acc}, key=lambda x: (x not in ("lora", "mlae"), x))
     print("| variant | " + " | ".join(datasets) + " | mean over tasks | mean of domain means |")
@@ -161,6 +188,7 @@ def from_regime(path: Path) -> None:
               f" | {task_mean} | {domain_mean} |")
     print("\n## Verdicts\n")
     verdicts(acc, REGIME_CLAIMS, datasets)
+    print()
 
 
 def main() -> None:

@@ -70,16 +70,16 @@ def top1(clf, x, y) -> float:
         return float((clf(x).argmax(-1) == y).float().mean())
 
 
-def linear_probe(task_name: str, init: str, seed: int = 0) -> float:
+def linear_probe(task_name: str, init: str, backbone: str, seed: int = 0) -> float:
     from mlae.backbones import create_backbone
     from mlae.data import load_task
     from mlae.engine import Inputs, backbone_stats
 
     task = load_task(f"suite:{task_name}", seed=seed)
     torch.manual_seed(seed)  # the random-init backbone must be the same one on every run
-    model = create_backbone("embedded", num_classes=task.num_classes, pretrained=init == "pretrained",
+    model = create_backbone(backbone, num_classes=task.num_classes, pretrained=init == "pretrained",
                             drop_path_rate=0.0).eval()
-    mean, std = backbone_stats("embedded", model)
+    mean, std = backbone_stats(backbone, model)
     inputs = Inputs(augment=task.augment, image_size=task.image_size, device=torch.device("cpu"), mean=mean,
                     std=std)
     xtr, ytr = features(model, task.train, inputs), task.train.labels
@@ -97,10 +97,10 @@ def linear_probe(task_name: str, init: str, seed: int = 0) -> float:
 
 
 def cli_run(task_name: str, method: str, init: str, epochs: int, out: Path, workers: int | None,
-            lr: float | None) -> float:
+            lr: float | None, backbone: str) -> float:
     run = out / "runs" / f"{task_name}_{method}_{init}"
     cmd = [sys.executable, "-m", "mlae", "train", "--dataset", f"suite:{task_name}", "--method", method,
-           "--backbone", "embedded", "--epochs", str(epochs), "--eval-every", str(epochs), "--out", str(run),
+           "--backbone", backbone, "--epochs", str(epochs), "--eval-every", str(epochs), "--out", str(run),
            "--overwrite", "--quiet"]
     if init == "random":
         cmd.append("--no-pretrained")
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=5, help="mlae train epochs (and --probe cli epochs)")
     ap.add_argument("--lr", type=float, default=None, help="mlae train learning rate (default: the CLI's)")
     ap.add_argument("--threads", "--workers", dest="workers", type=int, default=None, help="torch threads (passed to mlae train)")
+    ap.add_argument("--backbone", default="embedded", help="an embedded version (embedded, embedded-v2, ...) or "
+                    "a folder written by `mlae pretrain`: compare two backbones by running this once for each")
     ap.add_argument("--out", type=Path, default=Path("runs/embedded_backbone"))
     ap.add_argument("--inits", default=",".join(INITS), help="comma-separated: pretrained, random (a partial "
                     "run; results accumulate in <out>/embedded_backbone.partial.json)")
@@ -157,9 +159,9 @@ def main(argv=None) -> int:
                     continue  # resume: cells already measured
                 t0 = time.time()
                 if m == "linear" and args.probe == "features":
-                    acc = linear_probe(t, init)
+                    acc = linear_probe(t, init, args.backbone)
                 else:
-                    acc = cli_run(t, m, init, args.epochs, args.out, args.workers, args.lr)
+                    acc = cli_run(t, m, init, args.epochs, args.out, args.workers, args.lr, args.backbone)
                 results.setdefault(m, {}).setdefault(t, {})[init] = acc
                 timing[f"{m}/{t}/{init}"] = round(time.time() - t0, 1)
                 print(f"{m:6s} {t:14s} {init:10s} top-1 {acc:.4f}  ({time.time() - t0:.0f} s)", flush=True)
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     md = table(results, methods, tasks)
     command = "python benchmarks/embedded_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(md)
-    report = {"command": command, "tasks": tasks, "methods": methods, "probe": args.probe,
+    report = {"command": command, "backbone": args.backbone, "tasks": tasks, "methods": methods, "probe": args.probe,
               "mlae_epochs": args.epochs, "mlae_lr": args.lr, "results": results, "seconds": timing,
               "averages": {m: {i: float(np.mean([results[m][t][i] for t in tasks])) for i in INITS}
                            for m in methods}}

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "docs" / "results" / "paper_regime.csv"
 COLUMNS = ["dataset", "method", "variant", "config", "seed", "split", "selected_by", "epochs", "lr", "p",
            "coeff_init", "alpha", "train_top1", "val_top1", "test_top1", "test_gain_last_quarter", "seconds",
-           "backbone", "cpu"]
+           "backbone", "cpu", "learned_p"]
 P_GRID = "0,0.1,0.3,0.5,0.7,0.9"          # the paper's grid (Table 10's values come from it)
 ALPHA_GRID = "2,4,8,16,32,64"              # rank 8: update scale alpha / r from 1/4 to 8
 SEEDS = "0,1,42"
@@ -51,7 +51,9 @@ CLAIM_VARIANTS = ("mlae-p0=mlae[dropout=0],lora-dropout,mlae-frozen-c=mlae[dropo
                   "fixed-protruding=mlae[masking=fixed,pattern=protruding],"
                   "mixed-hourglass=mlae[dropout={p},masking=mixed,pattern=hourglass],"
                   "mlae-4x2=mlae[dropout={p},experts=4,expert_rank=2],"
-                  "mlae-2x4=mlae[dropout={p},experts=2,expert_rank=4],dmlora")
+                  "mlae-2x4=mlae[dropout={p},experts=2,expert_rank=4],dmlora,"
+                  # the paper's ablation: one p for every task; and p learned in the run (one run, no search)
+                  "mlae-p0.5=mlae[dropout=0.5],mlae-auto=mlae[dropout=auto]")
 
 
 def _cpu_name() -> str:
@@ -80,6 +82,17 @@ def append_row(path: Path, row: dict) -> None:
     """One line per finished run, appended (and flushed) at once: a killed study loses no finished run."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:  # a table written before a column was added: rewrite it with the new header
+            rows = read_rows(path)
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -159,7 +172,7 @@ class Study:
                     "val_top1": _pct(r.get("val_top1")), "test_top1": _pct(r.get("test_top1")),
                     "test_gain_last_quarter": _last_quarter_gain(run.folder / "metrics.jsonl"),
                     "seconds": round(r["wall_time_s"], 1), "backbone": self.args.backbone or "",
-                    "cpu": CPU})
+                    "cpu": CPU, "learned_p": _learned_p(r.get("learned"))})
 
         print(f"{len(todo)} run(s) to train ({len(wanted) - len(todo)} of {len(wanted)} wanted are in {self.csv})",
               flush=True)
@@ -259,6 +272,18 @@ def _last_quarter_gain(metrics: Path) -> str:
     last_epoch, last = evals[-1]
     before = [acc for epoch, acc in evals[:-1] if epoch <= 0.75 * last_epoch]
     return f"{100 * (last - before[-1]):.2f}" if before else ""
+
+
+def _learned_p(learned: dict | None) -> str:
+    """MLAE-auto's learned masking probability per adapted layer, in layer order ("" for other methods); one
+    layer's per-expert values are averaged."""
+    if not learned:
+        return ""
+    ps = []
+    for values in learned.values():
+        p = values.get("dropout")
+        ps.append(sum(p) / len(p) if isinstance(p, list) else p)
+    return " ".join(f"{p:.3f}" for p in ps if p is not None)
 
 
 def _pct(value) -> str:

@@ -49,3 +49,22 @@ def test_selection_on_val_rows_and_resumption(tmp_path):
                              str(tmp_path / "rows.csv")], capture_output=True, text=True, cwd=ROOT)
     assert report.returncode == 0, report.stderr
     assert "mean of domain means" in report.stdout and "| suite:digits |" in report.stdout
+
+
+def test_a_table_with_an_older_header_is_rewritten_before_appending(tmp_path):
+    spec = importlib.util.spec_from_file_location("paper_regime", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "rows.csv"
+    old = module.COLUMNS[:-1]  # as written before the last column existed
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old)
+        writer.writeheader()
+        writer.writerow({c: "a" for c in old})
+    module.append_row(path, {c: "b" for c in module.COLUMNS})
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0]) == module.COLUMNS
+    assert rows[0][module.COLUMNS[-1]] == "" and rows[0]["dataset"] == "a"
+    assert all(v == "b" for v in rows[1].values())
+    assert module._learned_p({"blocks.0.attn.qkv": {"dropout": 0.25}, "blocks.1.attn.qkv": {"dropout": [0.1, 0.3]}}) \
+        == "0.250 0.200"
