@@ -189,6 +189,22 @@ def test_spec_errors(tmp_path):
     assert issubclass(DatasetError, ValueError)
 
 
+def test_every_loader_refuses_an_unknown_protocol(tmp_path):
+    """One check (data.base.check_split) behind every entry point, before any file is looked at."""
+    from mlae.data.fgvc import load_fgvc
+    from mlae.data.folder import load_folder
+    from mlae.data.suite import make_suite_task
+    from mlae.data.vtab import load_vtab
+
+    calls = [lambda: load_task("suite:digits", split="train"), lambda: make_suite_task("digits", split="train"),
+             lambda: load_vtab("dtd", tmp_path, split="train"), lambda: load_fgvc("CUB", tmp_path, split="train"),
+             lambda: load_folder(tmp_path, split="train")]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^split must be 'test' or 'val', got 'train'$") as err:
+            call()
+        assert not isinstance(err.value, DatasetError)
+
+
 def test_bare_names_and_folder_paths(tmp_path):
     # A suite task name alone is that task ...
     task = load_task("digits")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DatasetError, Split, Task
+from .base import DatasetError, Split, Task, check_split
 
 __all__ = ["SUITE_TASKS", "SUITE_SIZE", "make_suite_task", "generate_split", "split_sizes", "suite_class_names"]
 
@@ -617,8 +617,7 @@ def make_suite_task(name: str, *, image_size: int = 32, split: str = "test", see
     """An embedded task; split="test": train on train+val (1,000 images), evaluate on test; "val": 800 / 200."""
     if name not in SUITE_TASKS:
         raise DatasetError(f"unknown suite task {name!r}; known: {', '.join(SUITE_TASKS)} (or suite:all)")
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    check_split(split)
     num_classes, domain, _ = SUITE_TASKS[name]
     train, val, test = _splits(name, seed, image_size)
     if split == "test":
