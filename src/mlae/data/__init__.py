@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import DatasetError, Split, Task, clear_cache
+from .base import DatasetError, Split, Task, check_split, clear_cache
 from .fgvc import FGVC_TASKS, canonical_name, load_fgvc
 from .folder import load_folder
 from .suite import SUITE_TASKS, make_suite_task
@@ -104,8 +104,7 @@ def load_task(spec: str, *, data_root: str | Path | None = None, image_size: int
     the embedded suite. `cache=False` decodes afresh and writes no cache file. `skip_bad` (folders only) trains
     without the images that cannot be read, listed in `Task.skipped`, instead of stopping.
     """
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    check_split(split)
     prefix, rest = _parse(spec)
     if skip_bad and prefix != "folder":
         raise DatasetError(f"skipping unreadable images applies to 'folder:' datasets only, not {spec!r} (a "

@@ -23,7 +23,8 @@ import torch
 from ..errors import InputError
 from ..utils import atomic_save_file
 
-__all__ = ["DatasetError", "Split", "Task", "Entry", "decode_entries", "cached_split", "to_rgb", "clear_cache"]
+__all__ = ["DatasetError", "Split", "Task", "Entry", "check_split", "decode_entries", "cached_split", "to_rgb",
+           "clear_cache"]
 
 CACHE_DIR_NAME = ".mlae_cache"
 CACHE_FORMAT = "mlae-cache-2"  # 2: the key covers every file's size and times
@@ -37,6 +38,13 @@ MEMORY_CACHE_SIZE = 8
 
 class DatasetError(InputError):
     """A dataset could not be loaded; the message names the file (and line) at fault."""
+
+
+def check_split(split: str) -> None:
+    """Refuse an evaluation protocol other than "test" (train on train+val, evaluate on test) or "val" (train on
+    train, evaluate on val). A plain ValueError: it is the caller's argument at fault, not a dataset."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
 
 
 @dataclass(eq=False)

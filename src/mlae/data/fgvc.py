@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import DatasetError, Entry, Split, Task, cached_split
+from .base import DatasetError, Entry, Split, Task, cached_split, check_split
 from .transforms import fgvc_cache_size
 
 __all__ = ["FGVC_TASKS", "FGVC_LAYOUT", "load_fgvc", "read_json_split"]
@@ -97,8 +97,7 @@ def class_names_from_folders(entries: list[Entry], num_classes: int) -> list[str
 def load_fgvc(name: str, data_root: str | Path, *, image_size: int = 224, split: str = "test",
               cache: bool = True) -> Task:
     name = canonical_name(name)
-    if split not in _PROTOCOL:
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    check_split(split)
     folders, image_dir = FGVC_LAYOUT[name]
     candidates = [Path(data_root) / f for f in folders]
     root = next((c for c in candidates if c.is_dir()), None)

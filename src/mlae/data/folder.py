@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import CACHE_DIR_NAME, DatasetError, Entry, Split, Task, cached_split
+from .base import CACHE_DIR_NAME, DatasetError, Entry, Split, Task, cached_split, check_split
 
 __all__ = ["IMAGE_EXTENSIONS", "load_folder", "scan_folder", "stratified_holdout"]
 
@@ -63,8 +63,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
 
 def load_folder(path: str | Path, *, image_size: int = 32, split: str = "test", holdout: float = 0.2, seed: int = 0,
                 cache: bool = True, skip_bad: bool = False) -> Task:
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    check_split(split)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root}: folder not found")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import DatasetError, Entry, Task, cached_split
+from .base import DatasetError, Entry, Task, cached_split, check_split
 
 __all__ = ["VTAB_TASKS", "VTAB_GROUPS", "load_vtab", "read_list", "read_class_names"]
 
@@ -84,8 +84,7 @@ def load_vtab(name: str, data_root: str | Path, *, image_size: int = 32, split: 
               cache: bool = True) -> Task:
     if name not in VTAB_TASKS:
         raise DatasetError(f"unknown VTAB-1k dataset {name!r}; known: {', '.join(VTAB_TASKS)}")
-    if split not in _PROTOCOL:
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    check_split(split)
     num_classes, domain = VTAB_TASKS[name]
     root = Path(data_root) / name
     if not root.is_dir():
