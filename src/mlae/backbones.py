@@ -81,6 +81,11 @@ def _weights_dir() -> Path:
     return Path(str(resources.files("mlae") / "weights"))
 
 
+def _default_folder() -> Path:
+    """The folder of the default embedded version (what ``embedded`` and no ``--backbone`` mean)."""
+    return _weights_dir() / EMBEDDED_VERSIONS[DEFAULT_EMBEDDED]
+
+
 def card_folder(name: str | os.PathLike | None) -> Path | None:
     """The folder of a backbone given as ``mlae pretrain`` output (the folder or its weights file), else None."""
     if name is None or str(name) == EMBEDDED:
@@ -95,7 +100,7 @@ def card_folder(name: str | os.PathLike | None) -> Path | None:
 def embedded_card(folder: Path | None = None) -> dict[str, Any]:
     """The JSON card of the embedded weights (architecture, recipe, evaluation) shipped with mlae, or the one in
     ``folder`` (``mlae pretrain`` output); ``{}`` if absent."""
-    path = (folder or _weights_dir()) / CARD_FILE
+    path = (folder or _default_folder()) / CARD_FILE
     if not path.is_file():
         return {}
     with open(path) as f:
@@ -126,7 +131,7 @@ def _create_embedded(num_classes: int, pretrained: bool, drop_path_rate: float,
     model = build_embedded(card.get("arch"), num_classes=num_classes, drop_path_rate=drop_path_rate,
                            mean=inputs.get("mean", EMBEDDED_MEAN), std=inputs.get("std", EMBEDDED_STD))
     if pretrained:
-        path = (folder or _weights_dir()) / WEIGHTS_FILE
+        path = (folder or _default_folder()) / WEIGHTS_FILE
         if not path.is_file():
             raise BackboneError(f"the backbone weights are missing ({path}); reinstall mlae or recreate them "
                                 f"with `mlae pretrain --out {path.parent}`" if folder is None else
