@@ -33,7 +33,9 @@ import platform
 import sys
 from pathlib import Path
 
-from mlae.commands.compare import RESULTS, Run, dataset_slug, execute_runs, parse_methods, resolve_config
+from mlae.engine import RESULTS
+from mlae.experiments.compare import Run, dataset_slug, execute_runs, resolve_config
+from mlae.experiments.variants import parse_methods
 from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
 

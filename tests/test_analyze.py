@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import mlae
-from mlae import ablations
+from mlae.experiments import ablations
 from mlae.cli import main
 
 pytest.importorskip("yaml")
 testing = pytest.importorskip("mlae.data.testing")
-analyze = pytest.importorskip("mlae.commands.analyze")
+analyze = pytest.importorskip("mlae.experiments.analysis")
 
 from conftest import make_tiny_vit  # noqa: E402
 
@@ -310,7 +310,7 @@ def test_presets_expand_to_the_papers_variants():
 
 @pytest.mark.parametrize("name", ablations.PRESETS)
 def test_every_variant_builds_and_parses_as_a_compare_method(name):
-    from mlae.commands import compare
+    from mlae.experiments import compare
     from mlae.engine import TrainConfig
     from mlae.recipes import get_method
 

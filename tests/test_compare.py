@@ -9,7 +9,8 @@ from statistics import mean, stdev
 import pytest
 
 from mlae.cli import main
-from mlae.commands.compare import Variant, aggregate, parse_methods
+from mlae.experiments.summary import aggregate
+from mlae.experiments.variants import Variant, parse_methods
 from mlae.recipes import RecipeError
 
 pytest.importorskip("yaml")
@@ -58,7 +59,7 @@ def test_domain_and_overall_follow_the_vtab_convention():
 
 def test_paper_columns_give_both_vtab_averages():
     from mlae import published
-    from mlae.commands.compare import _paper_columns, domain_of
+    from mlae.experiments.summary import _paper_columns, domain_of
 
     datasets = [f"vtab:{name}" for name in published.VTAB_ORDER]
     domains: dict[str, list[str]] = {}
@@ -148,7 +149,7 @@ def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_pat
 
     import yaml
 
-    from mlae.commands import compare
+    from mlae.experiments import compare
 
     argv = ["compare", "--methods", "lora", "--datasets", "vtab:cifar", "--out", str(tmp_path / "c"),
             "--data-root", str(vtab_root), *TINY, *FAST]

@@ -253,7 +253,7 @@ def test_normalize_and_head_init_are_recorded_and_eval_uses_the_same_inputs(tmp_
     import yaml
 
     import mlae
-    from mlae.commands.train import evaluate_file
+    from mlae.evaluation import evaluate_file
 
     results = engine.train(_tiny_config(tmp_path, method="lora", normalize="inception", head_init="zero"))
     run = tmp_path / "run"

@@ -46,5 +46,5 @@ def test_optuna_objects_are_used_through_public_attributes():
                 found.append(f"{path}:{node.lineno} {ast.unparse(node)}")
             if isinstance(node, ast.Constant) and node.value == "fixed_params":
                 found.append(f"{path}:{node.lineno} 'fixed_params'")
-    assert "commands/sweep.py" in checked
+    assert "experiments/sweep.py" in checked
     assert not found, found

@@ -200,7 +200,7 @@ def test_storage_without_its_driver_is_a_one_line_error(vtab_root, tmp_path, cap
 
 
 def test_search_space_parsing():
-    from mlae.commands.sweep import parse_param
+    from mlae.experiments.sweep_space import parse_param
     from mlae.recipes import RecipeError
 
     assert parse_param("dropout=0,0.5", "mlae").values == (0.0, 0.5)
@@ -266,7 +266,7 @@ def test_trial_closed_by_another_worker_is_dropped_not_crashed(tmp_path, monkeyp
     it again. This worker must notice at its next report, drop its run and go on: the point runs once more."""
     import mlae.engine
     from mlae.cli import build_parser
-    from mlae.commands.sweep import Sweep
+    from mlae.commands.sweep import sweep_from_args as Sweep
 
     out = tmp_path / "sweep"
     argv = ["sweep", "--dataset", "suite:digits", "--epochs", "3", "--no-prune", "--no-final", *GRID, "--jobs", "1",

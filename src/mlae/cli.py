@@ -13,7 +13,7 @@ import sys
 # installs, e.g. without the training extras, still give a helpful --help).
 COMMAND_MODULES = [
     "mlae.commands.train",     # train, eval, predict, export
-    "mlae.pretrain",           # pretrain
+    "mlae.commands.pretrain",  # pretrain
     "mlae.commands.sweep",     # sweep
     "mlae.commands.compare",   # compare
     "mlae.commands.analyze",   # analyze

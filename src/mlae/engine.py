@@ -48,9 +48,18 @@ MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
 # How inputs are normalised (see backbone_stats); "auto" is what runs made before the option used.
 NORMALIZE_CHOICES = ("auto", "backbone", "inception", "imagenet")
 HEAD_INITS = ("timm", "zero")
-# Settings a resumed run may change: where things are and how this machine runs them, not what is trained.
-RESUME_MAY_CHANGE = ("threads", "device", "attention", "progress", "cache", "data_root", "checkpoint_every", "out",
-                     "runs_dir")
+# Run-local settings: where things are and how this machine runs them, not what is trained. The one definition
+# for every place that compares two configurations of the same run or study (a key missing from a configuration
+# dict, e.g. progress, which to_dict() drops, simply never differs):
+# - RESUME_MAY_CHANGE: `mlae train --resume` continues a run whose settings differ only in these;
+# - `mlae compare` reuses a finished run (or resumes an interrupted one) whose settings differ only in RUN_LOCAL;
+# - WORKER_LOCAL: the workers of one `mlae sweep` study may differ in these. precision too, as every trial runs
+#   whole in one worker (a resumed run may not: one spliced from bf16 and fp32 halves is neither); attention is
+#   not among them because the studies already created recorded it in the search spec that a joining worker
+#   must match (leaving it out would shut every new worker out of them).
+RUN_LOCAL = ("threads", "device", "attention", "progress", "cache", "data_root", "checkpoint_every", "out", "runs_dir")
+RESUME_MAY_CHANGE = RUN_LOCAL
+WORKER_LOCAL = tuple(k for k in RUN_LOCAL if k != "attention") + ("precision",)
 PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's honest protocol), "
             "not the best of periodic evaluations")
 

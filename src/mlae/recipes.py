@@ -265,3 +265,33 @@ def resolve_recipe(recipe: dict, dataset: str | None) -> dict:
         per_dataset = {str(k).lower(): v for k, v in recipe.get("per_dataset", {}).items()}
         flat.update(per_dataset.get(dataset_key(dataset), {}))
     return flat
+
+
+def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
+    """A :class:`mlae.engine.TrainConfig` from options as ``mlae train`` takes them (TrainConfig fields and method
+    options by name, only those given), with its precedence: the method's and TrainConfig's defaults < ``recipe``
+    (its ``per_dataset`` entry for the dataset included) < ``options``. With ``options["resume"]`` the run
+    folder's own ``config.yaml`` takes the place of the defaults and the recipe. Method options that the chosen
+    method does not take are an error; a recipe written for another method keeps only its general settings."""
+    from .engine import TrainConfig, _default_out
+
+    base: dict = {}
+    if options.get("resume"):
+        out = Path(options["out"]) if "out" in options else _default_out(TrainConfig(**{
+            k: v for k, v in options.items() if k in ("dataset", "method", "seed")}))
+        if (out / "config.yaml").exists():
+            base = load_recipe(out / "config.yaml")
+    elif recipe:
+        loaded = load_recipe(recipe)
+        base = resolve_recipe(loaded, options.get("dataset", loaded.get("dataset", TrainConfig.dataset)))
+    method = get_method(options.get("method", base.get("method", TrainConfig.method)))
+    own = set(method.defaults())
+    fields = set(TrainConfig.__dataclass_fields__)
+    bad = [k for k in options if k not in fields and k not in own]
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise RecipeError(f"{flags} do(es) not apply to method {method.name!r}")
+    if base.get("method", method.name) != method.name:
+        # The recipe was written for another method: keep its general settings, drop its method options.
+        base = {k: v for k, v in base.items() if k in fields or k in own}
+    return TrainConfig.from_dict({**base, **options})

@@ -1,9 +1,9 @@
 """Ablation presets: the MLAE paper's ablation tables as lists of labelled method variants.
 
-A preset is data: each variant (``mlae compare``'s :class:`~mlae.commands.compare.Variant`) is a labelled
-method of :data:`mlae.recipes.METHODS` plus option overrides, written for ``mlae compare`` as
-``LABEL=method[key=value,...]``. ``mlae analyze ablation PRESET`` runs a preset through
-compare's machinery; :func:`compare_argv` is the mapping from a preset to compare's command line.
+A preset is data: each variant (a :class:`~mlae.experiments.variants.Variant`) is a labelled method of
+:data:`mlae.recipes.METHODS` plus option overrides, written for ``mlae compare`` as
+``LABEL=method[key=value,...]``. :func:`run_ablation` (``mlae analyze ablation PRESET``) runs a preset through
+:func:`mlae.experiments.compare.compare`; :func:`compare_argv` is the same comparison as a command line.
 
 =============== ============================ ================================================================
 preset          paper                        variants
@@ -23,12 +23,14 @@ per-dataset values are in Table 10 / ``configs/``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .commands.compare import Variant
-from .errors import InputError
+from ..errors import InputError
+from .variants import Variant, parse_methods
 
-__all__ = ["Preset", "PRESETS", "DEFAULT_P", "preset", "method_spec", "compare_argv", "format_presets"]
+__all__ = ["Preset", "PRESETS", "DEFAULT_P", "preset", "method_spec", "methods_text", "compare_argv",
+           "format_presets", "run_ablation"]
 
 DEFAULT_P = 0.5
 BUDGET = 8  # E·k of every MLAE variant and the LoRA rank of the references: one trainable budget throughout
@@ -137,11 +139,16 @@ def preset(name: str, p: float = DEFAULT_P) -> Preset:
     return Preset(name, paper, help_text, build(float(p)))
 
 
+def methods_text(preset_: Preset) -> str:
+    """Every variant of ``preset_`` as ``mlae compare --methods`` takes them: ``LABEL=METHOD[...],...``."""
+    return ",".join(f"{v.label}={method_spec(v)}" for v in preset_.variants)
+
+
 def compare_argv(preset_: Preset, datasets: list[str], seeds: list[int], out: str,
                  extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The ``mlae compare`` command line running every variant of ``preset_`` (labelled ``LABEL=METHOD[...]``) on
     ``datasets`` × ``seeds``; ``extra`` are further compare/train options (e.g. ``["--epochs", "20"]``)."""
-    return ["compare", "--methods", ",".join(f"{v.label}={method_spec(v)}" for v in preset_.variants),
+    return ["compare", "--methods", methods_text(preset_),
             "--datasets", ",".join(datasets), "--seeds", ",".join(str(s) for s in seeds),
             "--out", str(out), *extra]
 
@@ -155,3 +162,16 @@ def format_presets(p: float = DEFAULT_P) -> str:
         width = max(len(v.label) for v in pr.variants)
         lines += [f"  {v.label:<{width}}  {method_spec(v)}" for v in pr.variants]
     return "\n".join(lines)
+
+
+def run_ablation(name: str, datasets: str | list[str], seeds: str | list[int], out: str | Path, *,
+                 p: float = DEFAULT_P, options: dict[str, Any] | None = None, config: str | None = None,
+                 jobs: int | None = None):
+    """Run preset ``name`` as a comparison (see :func:`mlae.experiments.compare.compare` for ``options``,
+    ``config`` and ``jobs``): the same runs, folders and tables as ``mlae compare`` with :func:`compare_argv`'s
+    command line. Returns the :class:`~mlae.experiments.compare.Comparison`."""
+    from .compare import compare
+
+    # The variants go through their --methods text, as on compare's command line: the same labels and values.
+    variants = parse_methods(methods_text(preset(name, p)))
+    return compare(variants, datasets, seeds, out, options=options, config=config, jobs=jobs)

@@ -1,0 +1,219 @@
+"""Methods × datasets × seeds in one call, one table: the library behind ``mlae compare``.
+
+    from mlae.experiments.compare import compare
+    result = compare("lora,nomask=mlae[dropout=0]", "suite:all", [0, 1], "runs/compare", options={"epochs": 20})
+    print(result.summary)
+
+Each run is a subprocess ``mlae train --config <run>/compare.yaml --out <run>``, where ``compare.yaml`` is the
+run's fully resolved configuration (train options < method-variant overrides). Finished runs (``results.json``
+present) are skipped, interrupted ones resumed from their checkpoint, so the same call can be repeated until
+everything is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..engine import CHECKPOINT, RESULTS, RUN_LOCAL
+from ..recipes import RecipeError, config_from_options, get_method
+from ..utils import FolderLock, cpu_jobs
+from .summary import summarize
+from .variants import Variant, parse_methods, parse_seeds
+
+__all__ = ["Run", "Comparison", "compare", "plan", "execute_runs", "resolve_config", "dataset_slug", "RUN_RECIPE"]
+
+RUN_RECIPE = "compare.yaml"
+# What the grid itself sets for every run; given as train options they would be overridden without a word.
+GRID_KEYS = ("dataset", "method", "seed")
+
+
+@dataclass
+class Run:
+    variant: Variant
+    dataset: str
+    seed: int
+    folder: Path
+    config: dict
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` did: its runs, the text of summary.md, and one line per failed run."""
+
+    variants: list[Variant]
+    datasets: list[str]
+    seeds: list[int]
+    runs: list[Run]
+    summary: str
+    failures: list[str]
+
+
+def dataset_slug(spec: str) -> str:
+    from ..recipes import dataset_key
+
+    prefix, _, _ = spec.partition(":")
+    return f"{prefix}-{dataset_key(spec)}"
+
+
+def resolve_config(given: dict[str, Any], **overrides):
+    """TrainConfig from train options (with `mlae train`'s precedence: defaults < ``given["config"]`` recipe <
+    options), then ``overrides``. Method options that the method does not take are dropped, so one set of options
+    can drive several methods."""
+    from ..engine import TrainConfig
+
+    method = get_method(overrides.get("method", given.get("method", TrainConfig.method)))
+    fields = set(TrainConfig.__dataclass_fields__)
+    keep = {k: v for k, v in given.items() if k in fields or k in method.defaults()}
+    return config_from_options({**keep, **overrides}, recipe=given.get("config"))
+
+
+def plan(variants: list[Variant], datasets: list[str], seeds: list[int], out: str | Path,
+         options: dict[str, Any] | None = None, config: str | None = None) -> list[Run]:
+    """Every run of the grid with its resolved configuration; refuses a run folder that holds a finished run made
+    with other settings."""
+    given = dict(options or {})
+    if config:
+        given["config"] = config
+    runs = []
+    for v in variants:
+        for d in datasets:
+            for s in seeds:
+                folder = Path(out) / "runs" / v.slug / dataset_slug(d) / f"s{s}"
+                cfg = resolve_config(given, dataset=d, method=v.method, seed=s, out=str(folder), **v.overrides)
+                config_ = {k: val for k, val in cfg.to_dict().items() if k not in ("threads", "runs_dir")}
+                runs.append(Run(v, d, s, folder, config_))
+                if (folder / RESULTS).exists():
+                    changed = _changed(folder / RUN_RECIPE, config_)
+                    if changed:
+                        raise RecipeError(
+                            f"{folder} holds a finished run made with other settings ("
+                            + ", ".join(changed[:5])
+                            + "); use another --out, or delete that run folder to redo it")
+    return runs
+
+
+def _changed(stored: Path, config: dict) -> list[str] | None:
+    """The settings (other than run-local ones) in which a stored configuration (compare.yaml, or the engine's
+    config.yaml) differs from ``config``, as "key: old -> new"; None when there is no such file."""
+    import yaml
+
+    from ..engine import TrainConfig
+
+    if not stored.exists():
+        return None
+    before = yaml.safe_load(stored.read_text()) or {}
+    # A setting added since the file was written (e.g. normalize) held its default for that run.
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    before = {**{k: v for k, v in defaults.items() if k in config}, **before}
+    return [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
+            if k not in RUN_LOCAL and before.get(k) != config.get(k)]
+
+
+def _devices(device: str | None) -> list[str | None]:
+    """One entry per parallel job: a CUDA_VISIBLE_DEVICES value, or None on CPU."""
+    if device is None or str(device).startswith("cuda"):
+        try:
+            import torch
+
+            n = torch.cuda.device_count()
+        except Exception:
+            n = 0
+        if n and (device is None or device == "cuda"):
+            return [str(i) for i in range(n)]
+    return [None]
+
+
+def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | None = None, device: str | None = None,
+                 on_done: Callable[[Run], None] | None = None) -> list[str]:
+    """Train ``todo`` (each an `mlae train` subprocess writing into its run folder, resumed when its checkpoint
+    has the same settings), ``jobs`` at a time; returns one line per failed run. ``on_done(run)`` is called
+    (serially) after every finished run."""
+    import yaml
+
+    gpus = _devices(device)
+    if gpus[0] is None:
+        jobs, threads = cpu_jobs(len(todo), jobs, threads)
+        if todo:
+            print(f"CPU: {jobs} job(s) in parallel × {threads} torch thread(s) each (--jobs / --threads override)",
+                  flush=True)
+    else:
+        jobs = jobs or len(gpus)
+    free = list(gpus) * max(1, math.ceil(jobs / len(gpus)))
+    lock = threading.Lock()
+    failures: list[str] = []
+
+    def execute(run: Run) -> None:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        # `--resume` continues with the run folder's own config.yaml: only when the settings are unchanged.
+        resume = (run.folder / CHECKPOINT).exists() and _changed(run.folder / "config.yaml", run.config) == []
+        (run.folder / RUN_RECIPE).write_text(yaml.safe_dump(run.config, sort_keys=False))
+        cmd = [sys.executable, "-m", "mlae", "train", "--config", str(run.folder / RUN_RECIPE),
+               "--out", str(run.folder), "--quiet", "--resume" if resume else "--overwrite"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        with lock:
+            gpu = free.pop()
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        try:
+            with open(run.folder / "train.log", "a") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        finally:
+            with lock:
+                free.append(gpu)
+        name = f"{run.variant.label} / {run.dataset} / seed {run.seed}"
+        if rc == 0 and (run.folder / RESULTS).exists():
+            top1 = json.loads((run.folder / RESULTS).read_text())["top1"]
+            print(f"done   {name}: top-1 {100 * top1:.2f}%", flush=True)
+            if on_done is not None:
+                with lock:
+                    on_done(run)
+        else:
+            with lock:
+                failures.append(f"{name} (exit {rc}; see {run.folder / 'train.log'})")
+            print(f"FAILED {name} (exit {rc}; see {run.folder / 'train.log'})", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(execute, todo))
+    return failures
+
+
+def compare(methods: str | list[Variant], datasets: str | list[str], seeds: str | list[int], out: str | Path, *,
+            options: dict[str, Any] | None = None, config: str | None = None,
+            jobs: int | None = None) -> Comparison:
+    """Train every variant of ``methods`` (``"lora,nomask=mlae[dropout=0]"`` or :class:`Variant` objects) on every
+    dataset (``suite:all`` / ``vtab:all`` / ``fgvc:all`` expand) with every seed, skipping finished runs, and write
+    the tables into ``out``. ``options``: `mlae train` options by name (``{"epochs": 20, "backbone": ...}``) for
+    every run; method options apply to the methods that take them. ``config``: a YAML recipe for every run.
+    ``jobs``: runs in parallel (default: one per GPU; on a CPU one 1-thread job per free core). Progress is
+    printed; failed runs are listed in the result rather than raised."""
+    from ..data import expand_specs
+
+    options = dict(options or {})
+    grid = [k for k in GRID_KEYS if k in options]
+    if grid:
+        raise RecipeError(f"{', '.join(grid)}: set by the comparison's own datasets / methods / seeds, not options")
+    variants = parse_methods(methods) if isinstance(methods, str) else list(methods)
+    datasets = expand_specs(datasets)
+    seeds = parse_seeds(seeds) if isinstance(seeds, str) else parse_seeds(",".join(map(str, seeds)))
+    runs = plan(variants, datasets, seeds, out, options, config)
+    out = Path(out)
+    # One compare per folder at a time: two would train the same runs and interleave the tables. Each run's own
+    # folder is locked by the `mlae train` process that writes it, not here.
+    with FolderLock(out):
+        todo = [r for r in runs if not (r.folder / RESULTS).exists()]
+        print(f"{len(runs)} runs ({len(variants)} methods × {len(datasets)} datasets × {len(seeds)} seeds): "
+              f"{len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
+        failures = execute_runs(todo, jobs=jobs, threads=options.get("threads"), device=options.get("device"))
+        text = summarize(out, runs, variants, datasets, seeds)
+    return Comparison(variants, datasets, seeds, runs, text, failures)
