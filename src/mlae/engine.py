@@ -28,12 +28,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import set_attention
-from .errors import InputError, MLAEError, MissingFileError, RunDirError
-from .recipes import get_method
+from .adapters.base import Phase, TrainingHooks
+from .attention import ATTENTION_CHOICES, set_attention
+from .backbones import (DEFAULT_ARCH, EMBEDDED, EMBEDDED_ARCH, _looks_like_path, backbone_input_size, card_folder,
+                        create_backbone, embedded_card)
+from .errors import InputError, MLAEError, RunDirError
+from .inject import adapter_layers, aux_losses, count_parameters, learned_values, set_progress, set_train_size
+from .io import load_adapter, read_adapter_metadata, save_adapter
+from .recipes import METHODS, Method, dataset_key, get_method
 from .utils import (DistInfo, FolderLock, atomic_save_file, atomic_write_text, auto_threads, autocast, get_rng_state,
-                    init_distributed, pyplot, resolve_device, resolve_precision, save_png, seed_everything,
-                    set_rng_state)
+                    init_distributed, pyplot, read_safetensors_header, resolve_device, resolve_precision, save_png,
+                    seed_everything, set_rng_state)
 
 __all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
            "backbone_stats", "resolve_normalize", "init_head", "NORMALIZE_CHOICES", "HEAD_INITS", "load_trained",
@@ -112,8 +117,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_method(self.method)
-        from .attention import ATTENTION_CHOICES
-
         for name, choices in (("attention", ATTENTION_CHOICES), ("normalize", NORMALIZE_CHOICES),
                               ("head_init", HEAD_INITS)):
             if getattr(self, name) not in choices:
@@ -178,24 +181,14 @@ def backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 def build_backbone(name: str | None, num_classes: int, seed: int, drop_path: float = 0.0, **kwargs) -> nn.Module:
     """The backbone, with any randomly initialised weights drawn from ``seed`` so that `mlae eval` can rebuild
     exactly the network a run was trained on."""
-    from .backbones import create_backbone
-
     torch.manual_seed(seed)
     return create_backbone(name, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
-
-
-def _input_size(model: nn.Module) -> int:
-    from .backbones import backbone_input_size
-
-    return int(backbone_input_size(model))
 
 
 # --------------------------------------------------------------------------------------------- run folder
 
 
 def _default_out(cfg: TrainConfig) -> Path:
-    from .recipes import dataset_key
-
     return Path(cfg.runs_dir) / f"{dataset_key(cfg.dataset)}_{cfg.method}_s{cfg.seed}"
 
 
@@ -235,10 +228,8 @@ def _check_resume(out: Path, cfg: TrainConfig) -> None:
     (e.g. a learning-rate schedule spliced from two lengths). Compared with the settings the checkpoint was
     written with (config.yaml for checkpoints older than that record)."""
     import yaml
-    from safetensors import safe_open
 
-    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
-        before = json.loads(f.metadata()["state"]).get("config")
+    before = json.loads(read_safetensors_header(out / CHECKPOINT, "checkpoint")["state"]).get("config")
     if before is None and (out / "config.yaml").exists():
         before = yaml.safe_load((out / "config.yaml").read_text())
     if before is None:
@@ -254,8 +245,10 @@ def _check_resume(out: Path, cfg: TrainConfig) -> None:
 
 
 def _clear_run_files(out: Path) -> None:
+    # The figures of every method: the folder may hold a run of another method than the one starting there.
+    figures = dict.fromkeys(name for method in METHODS.values() for name in method.hooks.files)
     for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, "adapter.safetensors", "model.safetensors",
-                 "curves.png", "scales.png"):
+                 "curves.png", *figures):
         (out / name).unlink(missing_ok=True)
 
 
@@ -374,8 +367,6 @@ def resolve_normalize(normalize: str, backbone: str | None) -> str:
     """The statistics ``normalize`` stands for with ``backbone``. ``auto`` keeps what runs made before the option
     used: the embedded ViT (and a folder written by `mlae pretrain`, whose card says so) its own ([-1, 1], how it
     was pretrained), timm names and checkpoint files ImageNet's (the NOAH-era protocol of VTAB-1k and FGVC code)."""
-    from .backbones import EMBEDDED, card_folder
-
     if normalize != "auto":
         return normalize
     return "backbone" if backbone in (None, EMBEDDED) or card_folder(backbone) is not None else "imagenet"
@@ -436,7 +427,58 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
 
 def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, stack: contextlib.ExitStack) -> dict:
-    import mlae
+    run = _setup(cfg, stack)
+    metrics, first_epoch = _start(run)
+    _loop(run, metrics, first_epoch, on_epoch_end)
+    return _finish(run, metrics)
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share: where it runs, its data, the prepared model, optimizer and method
+    hooks, and its step plan (``phases[0]`` starts at step 0 with the warmup; see TrainingHooks.phases)."""
+
+    cfg: TrainConfig
+    method: Method
+    dist_info: DistInfo
+    device: torch.device
+    precision: str
+    out: Path | None
+    resume: bool
+    start_time: float
+    task: Any
+    inputs: Inputs
+    normalize: str
+    model: nn.Module
+    attention: str
+    optimizer: torch.optim.Optimizer
+    counts: dict[str, int]
+    hooks: TrainingHooks
+    per_rank_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    phases: list[Phase]
+
+    def wrap(self) -> nn.Module:
+        """The model as the training steps call it: in DistributedDataParallel when several processes train."""
+        if not self.dist_info.enabled:
+            return self.model
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.method.skips_parameters)
+
+    def schedule(self, step: int) -> tuple[int, float]:
+        """(index of the phase ``step`` is in, its learning rate): the phase's cosine from its lr to 0 at the next
+        phase's start, after the run's warmup in the first phase."""
+        k = max(i for i, phase in enumerate(self.phases) if phase.start <= step)
+        start = self.phases[k].start
+        end = self.phases[k + 1].start if k + 1 < len(self.phases) else self.total_steps
+        return k, lr_at(step - start, end - start, self.warmup_steps if k == 0 else 0, self.phases[k].lr)
+
+
+def _setup(cfg: TrainConfig, stack: contextlib.ExitStack) -> _Run:
+    """Device, run folder, data and the model prepared with its method and optimizer."""
     from .data import load_task
 
     start_time = time.time()
@@ -454,68 +496,85 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
         dist.broadcast_object_list(shared, src=0)
         out, resume = shared
 
-    # The data sizes the head and the backbone sizes the images: read the input size off an untrained copy.
-    kwargs = backbone_kwargs(cfg)
+    # The data sizes the head and the backbone sizes the images.
     seed_everything(cfg.seed)
-    image_size = cfg.img_size or _input_size(build_backbone(cfg.backbone, 1, cfg.seed, **{**kwargs,
-                                                                                           "pretrained": False}))
+    image_size = cfg.img_size or _input_size(cfg)
     task = load_task(cfg.dataset, data_root=cfg.data_root, image_size=image_size, split=cfg.split, seed=cfg.seed,
                      skip_bad=cfg.skip_bad_images, cache=cfg.cache)
-    model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **kwargs)
+    model = build_backbone(cfg.backbone, task.num_classes, cfg.seed, cfg.drop_path, **backbone_kwargs(cfg))
     init_head(model, cfg.head_init)
     normalize = resolve_normalize(cfg.normalize, cfg.backbone)
     inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model, normalize))
     model = method.prepare(model, options).to(device)
-    mlae.set_train_size(model, len(task.train))  # N of per-example regularisers (MLAE's learned p: KL / N)
+    set_train_size(model, len(task.train))  # N of per-example regularisers (MLAE's learned p: KL / N)
     attention = set_attention(model, cfg.attention, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    counts = mlae.count_parameters(model)
-    # DMLoRA's two-stage learning scalar: the last `stage2_fraction` of the steps train only the per-layer scales
-    # (and the head), on a fresh cosine from lr / 10. Their group is there from the start (no gradient before the
-    # switch), so checkpoints of both stages have the same optimizer layout.
-    stage2_fraction = getattr(getattr(model, "mlae_config", None), "stage2_fraction", 0.0)
-    if stage2_fraction:
-        from .adapters.dmlora import layer_scales, learned_scales, start_stage2
-
-        optimizer.add_param_group({"params": layer_scales(model), "weight_decay": 0.0})
+    counts = count_parameters(model)
+    hooks = method.hooks(model, options)
+    for group in hooks.param_groups():
+        optimizer.add_param_group(group)
 
     per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
     shard = len(_order(len(task.train), cfg.seed, 0, dist_info))
     steps_per_epoch = math.ceil(shard / per_rank_batch)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch
-    aux_weights = {k[: -len("_weight")]: v for k, v in options.items() if k.endswith("_weight")}
-    stage2_at = round(total_steps * (1 - stage2_fraction)) if stage2_fraction else total_steps
-    in_stage2 = False
+    phases = [Phase(0, cfg.lr), *hooks.phases(total_steps, cfg.lr)]
+    return _Run(cfg, method, dist_info, device, precision, out, resume, start_time, task, inputs, normalize, model,
+                attention, optimizer, counts, hooks, per_rank_batch, steps_per_epoch, total_steps, warmup_steps,
+                phases)
 
+
+def _input_size(cfg: TrainConfig) -> int:
+    """The side of the images the backbone takes, read off an untrained copy. It is built on the meta device (no
+    memory, no initialisation: seconds less for a ViT-B), from the same constructor, so it tells the same size; a
+    model whose constructor computes with its tensors cannot be built there and is built for real."""
+    kwargs = {**backbone_kwargs(cfg), "pretrained": False}
+    try:
+        with torch.device("meta"):
+            probe = build_backbone(cfg.backbone, 1, cfg.seed, **kwargs)
+    except MLAEError:
+        raise
+    except Exception:  # e.g. .item() of a meta tensor in a constructor
+        probe = build_backbone(cfg.backbone, 1, cfg.seed, **kwargs)
+    return int(backbone_input_size(probe))
+
+
+def _start(run: _Run) -> tuple[list[dict], int]:
+    """Continue from the checkpoint or seed a fresh start, and write the run folder's first files; returns the
+    metrics so far and the first epoch to train."""
+    cfg, dist_info, out = run.cfg, run.dist_info, run.out
     metrics: list[dict] = []
     first_epoch = 1
-    if resume:
-        state = load_checkpoint(out / CHECKPOINT, model, optimizer, dist_info.rank)
+    if run.resume:
+        state = load_checkpoint(out / CHECKPOINT, run.model, run.optimizer, dist_info.rank)
         metrics, first_epoch = state["metrics"], state["epoch"] + 1
-        if device.type == "cpu" and not cfg.threads:
+        if run.device.type == "cpu" and not cfg.threads:
             torch.set_num_threads(state["threads"])  # CPU results depend on the thread count
     else:
         # Distinct global RNG streams per rank (drop-path, masks) once the model is identical everywhere.
         seed_everything(cfg.seed * 1_000_003 + 7919 * (dist_info.rank + 1))
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not run.resume:
             _clear_run_files(out)
-        if not resume or not (out / "config.yaml").exists():  # a resumed run keeps the record it started with
+        if not run.resume or not (out / "config.yaml").exists():  # a resumed run keeps the record it started with
             _write_config(out / "config.yaml", cfg, out)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    return metrics, first_epoch
 
-    def wrap(model: nn.Module) -> nn.Module:
-        if not dist_info.enabled:
-            return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   find_unused_parameters=method.skips_parameters)
 
-    net = wrap(model)
+def _loop(run: _Run, metrics: list[dict], first_epoch: int, on_epoch_end: Callable[[int, dict], None] | None) -> None:
+    """Train the epochs from ``first_epoch`` on, appending to ``metrics`` (and metrics.jsonl), checkpointing."""
+    cfg, model, optimizer, task, inputs = run.cfg, run.model, run.optimizer, run.task, run.inputs
+    dist_info, device, precision, out = run.dist_info, run.device, run.precision, run.out
+    steps_per_epoch, per_rank_batch = run.steps_per_epoch, run.per_rank_batch
+    aux_weights = run.hooks.aux_loss_weights()
+    phase = 0  # the last phase begun in this process (the first has nothing to begin)
+    net = run.wrap()
 
-    bar = _progress_bar(cfg, dist_info, total_steps, (first_epoch - 1) * steps_per_epoch)
+    bar = _progress_bar(cfg, dist_info, run.total_steps, (first_epoch - 1) * steps_per_epoch)
     board = _open_tensorboard(out, first_epoch) if cfg.tensorboard and dist_info.is_main else None
     model.train()
     try:
@@ -529,16 +588,15 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
             seen = 0
             for i in range(steps_per_epoch):
                 step = (epoch - 1) * steps_per_epoch + i
-                if step >= stage2_at and not in_stage2:
-                    start_stage2(model)
-                    net, in_stage2 = wrap(model), True  # DDP must see the newly trainable scales
-                if step < stage2_at:
-                    lr = lr_at(step, stage2_at, warmup_steps, cfg.lr)
-                else:
-                    lr = lr_at(step - stage2_at, total_steps - stage2_at, 0, cfg.lr / 10)
+                now, lr = run.schedule(step)
+                if now > phase:  # also the phases a resumed run skipped over, in order
+                    for begun in run.phases[phase + 1:now + 1]:
+                        if begun.begin is not None:
+                            begun.begin()
+                    net, phase = run.wrap(), now  # DDP must see the parameters that train now
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                mlae.set_progress(model, step / max(1, total_steps - 1))
+                set_progress(model, step / max(1, run.total_steps - 1))
                 idx = order[i * per_rank_batch:(i + 1) * per_rank_batch]
                 x = inputs(task.train.images[idx], train=True, generator=augment_rng)
                 y = task.train.labels[idx].to(device, non_blocking=True)
@@ -546,7 +604,7 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
                     logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
                 aux = sum((aux_weights.get(name, 1.0) * value.float()
-                           for name, value in mlae.aux_losses(model).items()), torch.zeros((), device=device))
+                           for name, value in aux_losses(model).items()), torch.zeros((), device=device))
                 total = loss + aux
                 if dist_info.enabled:
                     check = total.detach().clone()
@@ -581,7 +639,7 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
                  "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
             if aux_weights or aux_total:
                 m["aux_loss"] = aux_total / seen_total
-            learned = mlae.learned_values(model)
+            learned = learned_values(model)
             if learned:
                 m["learned"] = learned  # e.g. MLAE's masking probability per layer, for `mlae analyze dropout`
             metrics.append(m)
@@ -598,7 +656,7 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
                 if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
                     save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng, cfg.to_dict())
             if board is not None:
-                _log_tensorboard(board, m, model)
+                _log_tensorboard(board, m, run.hooks)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, m)
     finally:
@@ -607,23 +665,26 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, s
         if board is not None:
             board.close()
 
+
+def _finish(run: _Run, metrics: list[dict]) -> dict:
+    """The results of the trained model; the main process writes the weights, figures and results.json."""
+    cfg, model, task, dist_info, out = run.cfg, run.model, run.task, run.dist_info, run.out
     # How far the adapter fits its training images, measured as the test split is (eval mode: no masks, no
     # augmentation). The running train_top1 of the last epoch is taken under masking and drop-path, which
     # understates memorisation exactly for the regularised methods.
-    train_eval_top1 = evaluate(model, task.train, inputs, precision=precision, dist_info=dist_info)
-    results = _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time)
+    train_eval_top1 = evaluate(model, task.train, run.inputs, precision=run.precision, dist_info=dist_info)
+    results = _results(cfg, task, metrics, run.counts, run.precision, run.device, dist_info, out, run.start_time)
     results["train_eval_top1"] = train_eval_top1
-    results["attention"] = attention
+    results["attention"] = run.attention
     if metrics[-1].get("learned"):
         results["learned"] = metrics[-1]["learned"]
-    results["normalize"] = normalize
-    if stage2_fraction:
-        results["layer_scales"] = learned_scales(model)  # α_l / α per layer: what stage 2 learned
+    results["normalize"] = run.normalize
+    results.update(run.hooks.results())
     if dist_info.is_main:
-        _save_weights(out, model, method.adapter, weights_metadata(cfg, task, inputs, normalize))
-        _plot_curves(out / "curves.png", metrics, task.eval_name)
-        if stage2_fraction:
-            _plot_scales(out / "scales.png", results["layer_scales"])
+        _save_weights(out, model, run.method.adapter, weights_metadata(cfg, task, run.inputs, run.normalize))
+        _save_figure(out / "curves.png", lambda plt: _curves(plt, metrics, task.eval_name))
+        for name, draw in run.hooks.figures(results).items():
+            _save_figure(out / name, draw)
         atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
         (out / CHECKPOINT).unlink(missing_ok=True)
         if cfg.progress:
@@ -655,19 +716,16 @@ def _open_tensorboard(out: Path, first_epoch: int):
     return SummaryWriter(str(out / "tensorboard"), purge_step=first_epoch)
 
 
-def _log_tensorboard(writer, m: dict, model: nn.Module) -> None:
-    """One epoch's metrics.jsonl line as scalars, plus the distribution of MLAE's expert coefficients."""
-    from .adapters.mlae import MLAELinear
-
+def _log_tensorboard(writer, m: dict, hooks: TrainingHooks) -> None:
+    """One epoch's metrics.jsonl line as scalars, plus the method's distributions (e.g. MLAE's expert
+    coefficients) as histograms with their mean/std/min/max."""
     for key, value in m.items():
         if key != "epoch" and value is not None:
             writer.add_scalar(key, value, m["epoch"])
-    coeffs = [layer.coeff.detach().float().cpu() for layer in model.modules() if isinstance(layer, MLAELinear)]
-    if coeffs:
-        c = torch.cat(coeffs)
+    for tag, c in hooks.distributions().items():
         for name, value in (("mean", c.mean()), ("std", c.std(correction=0)), ("min", c.min()), ("max", c.max())):
-            writer.add_scalar(f"coeff/{name}", float(value), m["epoch"])
-        writer.add_histogram("coeff", c, m["epoch"])
+            writer.add_scalar(f"{tag}/{name}", float(value), m["epoch"])
+        writer.add_histogram(tag, c, m["epoch"])
     writer.flush()
 
 
@@ -715,8 +773,6 @@ def _absolute(path: str | None) -> str | None:
 def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> dict[str, Any]:
     """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
     are made absolute, so that the file works from any folder."""
-    from .backbones import EMBEDDED, _looks_like_path
-
     backbone = cfg.backbone or EMBEDDED
     prefix, _, rest = cfg.dataset.partition(":")
     return {"backbone": _absolute(backbone) if backbone != EMBEDDED and _looks_like_path(backbone) else backbone,
@@ -729,10 +785,8 @@ def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> 
 
 
 def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any]) -> None:
-    import mlae
-
     if adapter:
-        mlae.save_adapter(model, out / "adapter.safetensors", metadata=meta)
+        save_adapter(model, out / "adapter.safetensors", metadata=meta)
     else:
         atomic_save_file(model.state_dict(), out / "model.safetensors",
                          {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
@@ -749,25 +803,15 @@ def _optional_pyplot(path: Path):
         return None
 
 
-def _plot_scales(path: Path, scales: dict[str, float]) -> None:
-    """Bars of DMLoRA's learned α_l / α per adapted layer, 1 marked (where stage 2 started)."""
+def _save_figure(path: Path, draw: Callable[[Any], Any]) -> None:
+    """The figure ``draw(plt)`` returns, as a PNG at ``path`` (nothing but a note without matplotlib)."""
     plt = _optional_pyplot(path)
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(scales) + 1.5), 3.2))
-    ax.bar(range(len(scales)), [v - 1 for v in scales.values()], bottom=1.0)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(scales)))
-    ax.set_xticklabels(list(scales), rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("learned α_l / α")
-    fig.tight_layout()
-    save_png(fig, path)
+    if plt is not None:
+        save_png(draw(plt), path)
 
 
-def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
-    plt = _optional_pyplot(path)
-    if plt is None:
-        return
+def _curves(plt, metrics: list[dict], eval_name: str):
+    """Loss and top-1 per epoch (curves.png)."""
     epochs = [m["epoch"] for m in metrics]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], label="train loss")
@@ -780,30 +824,20 @@ def _plot_curves(path: Path, metrics: list[dict], eval_name: str) -> None:
     ax_acc.set_ylabel("top-1")
     ax_acc.legend()
     fig.tight_layout()
-    save_png(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------- reloading
 
 
 def _read_header(path: str | os.PathLike) -> dict[str, str]:
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise MissingFileError(f"weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as err:  # safetensors raises several types for truncated/foreign files
-        raise InputError(f"{path} is not a readable safetensors file ({err})") from None
+    return read_safetensors_header(path, "weights file")
 
 
 def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata a run stored with its weights (adapter file or full model file)."""
-    import mlae
-
     header = _read_header(path)
-    meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else mlae.read_adapter_metadata(path)
+    meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else read_adapter_metadata(path)
     if "backbone" not in meta or "num_classes" not in meta:
         raise InputError(f"{path}: no backbone metadata; was it written by `mlae train`?")
     return meta
@@ -811,7 +845,6 @@ def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network a run saved (``adapter.safetensors`` or ``model.safetensors``), in eval mode."""
-    import mlae
     from safetensors.torch import load_file
 
     meta = read_weights_metadata(path)
@@ -821,15 +854,13 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         model.load_state_dict(load_file(str(path)))
     else:
         # a replaced backbone checkpoint would give a meaningless accuracy: refuse it
-        model = mlae.load_adapter(model, path, check_backbone="error")
+        model = load_adapter(model, path, check_backbone="error")
     return model.eval(), meta
 
 
 def timm_spec(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(model name, kwargs) such that ``timm.create_model(name, **kwargs)`` builds the architecture of a run's
     backbone, head included."""
-    from .backbones import DEFAULT_ARCH, EMBEDDED, EMBEDDED_ARCH, card_folder, embedded_card
-
     kwargs = {k: v for k, v in meta["backbone_kwargs"].items() if k in ("img_size", "patch_size")}
     name = meta["backbone"]
     folder = card_folder(name)
@@ -844,10 +875,8 @@ def timm_spec(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state_dict of a merged model under the backbone's own names: each adapter layer contributes its
     (merged) base layer's tensors, its adapter tensors are dropped."""
-    import mlae
-
-    layers = [name for name, layer in mlae.adapter_layers(model)]
-    if any(not layer.merged for _, layer in mlae.adapter_layers(model)):
+    layers = [name for name, layer in adapter_layers(model)]
+    if any(not layer.merged for _, layer in adapter_layers(model)):
         raise ValueError("merge the model first")
     out = {}
     for key, value in model.state_dict().items():

@@ -4,12 +4,11 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .adapters.base import AdapterConfig, AdapterLayer
+from .adapters.base import AdapterConfig, AdapterLayer, adapter_layers
 from .errors import InputError
 
 __all__ = ["apply", "merge", "unmerge", "merge_and_unload", "adapter_layers", "freeze_backbone",
@@ -63,12 +62,6 @@ def _warn_if_no_head(model: nn.Module, heads: list[str], train_head: bool) -> No
         warnings.warn(f"no classifier head of {type(model).__name__} is trainable (looked for get_classifier() "
                       f"and modules named {'/'.join(HEAD_NAMES)}): name it with modules_to_save=[...], or pass "
                       "train_head=False if there is none", UserWarning, stacklevel=3)
-
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            yield name, module
 
 
 def _set_trainable_heads(model: nn.Module, heads: list[str], train_head: bool) -> None:

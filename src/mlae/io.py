@@ -15,10 +15,10 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
-from .errors import InputError, MissingFileError, NotMergeableError
+from .errors import InputError, NotMergeableError
 from .inject import (CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, backbone_fingerprint, freeze_backbone,
                      learned_values)
-from .utils import atomic_save_file
+from .utils import atomic_save_file, read_safetensors_header
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "read_adapter_learned",
            "export_peft", "atomic_save_file"]
@@ -64,14 +64,7 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if path.is_dir() and (path / "adapter_config.json").exists():
         raise InputError(f"{path} is a PEFT adapter directory, not an mlae adapter file")
-    if not path.is_file():
-        raise MissingFileError(f"adapter file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-    except Exception as err:  # safetensors raises several types for truncated/foreign files
-        raise InputError(f"{path} is not a readable safetensors file ({err}); adapters are only read as "
-                         "safetensors, never unpickled") from None
+    header = read_safetensors_header(path, "adapter file", "; adapters are only read as safetensors, never unpickled")
     if header.get("format") != FORMAT:
         raise InputError(f"{path} is a safetensors file but not an mlae adapter (metadata format is "
                          f"{header.get('format')!r}, expected {FORMAT!r})")

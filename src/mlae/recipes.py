@@ -1,7 +1,9 @@
 """Fine-tuning methods by name, and YAML recipes.
 
 A :class:`Method` says which options it takes and how to turn a model into one trained with that method.
-New methods plug in with :func:`register_method`; the ``mlae train`` options and the YAML keys follow.
+New methods plug in with :func:`register_method`; the ``mlae train`` options and the YAML keys follow. The options
+of an adapter method are made from its config class (:func:`config_options`): every field declared with
+:func:`mlae.adapters.base.option` is one, so a new field there is a new flag and key without an edit here.
 
 A recipe is a flat YAML mapping of :class:`mlae.engine.TrainConfig` fields and method options, plus an
 optional ``per_dataset:`` mapping (dataset name -> overrides) applied when training on that dataset::
@@ -16,28 +18,35 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from .adapters.mlae import MASK_GRANULARITIES, MASKINGS
-from .patterns import PATTERN_NAMES
+from .adapters import AdapterConfig, DMLoRAConfig, LoRAConfig, MLAEConfig, MoLEConfig
+from .adapters.base import TrainingHooks
+from .adapters.dmlora import DMLoRATraining
+from .adapters.mlae import MLAETraining
+from .adapters.mole import MoLETraining, from_adapters
 from .errors import InputError
+from .inject import apply, freeze_backbone
+from .utils import parse_bool, parse_list
 
 __all__ = [
     "METHODS",
     "Method",
     "Option",
     "RecipeError",
+    "config_options",
     "dataset_key",
     "get_method",
     "load_recipe",
     "register_method",
     "resolve_recipe",
 ]
+
+_bool = parse_bool  # commands/compare.py and commands/sweep.py import it by this name
 
 
 class RecipeError(InputError):
@@ -77,6 +86,9 @@ class Method:
     adapter: bool = True
     # True when some trainable parameters may sit out a step (e.g. dropped DMLoRA branches): DDP must look for them.
     skips_parameters: bool = False
+    # What the method adds to the engine's training loop (extra optimizer groups, phases, aux-loss weights,
+    # results, figures): a subclass of adapters.base.TrainingHooks, made once per run.
+    hooks: type[TrainingHooks] = TrainingHooks
 
     def defaults(self) -> dict:
         return {opt.name: opt.default for opt in self.options}
@@ -104,51 +116,52 @@ def get_method(name: str) -> Method:
         raise RecipeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
-def _bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise InputError(f"not a boolean: {text!r}")
+# --------------------------------------------------------------------------------------------- methods
 
 
-def _dropout(text: str | float) -> float | str:
-    """A masking probability, or ``auto`` (learned while training)."""
-    if isinstance(text, str) and text.strip().lower() == "auto":
-        return "auto"
-    return float(text)
+def _option_fields(cls: type[AdapterConfig]) -> list[dataclasses.Field]:
+    """The fields of ``cls`` declared with adapters.base.option: its own first, then those every config has
+    (target_modules), so that a method's help lists what is particular to it first."""
+    fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+    shared = {f.name for f in dataclasses.fields(AdapterConfig)}
+    return [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
 
 
-def _modules(text: str | list) -> list[str]:
-    return list(text) if isinstance(text, (list, tuple)) else [t for t in re.split(r"[,\s]+", text) if t]
+def _option_name(f: dataclasses.Field) -> str:
+    return f.metadata["name"] or f.name
 
 
-TARGETS = Option("target_modules", _modules, ["qkv"], "comma-separated names (or name patterns) of the nn.Linear "
-                 "layers to adapt")
-RANK = Option("rank", int, 8, "LoRA rank")
-ALPHA = Option("alpha", float, 8.0, "LoRA alpha (the update is scaled by alpha / rank)")
+def config_options(cls: type[AdapterConfig], *, exclude: tuple[str, ...] = (), **defaults: Any) -> tuple[Option, ...]:
+    """The options of the config class ``cls``, one per field declared with adapters.base.option, except those
+    named in ``exclude``; ``defaults`` replaces the fields' defaults by option name."""
+    unknown = set(defaults) - {_option_name(f) for f in _option_fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option(s) {', '.join(sorted(unknown))}")
+    options = []
+    for f in _option_fields(cls):
+        name = _option_name(f)
+        if name in exclude:
+            continue
+        default = defaults.get(name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        flag = None
+        if isinstance(default, bool):  # a switch to the other value
+            flag = ("--no-" if default else "--") + name.replace("_", "-")
+        options.append(Option(name, f.metadata["type"], default, f.metadata["help"], f.metadata["choices"], flag))
+    return tuple(options)
 
 
-def _prepare_mlae(model: nn.Module, options: dict) -> nn.Module:
-    import mlae
+def _applies(cls: type[AdapterConfig]) -> Callable[[nn.Module, dict], nn.Module]:
+    """``prepare`` of a method that is one adapter config: mlae.apply with the options as its fields."""
+    fields = {_option_name(f): f.name for f in _option_fields(cls)}
 
-    return mlae.apply(model, mlae.MLAEConfig(**options))
+    def prepare(model: nn.Module, options: dict) -> nn.Module:
+        return apply(model, cls(**{fields.get(k, k): v for k, v in options.items()}))
 
-
-def _prepare_lora(model: nn.Module, options: dict) -> nn.Module:
-    import mlae
-
-    options = dict(options)
-    options["dropout"] = options.pop("lora_dropout", 0.0)
-    return mlae.apply(model, mlae.LoRAConfig(**options))
+    return prepare
 
 
 def _prepare_linear(model: nn.Module, options: dict) -> nn.Module:
-    import mlae
-
-    mlae.freeze_backbone(model, train_head=True)
+    freeze_backbone(model, train_head=True)
     return model
 
 
@@ -158,78 +171,33 @@ def _prepare_full(model: nn.Module, options: dict) -> nn.Module:
     return model
 
 
-register_method(Method("mlae", "Masked LoRA Experts", _prepare_mlae, (
-    Option("experts", int, 8, "number of experts per adapted layer"),
-    Option("expert_rank", int, 1, "rank of each expert"),
-    Option("dropout", _dropout, 0.5, "expert dropout probability p of the stochastic masks, or auto: learned per "
-           "layer in the same run"),
-    Option("dropout_learner", str, "variational", "with --dropout auto: variational (Gaussian noise) or concrete "
-           "(binary masks, straight-through gradient)", choices=("variational", "concrete")),
-    Option("dropout_init", float, 0.1, "with --dropout auto: the initial p"),
-    Option("dropout_per_expert", _bool, False, "with --dropout auto: learn one p per expert instead of per layer",
-           flag="--dropout-per-expert"),
-    Option("coeff_init", float, 1.0, "initial expert coefficient c_i"),
-    Option("adaptive", _bool, True, "freeze the expert coefficients at --coeff-init (default: they train)",
-           flag="--no-adaptive"),
-    Option("masking", str, "stochastic", "expert masking: stochastic (drop each expert with probability "
-           "--dropout), fixed (keep the --pattern's expert counts) or mixed (both)", choices=MASKINGS),
-    Option("pattern", str, "uniform", "per-layer pattern of expert dropout rates (stochastic masking) or "
-           "expert counts (fixed, mixed; random only there); a per-layer list in a YAML recipe",
-           choices=PATTERN_NAMES),
-    Option("mask_granularity", str, "batch", "batch: one mask per forward, shared by the batch; sample: one per "
-           "sample", choices=MASK_GRANULARITIES),
-    Option("scale", float, 1.0, "global scale s of the update"),
-    TARGETS,
-)))
-register_method(Method("lora", "LoRA", _prepare_lora, (RANK, ALPHA, TARGETS)))
-register_method(Method("lora-dropout", "LoRA with dropout on the adapter input", _prepare_lora, (
-    RANK, ALPHA, Option("lora_dropout", float, 0.1, "dropout probability on the LoRA input"), TARGETS,
-)))
-register_method(Method("linear", "linear probe: train the classification head only", _prepare_linear))
-register_method(Method("full", "full fine-tuning of every weight", _prepare_full, adapter=False))
-
-
-def _prepare_dmlora(model: nn.Module, options: dict) -> nn.Module:
-    import mlae
-
-    return mlae.apply(model, mlae.DMLoRAConfig(**options))
-
-
 def _prepare_mole(model: nn.Module, options: dict) -> nn.Module:
-    from .adapters.mole import from_adapters
-
     if not options["experts_from"]:
         raise RecipeError("--method mole needs the trained adapters to mix: --experts-from A B ...")
-    return from_adapters(model, _modules(options["experts_from"]), granularity=options["granularity"],
+    return from_adapters(model, parse_list(options["experts_from"]), granularity=options["granularity"],
                          temperature=options["temperature"])
 
 
-# The engine switches to stage 2 itself (DMLoRAConfig.stage2_fraction) and re-wraps DDP then. Dropped branches
-# still get a (zero) gradient, so DDP need not look for unused parameters.
+register_method(Method("mlae", "Masked LoRA Experts", _applies(MLAEConfig), config_options(MLAEConfig),
+                       hooks=MLAETraining))
+register_method(Method("lora", "LoRA", _applies(LoRAConfig), config_options(LoRAConfig, exclude=("lora_dropout",))))
+register_method(Method("lora-dropout", "LoRA with dropout on the adapter input", _applies(LoRAConfig),
+                       config_options(LoRAConfig, lora_dropout=0.1)))
+register_method(Method("linear", "linear probe: train the classification head only", _prepare_linear))
+register_method(Method("full", "full fine-tuning of every weight", _prepare_full, adapter=False))
+# DMLoRATraining has the engine switch to stage 2 (and wrap the model for DDP again then). Dropped branches still
+# get a (zero) gradient, so DDP need not look for unused parameters.
 register_method(Method("dmlora", "Dropout Mixture LoRA: branches, gradual branch dropout, two-stage scalars",
-                       _prepare_dmlora, (
-    Option("branches", int, 4, "number of parallel LoRA branches K"),
-    RANK,
-    Option("rank_per_branch", _bool, False, "give every branch the full rank (default: split it over the branches)",
-           flag="--rank-per-branch"),
-    dataclasses.replace(ALPHA, default=16.0),  # α of stage 1 and initial α_l: "large" (twice LoRA's usual α = r)
-    Option("branch_dropout", float, 0.5, "final branch dropout probability p_max"),
-    Option("schedule", str, "linear", "growth of the branch dropout over stage 1",
-           choices=("linear", "cosine", "constant")),
-    Option("rescale", _bool, True, "do not scale the kept branches by 1/(1-p) in training (default: they are "
-           "scaled)", flag="--no-rescale"),
-    Option("stage2_fraction", float, 0.1, "share of training in stage 2 (per-layer scales only, lr / 10)"),
-    TARGETS,
-)))
-# The balance loss comes from mlae.aux_losses as "balance"; the engine weighs it by `balance_weight`.
+                       _applies(DMLoRAConfig), config_options(DMLoRAConfig), hooks=DMLoRATraining))
+# MoLE's targets are the experts' modules. Its other two options are no MoLEConfig fields: the experts are read
+# into the adapter (the config keeps only their paths, as `sources`), and the balance loss's weight is used by the
+# training loop only (MoLETraining), not by the model.
 register_method(Method("mole", "Mixture of LoRA Experts: learned gates over frozen trained adapters", _prepare_mole, (
     Option("experts_from", str, [], "trained adapters to mix (mlae .safetensors files or PEFT LoRA folders)",
            nargs="+"),
-    Option("granularity", str, "block", "one gate per adapted layer, per block or for the whole network",
-           choices=("layer", "block", "network")),
-    Option("temperature", float, 1.0, "gate softmax temperature τ"),
+    *config_options(MoLEConfig, exclude=("target_modules",)),
     Option("balance_weight", float, 0.01, "weight of the gating balance loss"),
-)))
+), hooks=MoLETraining))
 
 
 def dataset_key(spec: str) -> str:

@@ -1,4 +1,5 @@
-"""Device, precision, seeding and random-state helpers, atomic writes and folder locks shared by the commands."""
+"""Device, precision, seeding and random-state helpers, atomic writes, safetensors headers, folder locks and the
+parsers of option values, shared by the commands."""
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
-from .errors import InputError, RunDirError
+from .errors import InputError, MissingFileError, RunDirError
 
 __all__ = [
     "DistInfo",
@@ -32,6 +34,9 @@ __all__ = [
     "pyplot",
     "save_png",
     "init_distributed",
+    "parse_bool",
+    "parse_list",
+    "read_safetensors_header",
     "resolve_device",
     "resolve_precision",
     "seed_everything",
@@ -237,6 +242,35 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def parse_bool(text: str | bool) -> bool:
+    """An option's boolean from the command line or a recipe: 1/true/yes/on or 0/false/no/off (any case)."""
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"not a boolean: {text!r}")
+
+
+def parse_list(text: str | list | tuple) -> list[str]:
+    """A list option: a YAML list as it is, or text separated by commas and/or spaces (``qkv,proj``)."""
+    return list(text) if isinstance(text, (list, tuple)) else [t for t in re.split(r"[,\s]+", text) if t]
+
+
+def read_safetensors_header(path: str | os.PathLike, what: str = "file", note: str = "") -> dict[str, str]:
+    """The string metadata of a safetensors file, read without its tensors. A missing file is a MissingFileError
+    ("<what> not found"), anything else safetensors cannot parse (truncated, a pickle) an InputError that ends
+    with ``note``."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # safetensors raises several types for truncated/foreign files
+        raise InputError(f"{path} is not a readable safetensors file ({err}){note}") from None
 
 
 def pyplot():

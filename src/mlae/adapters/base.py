@@ -4,21 +4,47 @@ A method subclasses :class:`AdapterLayer` and implements ``delta(x)`` (the updat
 and ``factors()`` (the update as a product ``B @ A``; methods whose update is input dependent, like MoLE's
 gates, instead override ``delta_weight`` or declare themselves unmergeable). Everything else -- merging, the
 finite check, parameter bookkeeping -- lives here once.
+
+A method's file also declares, next to its config fields, what ``mlae train`` shows of them (:func:`option`:
+``mlae.recipes`` turns those fields into flags and YAML keys), and what it adds to the training loop
+(:class:`TrainingHooks`). This module imports nothing of mlae above ``errors`` and ``utils``: ``mlae.inject`` and
+``mlae.io`` build on it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import InputError, NotMergeableError
+from ..utils import parse_bool, parse_list
 
-__all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict"]
+__all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict", "adapter_layers", "option", "Phase",
+           "TrainingHooks"]
+
+# A field's parser from the command line or a recipe, by the type of its default (option() may name another).
+_PARSERS: dict[type, Callable[[Any], Any]] = {bool: parse_bool, int: int, float: float, str: str, list: parse_list}
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, type: Callable[[Any], Any] | None = None,
+           name: str | None = None) -> Any:
+    """A config field that is also a method option of ``mlae train`` (``--flag`` and YAML key): its default,
+    the ``help`` of its flag, its ``choices``, the parser of its text (``type``; by default that of the default's
+    type: int, float, str, a boolean, a comma-separated list) and, where the field's own name would clash with
+    another method's option, the option's ``name``. A boolean becomes a switch, ``--name`` when its default is
+    False, ``--no-name`` when it is True (``help`` then says what the switch does). Fields declared with a plain
+    default or ``field()`` are no options."""
+    metadata = {"help": help, "choices": choices, "type": type or _PARSERS[default.__class__], "name": name}
+    if isinstance(default, (list, dict)):  # mutable: every config gets its own copy
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 # method name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 CONFIGS: dict[str, type["AdapterConfig"]] = {}
@@ -29,7 +55,8 @@ class AdapterConfig:
     """Fields every method has. Subclasses add their own and set ``method``."""
 
     method: ClassVar[str] = ""
-    target_modules: list[str] = field(default_factory=lambda: ["qkv"])
+    target_modules: list[str] = option(["qkv"], "comma-separated names (or name patterns) of the nn.Linear layers "
+                                       "to adapt")
     """Qualified module names to adapt: a suffix (``"qkv"`` matches ``blocks.0.attn.qkv``) or a regex that
     fully matches the name (``r"blocks\\.(0|1)\\.attn\\.qkv"``)."""
     train_head: bool = True
@@ -200,3 +227,75 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapter layer of ``model`` with its qualified name, in model order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+# --------------------------------------------------------------------------------------------- training hooks
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training from step ``start`` on with its own cosine learning-rate decay from ``lr`` (no
+    warmup) to 0 where the next phase starts (or training ends). ``begin()`` runs once when training enters the
+    phase, also when a resumed run starts inside it; it may make other parameters trainable (the engine wraps the
+    model for DDP again afterwards)."""
+
+    start: int
+    lr: float
+    begin: Callable[[], Any] | None = None
+
+
+class TrainingHooks:
+    """What a method adds to the training loop of :func:`mlae.engine.train`, beyond the model its
+    ``Method.prepare`` returns. A method's file subclasses it and ``mlae.recipes`` names the subclass in the
+    method's ``Method(hooks=...)``; the engine makes one per run from the prepared model and the method's options,
+    and calls each hook at one fixed point. Every default does nothing, so a method overrides what it needs:
+
+    * :meth:`param_groups` -- more AdamW parameter groups (once, after the group of the trainable parameters);
+    * :meth:`phases` -- phases after the first, each with its own learning-rate schedule and a start callback;
+    * :meth:`aux_loss_weights` -- weights of the model's auxiliary losses (:func:`mlae.aux_losses`) in the loss;
+    * :meth:`distributions` -- tensors logged to TensorBoard every epoch (histogram and mean/std/min/max);
+    * :meth:`results` -- entries added to ``results.json`` after training;
+    * :meth:`figures` -- PNG files drawn into the run folder after training (see also :attr:`files`).
+    """
+
+    # Run-folder files the method writes (its figures): a run started over in the folder deletes them first,
+    # whichever method wrote them.
+    files: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, options: dict[str, Any]):
+        self.model, self.options = model, options
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Extra optimizer groups (``{"params": [...], ...}``, AdamW's other settings from the run). They exist
+        from the first step, so that checkpoints of every phase have one optimizer layout: parameters that train
+        only in a later phase sit in them frozen (no gradient) until then."""
+        return []
+
+    def phases(self, total_steps: int, lr: float) -> list[Phase]:
+        """The phases after the first, in order of ``start``; the first runs from step 0 with the run's ``lr``
+        and warmup. A phase that starts at ``total_steps`` or later never begins."""
+        return []
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        """Weight of each auxiliary loss by name in the training loss (1 for those not named)."""
+        return {}
+
+    def distributions(self) -> dict[str, torch.Tensor]:
+        """Tensors to log to TensorBoard after each epoch, by tag."""
+        return {}
+
+    def results(self) -> dict[str, Any]:
+        """JSON-able entries for ``results.json``, taken after the last epoch."""
+        return {}
+
+    def figures(self, results: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
+        """File name in the run folder -> ``draw(plt)`` returning a matplotlib figure of the finished run
+        (``results``: what results.json will hold). Skipped with a note when matplotlib is not installed."""
+        return {}

@@ -12,7 +12,8 @@ so a dropped branch takes part in neither the forward nor the backward pass.
 
 *Two-stage learning scalar (2S-LS)*: stage 1 trains the branches with the global scale ``α`` (``lora_alpha``,
 a buffer); :func:`start_stage2` then freezes the branches, turns branch dropout off and makes each layer's log
-scale ``u_l`` (``lora_log_scale``) trainable -- the engine trains those at a tenth of the learning rate.
+scale ``u_l`` (``lora_log_scale``) trainable -- :class:`DMLoRATraining` has the engine train those for the last
+``stage2_fraction`` of the steps, on a cosine of their own from a tenth of the learning rate.
 The scale is learned relative to ``α`` and in log space because Adam moves a parameter by about its learning
 rate per step whatever its size: trained directly, ``α_l ≈ 16`` would move α times less, relatively, than
 ``u_l`` does, and could never leave ``α`` by more than a fraction of a percent. Inference merges everything
@@ -22,16 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, Phase, TrainingHooks, adapter_layers, option
 
-__all__ = ["DMLoRAConfig", "DMLoRALinear", "drop_probability", "layer_scales", "learned_scales", "start_stage2",
-           "SCHEDULES"]
+__all__ = ["DMLoRAConfig", "DMLoRALinear", "DMLoRATraining", "drop_probability", "layer_scales", "learned_scales",
+           "start_stage2", "plot_scales", "SCHEDULES"]
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -51,24 +53,24 @@ def drop_probability(t: float, p_max: float, schedule: str) -> float:
 @dataclass
 class DMLoRAConfig(AdapterConfig):
     method = "dmlora"
-    branches: int = 4
+    branches: int = option(4, "number of parallel LoRA branches K")
     """Number K of parallel branches."""
-    rank: int = 8
+    rank: int = option(8, "LoRA rank")
     """LoRA rank r: split over the branches (r/K each), or given to every branch with rank_per_branch."""
-    rank_per_branch: bool = False
+    rank_per_branch: bool = option(False, "give every branch the full rank (default: split it over the branches)")
     """Give every branch the full rank r (total rank K·r) instead of splitting r over the branches."""
-    alpha: float = 16.0
+    alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
     """Global scale α of stage 1 and initial α_l of stage 2; the update is scaled by α / (total rank).
     "Large": twice LoRA's usual α = r."""
-    branch_dropout: float = 0.5
+    branch_dropout: float = option(0.5, "final branch dropout probability p_max")
     """Final branch dropout probability p_max, reached at the end of stage 1."""
-    schedule: str = "linear"
+    schedule: str = option("linear", "growth of the branch dropout over stage 1", choices=SCHEDULES)
     """How p grows from 0 to p_max over stage 1: "linear", "cosine" or "constant" (p_max from the start)."""
-    rescale: bool = True
+    rescale: bool = option(True, "do not scale the kept branches by 1/(1-p) in training (default: they are scaled)")
     """Scale the kept branches by 1/(1-p) in training (inverted dropout), so the expected training update equals
     the full update used at inference and in stage 2. False: kept branches unscaled (training then sees an update
     shrunk by (1-p) on average)."""
-    stage2_fraction: float = 0.1
+    stage2_fraction: float = option(0.1, "share of training in stage 2 (per-layer scales only, lr / 10)")
     """Share of the training steps spent in stage 2 of 2S-LS (0: stage 1 only, α_l stays α)."""
 
     def __post_init__(self):
@@ -147,8 +149,6 @@ class DMLoRALinear(AdapterLayer):
 
 
 def _layers(model: nn.Module) -> list[DMLoRALinear]:
-    from ..inject import adapter_layers
-
     layers = [layer for _, layer in adapter_layers(model) if isinstance(layer, DMLoRALinear)]
     if not layers:
         raise InputError("the model has no DMLoRA layers; apply mlae.DMLoRAConfig first")
@@ -174,3 +174,44 @@ def start_stage2(model: nn.Module) -> list[nn.Parameter]:
         layer.lora_B.requires_grad_(False)
         layer.lora_log_scale.requires_grad_(True)
     return layer_scales(model)
+
+
+def plot_scales(plt, scales: dict[str, float]):
+    """Bars of the learned α_l / α per adapted layer, 1 marked (where stage 2 started); returns the figure."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(scales) + 1.5), 3.2))
+    ax.bar(range(len(scales)), [v - 1 for v in scales.values()], bottom=1.0)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(scales)))
+    ax.set_xticklabels(list(scales), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("learned α_l / α")
+    fig.tight_layout()
+    return fig
+
+
+class DMLoRATraining(TrainingHooks):
+    """2S-LS in the training loop: the last ``stage2_fraction`` of the steps are stage 2 (:func:`start_stage2`),
+    on a fresh cosine from lr / 10; the run reports the learned α_l / α (``layer_scales`` in results.json and
+    ``scales.png``). Nothing of this with ``stage2_fraction=0``."""
+
+    files = ("scales.png",)
+
+    @property
+    def stage2_fraction(self) -> float:
+        return self.options["stage2_fraction"]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        # No weight decay: it would pull u_l back to 0, i.e. α_l back to α.
+        return [{"params": layer_scales(self.model), "weight_decay": 0.0}] if self.stage2_fraction else []
+
+    def phases(self, total_steps: int, lr: float) -> list[Phase]:
+        if not self.stage2_fraction:
+            return []
+        return [Phase(round(total_steps * (1 - self.stage2_fraction)), lr / 10, lambda: start_stage2(self.model))]
+
+    def results(self) -> dict[str, Any]:
+        return {"layer_scales": learned_scales(self.model)} if self.stage2_fraction else {}
+
+    def figures(self, results: dict[str, Any]) -> dict[str, Any]:
+        if not self.stage2_fraction:
+            return {}
+        return {"scales.png": lambda plt: plot_scales(plt, results["layer_scales"])}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, option
 
 __all__ = ["LoRAConfig", "LoRALinear"]
 
@@ -18,11 +18,12 @@ __all__ = ["LoRAConfig", "LoRALinear"]
 @dataclass
 class LoRAConfig(AdapterConfig):
     method = "lora"
-    rank: int = 8
+    rank: int = option(8, "LoRA rank")
     """Rank r of the update."""
-    alpha: float = 8.0
+    alpha: float = option(8.0, "LoRA alpha (the update is scaled by alpha / rank)")
     """Scale numerator: the update is multiplied by alpha / rank."""
-    dropout: float = 0.0
+    # `--lora-dropout`: MLAE's `--dropout` is another option (expert dropout, which may be "auto").
+    dropout: float = option(0.0, "dropout probability on the LoRA input", name="lora_dropout")
     """Dropout probability on the adapter input (LoRA+Dropout baseline); 0 for plain LoRA."""
 
     def __post_init__(self):

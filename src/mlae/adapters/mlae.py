@@ -37,15 +37,16 @@ from torch import nn
 
 from .. import patterns
 from ..errors import InputError
-from .base import AdapterConfig, AdapterLayer
+from .base import AdapterConfig, AdapterLayer, TrainingHooks, option
 
 MASKINGS = ("stochastic", "fixed", "mixed")
 MASK_GRANULARITIES = ("batch", "sample")
 
-__all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "AUTO", "LEARNERS", "P_MAX", "GAIN", "TEMPERATURE"]
+__all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "MLAETraining", "AUTO", "LEARNERS", "P_MAX", "GAIN",
+           "TEMPERATURE"]
 
 AUTO = "auto"
-LEARNERS = ("concrete", "variational")
+LEARNERS = ("variational", "concrete")  # the default first, as `mlae train --help` lists them
 P_MAX = 0.9        # a learned p stays in (0, P_MAX]: the top of the paper's search grid
 GAIN = 50.0        # logit = GAIN·θ: Adam moves θ by about lr per step, the logit by GAIN·lr (lr 5e-4: 0.025)
 TEMPERATURE = 0.1  # of the concrete relaxation (Gal et al.'s value)
@@ -53,36 +54,49 @@ _EPS = 1e-7        # keeps logit(u) finite
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695  # Molchanov et al.'s fit of the log-uniform prior's KL
 
 
+def _dropout(text: str | float) -> float | str:
+    """The ``dropout`` option: a masking probability, or ``auto`` (learned while training)."""
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    return float(text)
+
+
 @dataclass
 class MLAEConfig(AdapterConfig):
     method = "mlae"
-    experts: int = 8
+    experts: int = option(8, "number of experts per adapted layer")
     """Number of experts E per layer (the fixed/mixed patterns scale their counts to mean E)."""
-    expert_rank: int = 1
+    expert_rank: int = option(1, "rank of each expert")
     """Rank k of each expert's sub-matrix (the paper's best: 1)."""
-    dropout: float | str = 0.5
+    dropout: float | str = option(0.5, "expert dropout probability p of the stochastic masks, or auto: learned per "
+                                  "layer in the same run", type=_dropout)
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
     per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p per layer while
     training (see the module docstring)."""
-    dropout_learner: str = "variational"
+    dropout_learner: str = option("variational", "with --dropout auto: variational (Gaussian noise) or concrete "
+                                  "(binary masks, straight-through gradient)", choices=LEARNERS)
     """dropout="auto" only: how p is learned, "variational" (Gaussian noise; measured better, docs/METHODS.md) or
     "concrete" (binary masks, as MLAE's)."""
-    dropout_init: float = 0.1
+    dropout_init: float = option(0.1, "with --dropout auto: the initial p")
     """dropout="auto" only: the initial p (Gal et al.'s)."""
-    dropout_per_expert: bool = False
+    dropout_per_expert: bool = option(False, "with --dropout auto: learn one p per expert instead of per layer")
     """dropout="auto" only: one p per expert instead of one per layer."""
-    coeff_init: float = 1.0
+    coeff_init: float = option(1.0, "initial expert coefficient c_i")
     """Initial value of every expert coefficient c_i."""
-    adaptive: bool = True
+    adaptive: bool = option(True, "freeze the expert coefficients at --coeff-init (default: they train)")
     """Train the coefficients (False: frozen at coeff_init, the paper's ablation)."""
-    masking: str = "stochastic"
+    masking: str = option("stochastic", "expert masking: stochastic (drop each expert with probability --dropout), "
+                          "fixed (keep the --pattern's expert counts) or mixed (both)", choices=MASKINGS)
     """"stochastic", "fixed" or "mixed"."""
-    pattern: str | list[float] = "uniform"
+    pattern: str | list[float] = option("uniform", "per-layer pattern of expert dropout rates (stochastic masking) "
+                                        "or expert counts (fixed, mixed; random only there); a per-layer list in a "
+                                        "YAML recipe", choices=patterns.PATTERN_NAMES)
     """Per-layer pattern: "uniform", "incremental", "decremental", "hourglass", "protruding", "random" (fixed
     and mixed only), or an explicit per-layer list (dropout rates for stochastic, expert counts otherwise)."""
-    mask_granularity: str = "batch"
+    mask_granularity: str = option("batch", "batch: one mask per forward, shared by the batch; sample: one per "
+                                   "sample", choices=MASK_GRANULARITIES)
     """"batch": one mask per layer per forward, shared by the batch (official code); "sample": one per sample."""
-    scale: float = 1.0
+    scale: float = option(1.0, "global scale s of the update")
     """Global scale s of the update (the official code has no α/r factor)."""
     seed: int = 0
     """Seed of the random fixed pattern."""
@@ -264,3 +278,11 @@ class MLAELinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.experts}, expert_rank={self.expert_rank}, p={self.p}"
+
+
+class MLAETraining(TrainingHooks):
+    """MLAE in the training loop: the distribution of its expert coefficients c_i, logged to TensorBoard."""
+
+    def distributions(self) -> dict[str, torch.Tensor]:
+        coeffs = [layer.coeff.detach().float().cpu() for layer in self.model.modules() if isinstance(layer, MLAELinear)]
+        return {"coeff": torch.cat(coeffs)} if coeffs else {}
