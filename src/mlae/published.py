@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from statistics import mean
 
+from .utils import parse_bool
+
 __all__ = ["SOURCE", "VTAB_ORDER", "VTAB_DOMAINS", "VTAB", "VTAB_AVERAGE", "VTAB_PARAMS_M", "ABLATION", "FGVC_MEAN", "paper_row",
            "vtab_summary"]
 
@@ -65,8 +67,7 @@ def paper_row(method: str, options: dict | None = None) -> tuple[str, dict[str, 
     options = dict(options or {})
     if method == "mlae":
         no_mask = float(options.pop("dropout", 1.0)) == 0.0  # the paper's MLAE uses p > 0 (Table 10)
-        adaptive = options.pop("adaptive", True)
-        adaptive = adaptive if isinstance(adaptive, bool) else str(adaptive).lower() in ("1", "true", "yes", "on")
+        adaptive = parse_bool(options.pop("adaptive", True))
         if options:
             return None
         if not no_mask and adaptive:
