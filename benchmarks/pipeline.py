@@ -44,7 +44,7 @@ def write_folder(task_name: str, out: Path) -> None:
 
 
 def baseline(folder: Path, epochs: int, lr: float, batch_size: int, loader_workers: int, threads: int,
-             seed: int) -> tuple[float, float]:
+             seed: int, backbone: str | None) -> tuple[float, float]:
     """(seconds, test top-1) of the NOAH-style loop, inside this process (see :func:`baseline_process`)."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
@@ -62,7 +62,7 @@ def baseline(folder: Path, epochs: int, lr: float, batch_size: int, loader_worke
     test = ImageFolder(str(folder / "test"), transform=tf)
     loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=loader_workers,
                                          drop_last=False, pin_memory=False)
-    model = create_backbone(None, num_classes=len(train.classes))
+    model = create_backbone(backbone, num_classes=len(train.classes))
     mlae.apply(model, mlae.LoRAConfig(rank=8, alpha=8))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     total = epochs * len(loader)
@@ -87,26 +87,26 @@ def baseline(folder: Path, epochs: int, lr: float, batch_size: int, loader_worke
 
 
 def baseline_process(folder: Path, epochs: int, lr: float, batch_size: int, loader_workers: int, threads: int,
-                     seed: int) -> tuple[float, float]:
+                     seed: int, backbone: str | None) -> tuple[float, float]:
     """(seconds, test top-1) of the NOAH-style loop in a fresh Python process, start-up (imports) included, as
     the scripts are run."""
     cmd = [sys.executable, __file__, "--baseline-only", str(folder), "--epochs", str(epochs), "--lr", str(lr),
            "--batch-size", str(batch_size), "--loader-workers", str(loader_workers), "--threads", str(threads),
-           "--seeds", str(seed)]
+           "--seeds", str(seed)] + (["--backbone", backbone] if backbone else [])
     t0 = time.perf_counter()
     out = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
     return time.perf_counter() - t0, json.loads(out.strip().splitlines()[-1])["top1"]
 
 
-def ours(folder: Path, epochs: int, lr: float, batch_size: int, threads: int, seed: int, out: Path
-         ) -> tuple[float, float]:
+def ours(folder: Path, epochs: int, lr: float, batch_size: int, threads: int, seed: int, out: Path,
+         backbone: str | None) -> tuple[float, float]:
     """(seconds, test top-1) of `mlae train` in a fresh process: start-up, decoding and caching included."""
     cache = [p for p in folder.rglob("*") if p.is_dir() and p.name == CACHE_DIR_NAME]
     for c in cache:
         shutil.rmtree(c)
     cmd = [sys.executable, "-m", "mlae", "train", "--dataset", f"folder:{folder}", "--method", "lora",
            "--epochs", str(epochs), "--lr", str(lr), "--batch-size", str(batch_size), "--threads", str(threads),
-           "--seed", str(seed), "--out", str(out), "--overwrite", "--quiet"]
+           "--seed", str(seed), "--out", str(out), "--overwrite", "--quiet"] + (["--backbone", backbone] if backbone else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
@@ -122,11 +122,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, both pipelines")
     ap.add_argument("--loader-workers", type=int, default=4, help="the baseline's DataLoader workers (NOAH: 4)")
     ap.add_argument("--seeds", default="0", help="comma-separated; both pipelines run every seed")
+    ap.add_argument("--backbone", default=None, help="both pipelines: an embedded version (embedded-v2, ...) or a "
+                    "`mlae pretrain` folder (default: the default embedded backbone)")
     ap.add_argument("--baseline-only", type=Path, metavar="FOLDER", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.baseline_only:
         seconds, top1 = baseline(args.baseline_only, args.epochs, args.lr, args.batch_size, args.loader_workers,
-                                 args.threads, int(args.seeds))
+                                 args.threads, int(args.seeds), args.backbone)
         print(json.dumps({"seconds": seconds, "top1": top1}))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,13 +136,15 @@ def main(argv=None) -> None:
         write_folder(args.task, folder)
         rows = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            b = baseline_process(folder, args.epochs, args.lr, args.batch_size, args.loader_workers, args.threads, seed)
-            o = ours(folder, args.epochs, args.lr, args.batch_size, args.threads, seed, Path(tmp) / f"run{seed}")
+            b = baseline_process(folder, args.epochs, args.lr, args.batch_size, args.loader_workers, args.threads, seed,
+                                 args.backbone)
+            o = ours(folder, args.epochs, args.lr, args.batch_size, args.threads, seed, Path(tmp) / f"run{seed}",
+                     args.backbone)
             rows.append((seed, b, o))
             print(f"seed {seed}: NOAH-style {b[0]:.0f} s, test {100 * b[1]:.1f} % | mlae train {o[0]:.0f} s, "
                   f"test {100 * o[1]:.1f} % | speed-up {b[0] / o[0]:.2f}x", flush=True)
     tb, to = sum(r[1][0] for r in rows), sum(r[2][0] for r in rows)
-    print(f"\n{args.task}, {args.epochs} epochs, LoRA r=8, batch {args.batch_size}, {args.threads} threads: "
+    print(f"\n{args.backbone or 'embedded'} backbone, {args.task}, {args.epochs} epochs, LoRA r=8, batch {args.batch_size}, {args.threads} threads: "
           f"end to end {tb:.0f} s (NOAH-style) vs {to:.0f} s (mlae train) = {tb / to:.2f}x; test top-1 "
           f"{100 * sum(r[1][1] for r in rows) / len(rows):.1f} vs {100 * sum(r[2][1] for r in rows) / len(rows):.1f} %")
 

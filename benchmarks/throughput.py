@@ -50,9 +50,12 @@ class RecordMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+BACKBONE = None  # the default embedded version; --backbone names another
+
+
 def build(attention: str, precision: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = create_backbone(None, num_classes=10)
+    model = create_backbone(BACKBONE, num_classes=10)
     mlae.apply(model, mlae.MLAEConfig(experts=8, dropout=0.5))
     set_attention(model, attention, device="cpu", precision=precision)
     model.train()
@@ -110,14 +113,18 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (one step per path each)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (slow to build)")
+    ap.add_argument("--backbone", default=None, help="an embedded version (embedded-v2, ...) or a `mlae pretrain` "
+                    "folder (default: the default embedded backbone)")
     args = ap.parse_args(argv)
+    global BACKBONE
+    BACKBONE = args.backbone
     torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision, torch.device("cpu"))
     chosen = set_attention(build("auto", precision)[0], "auto", device="cpu", precision=precision)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
-    print(f"embedded ViT + MLAE (8 rank-1 experts on qkv, p = 0.5), batch {args.batch_size}, {args.threads} "
+    print(f"{args.backbone or 'embedded'} ViT + MLAE (8 rank-1 experts on qkv, p = 0.5), batch {args.batch_size}, {args.threads} "
           f"thread(s), {precision}; --attention auto picks '{chosen}' here")
 
     # Counted on the math path, where attention is ordinary matrix products too (the fused kernel hides them).
