@@ -16,7 +16,7 @@ initialisations (the shipped weights vs random, same architecture, same inputs, 
     python benchmarks/embedded_backbone.py --inits random   # the random-init half first (no weights needed)
 
 Prints a Markdown table, writes ``<out>/embedded_backbone.{md,json}``; ``--update-card`` also stores the
-result in ``src/mlae/weights/embedded_vit.json``.
+result in the backbone's card (``embedded_vit.json`` in its folder).
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from mlae.utils import atomic_write_text
 TASKS = ["digits", "dsprites_loc", "dsprites_ori", "clevr_count", "clevr_dist", "smallnorb_azi",
          "smallnorb_ele", "textures"]
 INITS = ["pretrained", "random"]
-CARD = Path(__file__).resolve().parents[1] / "src" / "mlae" / "weights" / "embedded_vit.json"
 
 
 @torch.inference_mode()
@@ -178,9 +177,12 @@ def main(argv=None) -> int:
     (args.out / "embedded_backbone.md").write_text(md + "\n")
     (args.out / "embedded_backbone.json").write_text(json.dumps(report, indent=1))
     if args.update_card:
-        card = json.loads(CARD.read_text())
+        from mlae.backbones import CARD_FILE, DEFAULT_EMBEDDED, card_folder
+
+        path = (card_folder(args.backbone) or card_folder(DEFAULT_EMBEDDED)) / CARD_FILE  # the card of that backbone
+        card = json.loads(path.read_text())
         card["evaluation"] = {**report, "table": md}
-        atomic_write_text(CARD, json.dumps(card, indent=2, ensure_ascii=False) + "\n")  # the shipped card
+        atomic_write_text(path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 
