@@ -95,7 +95,7 @@ def test_embedded_pretrained_differs_from_random_and_is_deterministic():
 
 def test_embedded_card_describes_architecture():
     card = embedded_card()
-    assert card["arch"]["img_size"] == 32 and card["arch"]["depth"] <= 8 and card["arch"]["embed_dim"] <= 192
+    assert card["arch"]["img_size"] == 32 and card["arch"]["depth"] <= 12 and card["arch"]["embed_dim"] <= 192
     assert 0 < card["pretraining"]["heldout_top1"] <= 1
 
 
@@ -252,3 +252,20 @@ def test_embedded_versions_are_selectable_by_name():
             assert torch.equal(a, b), key
     assert named.pretrained_cfg["mean"] == default.pretrained_cfg["mean"]
     assert resolve_normalize("auto", DEFAULT_EMBEDDED) == "backbone"  # its card's [-1, 1], as "embedded"
+
+
+def test_weights_files_name_the_embedded_version_and_legacy_files_mean_v2(tmp_path):
+    """A file saying only "embedded" was written while v2 was the default: it must rebuild v2, not today's
+    default; new files record the version itself."""
+    import mlae
+    from mlae.engine import load_trained, timm_spec
+
+    model = create_backbone("embedded-v2", num_classes=3)
+    mlae.apply(model, mlae.LoRAConfig(rank=2))
+    meta = {"backbone": "embedded", "backbone_kwargs": {}, "num_classes": 3, "seed": 0}
+    mlae.save_adapter(model, tmp_path / "legacy.safetensors", metadata=meta)
+    loaded, _ = load_trained(tmp_path / "legacy.safetensors")
+    assert len(loaded.blocks) == len(model.blocks) == 4
+    assert timm_spec(meta)[1]["depth"] == 4
+    v3 = create_backbone("embedded-v3", num_classes=3)
+    assert len(v3.blocks) == 12 and timm_spec({**meta, "backbone": "embedded-v3"})[1]["depth"] == 12

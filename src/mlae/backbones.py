@@ -5,7 +5,8 @@
 
 * ``None`` / ``"embedded"`` — a small ViT (32×32 input, patch 4) pretrained from scratch on formula-driven
   fractal images (see :mod:`mlae.pretrain`); its weights ship inside the package (``mlae/weights``), so it
-  works offline. ``"embedded-v2"`` names that version explicitly (:data:`EMBEDDED_VERSIONS`).
+  works offline. The default is ``"embedded-v3"`` (12 blocks × width 128); ``"embedded-v2"`` (4 × 192, the
+  default before) stays selectable by name (:data:`EMBEDDED_VERSIONS`).
   ``pretrained=False`` gives the same architecture randomly initialised.
 * a timm model name, e.g. ``vit_base_patch16_224.orig_in21k`` (the paper's ViT-B/16 ImageNet-21k) — weights
   come from the Hugging Face hub through timm, which needs network access.
@@ -47,8 +48,8 @@ __all__ = [
 EMBEDDED = "embedded"
 # Shipped embedded backbones by version name (folder under mlae/weights; "" = the folder itself). "embedded" is
 # the default one. Results name the version, so that they stay reproducible when the default changes.
-EMBEDDED_VERSIONS = {"embedded-v2": ""}
-DEFAULT_EMBEDDED = "embedded-v2"
+EMBEDDED_VERSIONS = {"embedded-v2": "", "embedded-v3": "v3"}
+DEFAULT_EMBEDDED = "embedded-v3"
 DEFAULT_ARCH = "vit_base_patch16_224"  # = timm's old `vit_base_patch16_224_in21k` layout (ViT-B/16)
 WEIGHTS_FILE = "embedded_vit.safetensors"
 CARD_FILE = "embedded_vit.json"

@@ -30,8 +30,8 @@ from torch import nn
 
 from .adapters.base import Phase, TrainingHooks
 from .attention import ATTENTION_CHOICES, set_attention
-from .backbones import (DEFAULT_ARCH, EMBEDDED, EMBEDDED_ARCH, _looks_like_path, backbone_input_size, card_folder,
-                        create_backbone, embedded_card)
+from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH, _looks_like_path, backbone_input_size,
+                        card_folder, create_backbone, embedded_card)
 from .errors import InputError, MLAEError, RunDirError
 from .inject import adapter_layers, aux_losses, count_parameters, learned_values, set_progress, set_train_size
 from .io import load_adapter, read_adapter_metadata, save_adapter
@@ -774,6 +774,8 @@ def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> 
     """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
     are made absolute, so that the file works from any folder."""
     backbone = cfg.backbone or EMBEDDED
+    if backbone == EMBEDDED:  # the version, so that the file still names its weights when the default changes
+        backbone = DEFAULT_EMBEDDED
     prefix, _, rest = cfg.dataset.partition(":")
     return {"backbone": _absolute(backbone) if backbone != EMBEDDED and _looks_like_path(backbone) else backbone,
             "backbone_kwargs": backbone_kwargs(cfg),
@@ -848,7 +850,7 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
     meta = read_weights_metadata(path)
-    backbone = None if meta["backbone"] == "embedded" else meta["backbone"]
+    backbone = _saved_backbone(meta)
     model = build_backbone(backbone, int(meta["num_classes"]), int(meta.get("seed", 0)), **meta["backbone_kwargs"])
     if _read_header(path).get("format") == MODEL_FORMAT:
         model.load_state_dict(load_file(str(path)))
@@ -858,13 +860,21 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
+# Files written before weights recorded the embedded version say "embedded"; the default was v2 then.
+LEGACY_EMBEDDED = "embedded-v2"
+
+
+def _saved_backbone(meta: dict[str, Any]) -> str:
+    return LEGACY_EMBEDDED if meta["backbone"] == EMBEDDED else meta["backbone"]
+
+
 def timm_spec(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(model name, kwargs) such that ``timm.create_model(name, **kwargs)`` builds the architecture of a run's
     backbone, head included."""
     kwargs = {k: v for k, v in meta["backbone_kwargs"].items() if k in ("img_size", "patch_size")}
-    name = meta["backbone"]
+    name = _saved_backbone(meta)
     folder = card_folder(name)
-    if name == EMBEDDED or folder is not None:
+    if folder is not None:
         kwargs = dict(embedded_card(folder).get("arch") or EMBEDDED_ARCH)
         name = kwargs.pop("model_name")
     elif meta["backbone_kwargs"].get("arch") or Path(name).suffix:
