@@ -29,7 +29,12 @@ MODELS = {  # name -> (timm name, img size, patch size)
 }
 
 
-def build(method: str, timm_name: str, img: int, patch: int, device) -> nn.Module:
+ATTENTION = "auto"  # --attention: the path mlae train would take (set_attention), the same for every method
+
+
+def build(method: str, timm_name: str, img: int, patch: int, device, dtype: str) -> nn.Module:
+    from mlae.attention import set_attention
+
     torch.manual_seed(0)
     model = timm.create_model(timm_name, pretrained=False, img_size=img, patch_size=patch, num_classes=100)
     if method == "mlae":  # 8 rank-1 experts = rank 8, stochastic masking on
@@ -41,6 +46,7 @@ def build(method: str, timm_name: str, img: int, patch: int, device) -> nn.Modul
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
     elif method != "plain":
         raise ValueError(method)
+    set_attention(model, ATTENTION, device=device, precision=dtype)
     return model.to(device)
 
 
@@ -77,7 +83,7 @@ def measure_training(cfg, methods, dtype, batch, rounds, device):
     y = torch.randint(0, 100, (batch,), device=device)
     runs = {}
     for m in methods:
-        model = build(m, timm_name, img, patch, device).train()
+        model = build(m, timm_name, img, patch, device, dtype).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         train_step(model, opt, x, y, dtype, device)  # warm-up; creates optimizer state
@@ -112,8 +118,8 @@ def measure_training(cfg, methods, dtype, batch, rounds, device):
 def measure_inference(cfg, dtype, batch, rounds, device):
     timm_name, img, patch = MODELS[cfg]
     x = torch.randn(batch, 3, img, img, device=device)
-    plain = build("plain", timm_name, img, patch, device).eval()
-    merged = mlae.merge(build("mlae", timm_name, img, patch, device), keep_original=False).eval()
+    plain = build("plain", timm_name, img, patch, device, dtype).eval()
+    merged = mlae.merge(build("mlae", timm_name, img, patch, device, dtype), keep_original=False).eval()
     times = {"plain": [], "merged": []}
     for model in (plain, merged):  # warm-up
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -138,10 +144,15 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=None, help="timed steps per method (default: 15 at 32px, 5 at 224)")
     ap.add_argument("--quick", action="store_true", help="32x32 models only")
+    ap.add_argument("--attention", choices=["auto", "fused", "math"], default="auto",
+                    help="attention path of every model (auto: as mlae train picks it)")
     args = ap.parse_args()
+    global ATTENTION
+    ATTENTION = args.attention
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [m for m in args.models if not (args.quick and "@224" in m)]
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} torch={torch.__version__}")
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} attention={args.attention} "
+          f"torch={torch.__version__}")
     print("| model | precision | MLAE step (ms) | LoRA step | PEFT LoRA step | MLAE/LoRA | MLAE/PEFT | "
           "merged/plain inference speed | memory MLAE/LoRA |")
     print("|---|---|---|---|---|---|---|---|---|")
