@@ -127,10 +127,12 @@ def from_regime(path: Path) -> None:
     one section per study setting (backbone, epochs, lr), since rows of different settings do not compare."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    settings = sorted({(r["backbone"], int(r["epochs"]), float(r["lr"])) for r in rows})
-    for backbone, epochs, lr in settings:
+    settings: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        settings[r["backbone"], int(r["epochs"]), float(r["lr"])].append(r)
+    for (backbone, epochs, lr), subset in sorted(settings.items()):
         print(f"# Backbone {backbone or 'embedded (default)'}, {epochs} epochs, lr {lr:g}\n")
-        regime_section([r for r in rows if (r["backbone"], int(r["epochs"]), float(r["lr"])) == (backbone, epochs, lr)])
+        regime_section(subset)
 
 
 def regime_section(rows: list[dict]) -> None:

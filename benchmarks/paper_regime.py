@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ from mlae.experiments.compare import Run, dataset_slug, execute_runs, resolve_co
 from mlae.experiments.variants import parse_methods
 from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
+from mlae.utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "docs" / "results" / "paper_regime.csv"
@@ -88,13 +90,11 @@ def append_row(path: Path, row: dict) -> None:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != COLUMNS:  # a table written before a column was added: rewrite it with the new header
-            rows = read_rows(path)
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="", extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, path)
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(read_rows(path))
+            atomic_write_text(path, text.getvalue())
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:

@@ -269,3 +269,16 @@ def test_weights_files_name_the_embedded_version_and_legacy_files_mean_v2(tmp_pa
     assert timm_spec(meta)[1]["depth"] == 4
     v3 = create_backbone("embedded-v3", num_classes=3)
     assert len(v3.blocks) == 12 and timm_spec({**meta, "backbone": "embedded-v3"})[1]["depth"] == 12
+
+
+def test_weights_metadata_records_the_embedded_version_not_a_path():
+    from types import SimpleNamespace
+
+    from mlae.backbones import DEFAULT_EMBEDDED
+    from mlae.engine import TrainConfig, weights_metadata
+
+    task = SimpleNamespace(num_classes=3, name="digits", augment=False, classes=["a", "b", "c"])
+    inputs = SimpleNamespace(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    for given, saved in ((None, DEFAULT_EMBEDDED), ("embedded", DEFAULT_EMBEDDED), ("embedded-v2", "embedded-v2")):
+        cfg = TrainConfig(dataset="suite:digits", backbone=given)
+        assert weights_metadata(cfg, task, inputs, "backbone")["backbone"] == saved

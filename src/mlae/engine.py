@@ -30,8 +30,8 @@ from torch import nn
 
 from .adapters.base import Phase, TrainingHooks
 from .attention import ATTENTION_CHOICES, set_attention
-from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH, _looks_like_path, backbone_input_size,
-                        card_folder, create_backbone, embedded_card)
+from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH, EMBEDDED_VERSIONS, _looks_like_path,
+                        backbone_input_size, card_folder, create_backbone, embedded_card)
 from .errors import InputError, MLAEError, RunDirError
 from .inject import adapter_layers, aux_losses, count_parameters, learned_values, set_progress, set_train_size
 from .io import load_adapter, read_adapter_metadata, save_adapter
@@ -773,11 +773,11 @@ def _absolute(path: str | None) -> str | None:
 def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> dict[str, Any]:
     """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
     are made absolute, so that the file works from any folder."""
-    backbone = cfg.backbone or EMBEDDED
-    if backbone == EMBEDDED:  # the version, so that the file still names its weights when the default changes
-        backbone = DEFAULT_EMBEDDED
+    # The version, so that the file still names its weights when the default changes.
+    backbone = DEFAULT_EMBEDDED if cfg.backbone in (None, EMBEDDED) else cfg.backbone
     prefix, _, rest = cfg.dataset.partition(":")
-    return {"backbone": _absolute(backbone) if backbone != EMBEDDED and _looks_like_path(backbone) else backbone,
+    is_path = backbone not in EMBEDDED_VERSIONS and _looks_like_path(backbone)
+    return {"backbone": _absolute(backbone) if is_path else backbone,
             "backbone_kwargs": backbone_kwargs(cfg),
             "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
             "normalize": normalize, "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
         "(FractalDB, Kataoka et al. 2020; Nakashima et al. 2022), rendered with numpy, classified with "
         "cross-entropy. The defaults reproduce the weights shipped as embedded-v2 (39 min on 2 quiet CPU "
         "cores); the default embedded backbone, embedded-v3, is --classes 1000 --per-class 120 --epochs 6 "
-        "--depth 12 --dim 128 --heads 4 (101 min on 1 thread). Writes <out>/embedded_vit.safetensors (fp16, head removed) and "
+        "--depth 12 --dim 128 --heads 4 (101 min on 1 thread). Writes <out>/embedded_vit.safetensors (fp16, "
+        "head removed) and "
         "<out>/embedded_vit.json (architecture, recipe, data size, wall time, accuracy).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = DEFAULTS
