@@ -484,7 +484,7 @@ def _setup(cfg: TrainConfig, stack: contextlib.ExitStack) -> _Run:
     start_time = time.time()
     method = get_method(cfg.method)
     options = cfg.options()
-    dist_info = init_distributed(cfg.device)
+    dist_info = init_distributed(cfg.device, stack)
     device = resolve_device(cfg.device, dist_info.local_rank)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cpu":

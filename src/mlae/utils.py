@@ -199,8 +199,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the process group described by torchrun's environment variables (nccl on CUDA, gloo on CPU)."""
+def init_distributed(device: str | None = None, stack: contextlib.ExitStack | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment variables (nccl on CUDA, gloo on CPU).
+
+    With ``stack``, a group this call created is left when the stack closes, after a barrier if no exception is
+    propagating. Without it a rank that finishes first can abort at exit ("terminate called without an active
+    exception"): gloo's worker thread frees its last all_reduce's tensors, which needs the GIL, while the
+    interpreter is already finalizing. The barrier makes every earlier collective settle first. A group the
+    caller created stays theirs."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
@@ -210,7 +216,16 @@ def init_distributed(device: str | None = None) -> DistInfo:
         if use_cuda:
             torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if stack is not None:
+            stack.push(lambda exc_type, *_: _leave_group(clean=exc_type is None))
     return info
+
+
+def _leave_group(clean: bool) -> None:
+    if dist.is_initialized():
+        if clean:  # after a failure the other ranks may never reach it
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _umask() -> int:
