@@ -12,8 +12,8 @@ TINY = ["--datasets", "suite:digits", "--seeds", "0", "--epochs", "1", "--lr", "
         "--threads", "1", "--jobs", "2"]
 
 
-def _run(part: str, tmp_path: Path) -> str:
-    cmd = [sys.executable, str(SCRIPT), part, *TINY, "--csv", str(tmp_path / "rows.csv"), "--runs",
+def _run(part: str, tmp_path: Path, *extra: str) -> str:
+    cmd = [sys.executable, str(SCRIPT), part, *TINY, *extra, "--csv", str(tmp_path / "rows.csv"), "--runs",
            str(tmp_path / "runs")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -27,6 +27,12 @@ def test_selection_on_val_rows_and_resumption(tmp_path):
     assert sorted(r["variant"] for r in trials) == ["lora[alpha=16]", "lora[alpha=8]", "mlae[dropout=0.5]",
                                                      "mlae[dropout=0]"]
     assert all(r["split"] == "val" and r["val_top1"] and not r["test_top1"] and r["train_top1"] for r in trials)
+
+    # The honest protocol's retrains alone first: no candidate is trained for "selected on test" yet.
+    _run("test", tmp_path, "--selected-by", "val")
+    rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
+    assert {r["selected_by"] for r in rows} == {"trial", "val"}
+    assert sorted(r["variant"] for r in rows if r["selected_by"] == "val") == ["lora", "mlae"]
 
     _run("test", tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
