@@ -135,6 +135,34 @@ def from_regime(path: Path) -> None:
         regime_section(subset)
 
 
+def trials_section(rows: list[dict]) -> None:
+    """The select part as it stands: every trial's val200 top-1 (train800 -> val200, seed 0), the best of each
+    method in bold, with its eval-mode training top-1: how far the adapter memorised under that setting."""
+    trials = [r for r in rows if r["selected_by"] == "trial"]
+    if not trials:
+        return
+    knob = {"mlae": ("p", "MLAE p"), "lora": ("alpha", "LoRA α")}
+    columns = sorted({(r["method"], float(r[knob[r["method"]][0]])) for r in trials},
+                     key=lambda c: (c[0] != "mlae", c[1]))
+    found = {(r["dataset"], r["method"], float(r[knob[r["method"]][0]])): r for r in trials}
+    print("\n## Trials: val200 top-1 (%) on train800, seed 0; the best of each method in bold, training top-1 "
+          "(eval mode) in brackets\n")
+    print("| dataset | " + " | ".join(f"{knob[m][1]} = {v:g}" for m, v in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for d in sorted({r["dataset"] for r in trials}):
+        best = {m: max(float(r["val_top1"]) for (d2, m2, _), r in found.items() if (d2, m2) == (d, m))
+                for m in knob if any(k[:2] == (d, m) for k in found)}
+        cells = []
+        for m, v in columns:
+            r = found.get((d, m, v))
+            if r is None:
+                cells.append("–")
+                continue
+            top1 = float(r["val_top1"])
+            cells.append((f"**{top1:.1f}**" if top1 == best[m] else f"{top1:.1f}") + f" ({float(r['train_top1']):.0f})")
+        print(f"| {d} | " + " | ".join(cells) + " |")
+
+
 def regime_section(rows: list[dict]) -> None:
     from mlae.data import SUITE_TASKS
 
@@ -154,6 +182,7 @@ def regime_section(rows: list[dict]) -> None:
     if regime:
         memorised = sum(float(r["train_top1"]) >= 99.0 for r in regime)
         print(f"\nTraining top-1 ≥ 99 % on {memorised} of {len(regime)} tasks.")
+    trials_section(rows)
     if not datasets:
         print()
         return

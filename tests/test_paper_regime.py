@@ -55,6 +55,9 @@ def test_selection_on_val_rows_and_resumption(tmp_path):
                              str(tmp_path / "rows.csv")], capture_output=True, text=True, cwd=ROOT)
     assert report.returncode == 0, report.stderr
     assert "mean of domain means" in report.stdout and "| suite:digits |" in report.stdout
+    trials = report.stdout.split("## Trials")[1].split("\n\n")[1].splitlines()
+    assert trials[0] == "| dataset | MLAE p = 0 | MLAE p = 0.5 | LoRA α = 8 | LoRA α = 16 |"
+    assert trials[2].startswith("| suite:digits | ") and trials[2].count("**") >= 4  # a best per method
 
 
 def test_a_table_with_an_older_header_is_rewritten_before_appending(tmp_path):
