@@ -175,7 +175,7 @@ def test_kl_needs_the_training_set_size_and_is_per_example():
 
 def test_per_expert_learns_one_p_per_expert():
     model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=3, dropout="auto", dropout_per_expert=True,
-                                                               dropout_init=0.2))
+                                                               dropout_learner="variational", dropout_init=0.2))
     values = mlae.learned_values(model)
     assert list(values) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     assert values["blocks.0.attn.qkv"]["dropout"] == pytest.approx([0.2] * 3)
@@ -206,7 +206,8 @@ def test_adapter_file_keeps_p_in_its_header_not_its_tensors(tmp_path):
     from safetensors import safe_open
 
     def trained(dropout):
-        model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=4, dropout=dropout))
+        learner = {"dropout_learner": "variational"} if dropout == "auto" else {}  # θ: a tensor to leave out
+        model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=4, dropout=dropout, **learner))
         with torch.no_grad():
             for _, layer in mlae.adapter_layers(model):
                 layer.lora_B.normal_()
@@ -253,7 +254,7 @@ def _config(tmp_path, name, **kw):
     return TrainConfig(dataset="vtab:cifar", data_root=str(tmp_path / "vtab"), backbone="test_vit", pretrained=False,
                        img_size=32, patch_size=4, epochs=3, warmup_epochs=0, batch_size=16, threads=1,
                        out=str(tmp_path / name), progress=False, method="mlae",
-                       method_options={"dropout": "auto", "experts": 4}, **kw)
+                       method_options={"dropout": "auto", "dropout_learner": "variational", "experts": 4}, **kw)
 
 
 def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
@@ -291,7 +292,7 @@ def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
     assert len(set(per_epoch)) == 3 and all(0 < p <= P_MAX for p in per_epoch)
     assert set(straight["learned"]) == {f"blocks.{i}.attn.qkv" for i in range(6)}
     assert mlae.read_adapter_learned(tmp_path / "straight" / "adapter.safetensors") == straight["learned"]
-    assert all(m["aux_loss"] > 0 for m in lines["straight"])  # the (default) variational KL / N was added
+    assert all(m["aux_loss"] > 0 for m in lines["straight"])  # the variational KL / N was added
 
 
 # --- the heldout learner: a controller on the training/held-out gap --------------------------------------------
@@ -342,7 +343,7 @@ def test_controller_rule_and_bounds():
         assert 0.0 <= controller.p <= P_MAX
     assert controller.p < 1e-20  # generalising (L_t ≥ L_h) takes p to 0
     with pytest.raises(ValueError, match="heldout"):
-        DropoutController(mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(dropout="auto")))
+        DropoutController(mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(dropout="auto", dropout_learner="concrete")))
 
 
 def test_heldout_needs_no_train_size_and_adds_no_aux_loss(tmp_path):
@@ -365,11 +366,20 @@ def test_heldout_needs_no_train_size_and_adds_no_aux_loss(tmp_path):
 def test_bad_heldout_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mlae.MLAEConfig(dropout="auto", dropout_learner="heldout", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        mlae.MLAEConfig(dropout="auto", **kwargs)  # heldout is the default learner
+
+
+def test_heldout_is_the_default_learner():
+    from mlae.recipes import get_method
+
+    assert LEARNERS[0] == mlae.MLAEConfig().dropout_learner == "heldout"
+    assert get_method("mlae").defaults()["dropout_learner"] == "heldout"
 
 
 def test_holdout_without_the_heldout_learner_is_refused():
     with pytest.raises(ValueError, match="--dropout-learner heldout"):
-        mlae.MLAEConfig(dropout="auto", dropout_holdout=0.3)
+        mlae.MLAEConfig(dropout="auto", dropout_learner="variational", dropout_holdout=0.3)
     with pytest.raises(ValueError, match="dropout='auto' only"):
         mlae.MLAEConfig(dropout=0.5, dropout_holdout=0.3)
     assert mlae.MLAEConfig(dropout="auto", dropout_learner="heldout", dropout_holdout=0.5).dropout_holdout == 0.5
@@ -540,6 +550,6 @@ def test_cli_heldout_flags_round_trip_into_config_yaml(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["train_images"] + results["held_out_images"] == 40 and results["held_out_images"] == 8  # round(0.25 · 10) per class
     capsys.readouterr()
-    assert main([*base, "--dropout-holdout", "0.3", "--out", str(tmp_path / "bad")]) != 0
+    assert main([*base, "--dropout-learner", "concrete", "--dropout-holdout", "0.3", "--out", str(tmp_path / "bad")]) != 0
     err = capsys.readouterr().err.strip()
     assert "--dropout-learner heldout" in err and len(err.splitlines()) == 1

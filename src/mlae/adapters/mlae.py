@@ -12,24 +12,24 @@ Masking strategies (paper §3.3): *stochastic* draws a Bernoulli mask on every t
 dropout, inverted so that evaluation uses all experts unscaled); *fixed* keeps ``n_l`` experts in layer ``l``
 (only those are allocated: the others would never train or run); *mixed* is fixed counts plus stochastic masking.
 
-Learned masking probability (``dropout="auto"``): ``p = P_MAX · σ(GAIN · θ)`` per layer (or per expert) is trained
-with the network, as the variational objective ``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training
-examples, passed in through :func:`mlae.set_train_size`; the KL term is the aux loss ``"dropout_kl"``). Two
-estimators (:data:`LEARNERS`):
+Learned masking probability (``dropout="auto"``), three learners (:data:`LEARNERS`). The default, ``heldout``
+(it measured best, docs/METHODS.md), has no gradient and no prior: one p for all layers (:class:`ControlledDropout`,
+MLAE's binary Bernoulli masks exactly as a fixed p) is set after every epoch by :class:`DropoutController` from
+the gap between the eval-mode loss on training images ``L_t`` and on images held out of training ``L_h``:
+``p ← p + BETA · (clip(1 − L_t / L_h, 0, P_MAX) − p)``. The engine holds out ``dropout_holdout`` of the training
+split for it (:meth:`MLAETraining.held_out_fraction`) and calls it through :meth:`MLAETraining.end_epoch`.
 
-* ``variational`` (the default; Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise
+The other two train ``p = P_MAX · σ(GAIN · θ)`` per layer (or per expert) with the network, as the variational
+objective ``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training examples, passed in through
+:func:`mlae.set_train_size`; the KL term is the aux loss ``"dropout_kl"``), with two estimators:
+
+* ``variational`` (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise
   ``ξ ~ N(1, α)``, ``α = p / (1 − p)`` (the mean and variance of the inverted Bernoulli mask), with the
   log-uniform prior's KL approximation ``k1 − k1·σ(k2 + k3 log α) + ½ log(1 + 1/α)`` per expert. Its mask is not
   binary: every expert trains in every step, with noise.
 * ``concrete`` (Gal, Hron & Kendall 2017): the mask is drawn hard, ``z = 1[logit p + logit u > 0]`` with
   ``u ~ U(0, 1)`` (exactly Bernoulli(p), so the forward mask stays binary), and the gradient flows through its
   relaxation ``σ((logit p + logit u) / TEMPERATURE)`` (straight-through). ``KL = Σ_experts −H(p)``.
-
-A third learner, ``heldout``, has no gradient and no prior: one p for all layers (:class:`ControlledDropout`, MLAE's
-binary Bernoulli masks exactly as a fixed p) is set after every epoch by :class:`DropoutController` from the gap
-between the eval-mode loss on training images ``L_t`` and on images held out of training ``L_h``:
-``p ← p + BETA · (clip(1 − L_t / L_h, 0, P_MAX) − p)``. The engine holds out ``dropout_holdout`` of the training
-split for it (:meth:`MLAETraining.held_out_fraction`) and calls it through :meth:`MLAETraining.end_epoch`.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ __all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "ControlledDropout", "D
            "AUTO", "LEARNERS", "P_MAX", "GAIN", "TEMPERATURE", "BETA", "HOLDOUT", "HOLDOUT_MAX"]
 
 AUTO = "auto"
-LEARNERS = ("variational", "concrete", "heldout")  # the default first, as `mlae train --help` lists them
+LEARNERS = ("heldout", "variational", "concrete")  # the default first, as `mlae train --help` lists them
 HELDOUT = "heldout"  # the learner without a gradient: a controller on the held-out gap (DropoutController)
 P_MAX = 0.9        # a learned p stays in (0, P_MAX]: the top of the paper's search grid
 GAIN = 50.0        # logit = GAIN·θ: Adam moves θ by about lr per step, the logit by GAIN·lr (lr 5e-4: 0.025)
@@ -83,12 +83,13 @@ class MLAEConfig(AdapterConfig):
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
     per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p per layer while
     training (see the module docstring)."""
-    dropout_learner: str = option("variational", "with --dropout auto: variational (Gaussian noise), concrete "
-                                  "(binary masks, straight-through gradient) or heldout (one p for all layers, set "
-                                  "each epoch from the gap between training and held-out loss)", choices=LEARNERS)
-    """dropout="auto" only: how p is learned, "variational" (Gaussian noise), "concrete" (binary masks, as
-    MLAE's) or "heldout" (binary masks; a controller on the training/held-out loss gap, on training images held out
-    of training: ``dropout_holdout``). See docs/METHODS.md for which measured best."""
+    dropout_learner: str = option("heldout", "with --dropout auto: heldout (one p for all layers, set each epoch "
+                                  "from the gap between training and held-out loss; holds out --dropout-holdout of "
+                                  "the training images), variational (Gaussian noise) or concrete (binary masks, "
+                                  "straight-through gradient)", choices=LEARNERS)
+    """dropout="auto" only: how p is learned, "heldout" (the default, measured best in docs/METHODS.md: binary
+    masks; a controller on the training/held-out loss gap, on training images held out of training:
+    ``dropout_holdout``), "variational" (Gaussian noise) or "concrete" (binary masks, as MLAE's)."""
     dropout_init: float = option(0.1, "with --dropout auto: the initial p")
     """dropout="auto" only: the initial p (Gal et al.'s)."""
     dropout_per_expert: bool = option(False, "with --dropout auto: learn one p per expert instead of per layer")
@@ -127,8 +128,9 @@ class MLAEConfig(AdapterConfig):
                 raise InputError(f"dropout_init must be in (0, {P_MAX}), got {self.dropout_init!r}")
             if self.dropout_learner == HELDOUT:
                 if self.dropout_per_expert:
-                    raise InputError("dropout_learner='heldout' sets one p for all layers from a whole-model signal: "
-                                     "drop dropout_per_expert (or use the variational or concrete learner)")
+                    raise InputError("dropout_learner='heldout' (the default) sets one p for all layers from a "
+                                     "whole-model signal: drop dropout_per_expert, or use dropout_learner='variational' "
+                                     "or 'concrete'")
                 if not isinstance(self.dropout_holdout, (int, float)) or not 0 < self.dropout_holdout <= HOLDOUT_MAX:
                     raise InputError(f"dropout_holdout must be in (0, {HOLDOUT_MAX}], got {self.dropout_holdout!r}")
             elif self.dropout_holdout != HOLDOUT:
@@ -143,7 +145,7 @@ class MLAEConfig(AdapterConfig):
         elif isinstance(self.dropout, str) or not 0 <= self.dropout < 1:
             raise InputError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
         elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert, self.dropout_holdout) != (
-                "variational", 0.1, False, HOLDOUT):
+                HELDOUT, 0.1, False, HOLDOUT):
             raise InputError("dropout_learner, dropout_init, dropout_per_expert and dropout_holdout apply to "
                              "dropout='auto' only")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
