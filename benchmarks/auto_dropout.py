@@ -153,7 +153,7 @@ def suite(args) -> list[dict]:
     from mlae.cli import main
 
     rows = []
-    for learner in LEARNERS:
+    for learner in (*LEARNERS, HELDOUT):
         out = Path(args.out) / f"suite_{args.task}_{learner}"
         if not (out / "results.json").exists():
             argv = ["train", "--dataset", f"suite:{args.task}", "--split", "val", "--method", "mlae", "--dropout",
