@@ -9,6 +9,12 @@ teacher's probabilities, and top-1 against its argmax). Variants: p fixed at the
 .9} (the sweep) and ``dropout="auto"`` with each learner; several training-set sizes, so one can see whether the
 learned p follows the sweep's best p as n changes.
 
+The ``heldout`` learner holds out ``HOLDOUT`` (20 %) of the ``n`` examples (seeded) for its controller and trains
+on the rest; every ``CONTROL_EVERY`` steps (the toy's stand-in for the engine's epoch) it measures the eval-mode
+cross-entropy on as many training examples and on the held-out ones and moves p
+(:class:`mlae.adapters.mlae.DropoutController`). The grid and the other learners train on all ``n`` examples: a
+handicap for ``heldout``, which sees 80 % of the labels.
+
 Part ``suite`` -- ``mlae train --dropout auto`` with each learner on one suite task for a few epochs (train800 /
 val200), to see p move on the real backbone. Far too short to rank anything; it shows the dynamics.
 
@@ -34,7 +40,9 @@ DIM, HIDDEN, CLASSES, EXPERTS, TEST = 16, 64, 10, 8, 4096
 HEAD_GAIN, UPDATE = 30.0, 0.5  # head scale; teacher update norm relative to the layer's weights
 GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
 LEARNERS = ("concrete", "variational")
-AUTO_VARIANTS = (*LEARNERS, *(f"{learner}/expert" for learner in LEARNERS))  # "/expert": one p per expert
+HELDOUT = "heldout"
+AUTO_VARIANTS = (*LEARNERS, *(f"{learner}/expert" for learner in LEARNERS), HELDOUT)  # "/expert": one p per expert
+HOLDOUT, CONTROL_EVERY = 0.2, 10  # heldout: the fraction of n held out; steps between controller updates
 
 
 def backbone(seed: int) -> nn.Module:
@@ -69,6 +77,8 @@ def student(seed: int, variant) -> nn.Module:
 
 
 def run(n: int, seed: int, variant, steps: int, lr: float) -> dict:
+    from mlae.adapters.mlae import DropoutController
+
     t0 = time.perf_counter()
     net = teacher(seed)
     g = torch.Generator().manual_seed(20_000 + seed)
@@ -76,15 +86,29 @@ def run(n: int, seed: int, variant, steps: int, lr: float) -> dict:
     y = torch.multinomial(F.softmax(net(x), -1), 1, generator=g).squeeze(1)
     target = F.softmax(net(x_test), -1)
     model = student(seed, variant)
-    mlae.set_train_size(model, n)
+    controller = history = None
+    if variant == HELDOUT:  # hold out 20 % of the n examples; train on the rest
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(30_000 + seed))
+        held = perm[:max(1, round(HOLDOUT * n))]
+        x_held, y_held, x, y = x[held], y[held], x[perm[len(held):]], y[perm[len(held):]]
+        x_probe, y_probe = x[:len(held)], y[:len(held)]  # a fixed subset of the trained examples, as many
+        controller, history = DropoutController(model), []
+    mlae.set_train_size(model, len(x))
     torch.manual_seed(seed)  # the masks
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         loss = F.cross_entropy(model(x), y) + sum(mlae.aux_losses(model).values(), torch.zeros(()))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if controller is not None and (step + 1) % CONTROL_EVERY == 0:
+            model.eval()
+            with torch.no_grad():
+                controller.update(F.cross_entropy(model(x_probe), y_probe).item(),
+                                  F.cross_entropy(model(x_held), y_held).item())
+            history.append(controller.p)
+            model.train()
     model.eval()
     with torch.no_grad():
         logits = model(x_test)
@@ -94,6 +118,7 @@ def run(n: int, seed: int, variant, steps: int, lr: float) -> dict:
             "test_nll": -(target * F.log_softmax(logits, -1)).sum(-1).mean().item(),
             "test_top1": (logits.argmax(-1) == target.argmax(-1)).float().mean().item(),
             "p": learned or [variant] * 2,  # per layer (mean over experts)
+            "trained_on": len(x), **({"p_history": history} if history is not None else {}),
             "seconds": time.perf_counter() - t0}
 
 
@@ -128,7 +153,7 @@ def suite(args) -> list[dict]:
     from mlae.cli import main
 
     rows = []
-    for learner in LEARNERS:
+    for learner in (*LEARNERS, HELDOUT):
         out = Path(args.out) / f"suite_{args.task}_{learner}"
         if not (out / "results.json").exists():
             argv = ["train", "--dataset", f"suite:{args.task}", "--split", "val", "--method", "mlae", "--dropout",
@@ -163,6 +188,9 @@ def main(argv=None) -> None:
         rows = toy(args)
         (out / "toy.json").write_text(json.dumps(rows, indent=1) + "\n")
         print(toy_table(rows))
+        print(f"\n{HELDOUT}: trains on {100 - 100 * HOLDOUT:.0f} % of n (the other {100 * HOLDOUT:.0f} % are its "
+              f"controller's held-out set, p updated every {CONTROL_EVERY} steps); the fixed-p grid and the other "
+              "learners train on all n examples, a handicap for heldout")
     else:
         args.lr = args.lr or 2e-3
         (out / "suite.json").write_text(json.dumps(suite(args), indent=1) + "\n")

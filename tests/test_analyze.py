@@ -159,11 +159,13 @@ def test_similarity_refuses_runs_without_experts(vtab_root, runs, tmp_path, caps
 
 
 def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path, capsys):
-    auto = _train(vtab_root, tmp_path / "auto", "--method", "mlae", "--dropout", "auto", "--epochs", "2")
+    auto = _train(vtab_root, tmp_path / "auto", "--method", "mlae", "--dropout", "auto", "--dropout-learner",
+                  "variational", "--epochs", "2")
+    heldout = _train(vtab_root, tmp_path / "heldout", "--method", "mlae", "--dropout", "auto", "--epochs", "2")
     per_expert = _train(vtab_root, tmp_path / "per_expert", "--method", "mlae", "--dropout", "auto",
                         "--dropout-per-expert", "--dropout-learner", "concrete", "--experts", "3")
     out = tmp_path / "dropout"
-    assert main(["analyze", "dropout", str(auto), str(per_expert), "--out", str(out)]) == 0
+    assert main(["analyze", "dropout", str(auto), str(per_expert), str(heldout), "--out", str(out)]) == 0
     for name in ("dropout.png", "dropout_profile.png"):
         _png(out / name)
     report = json.loads((out / "dropout.json").read_text())
@@ -176,6 +178,10 @@ def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path
     assert -1 <= h["depth_correlation"] <= 1
     experts = report["per_expert"]["per_expert"]["blocks.0.attn.qkv"]
     assert len(experts) == 3 and report["per_expert"]["final"]["blocks.0.attn.qkv"] == pytest.approx(sum(experts) / 3)
+    # The heldout learner (the default): one p per epoch, the same in every layer, so no correlation with depth.
+    ho, ho_metrics = report["heldout"], [json.loads(line) for line in (heldout / "metrics.jsonl").read_text().splitlines()]
+    assert ho["epochs"] == [1, 2] and len({v for v in ho["final"].values()}) == 1 and ho["depth_correlation"] is None  # NaN
+    assert ho["p"]["blocks.3.attn.qkv"] == [m["learned"]["blocks.3.attn.qkv"]["dropout"] for m in ho_metrics]
     assert "correlation with depth" in capsys.readouterr().out
     fig = analyze.plot_dropout_history({"auto": analyze.dropout_history(auto)})
     assert len(fig.axes[0].lines) == 6  # one line per adapted layer

@@ -175,7 +175,7 @@ def test_kl_needs_the_training_set_size_and_is_per_example():
 
 def test_per_expert_learns_one_p_per_expert():
     model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=3, dropout="auto", dropout_per_expert=True,
-                                                               dropout_init=0.2))
+                                                               dropout_learner="variational", dropout_init=0.2))
     values = mlae.learned_values(model)
     assert list(values) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     assert values["blocks.0.attn.qkv"]["dropout"] == pytest.approx([0.2] * 3)
@@ -206,7 +206,8 @@ def test_adapter_file_keeps_p_in_its_header_not_its_tensors(tmp_path):
     from safetensors import safe_open
 
     def trained(dropout):
-        model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=4, dropout=dropout))
+        learner = {"dropout_learner": "variational"} if dropout == "auto" else {}  # θ: a tensor to leave out
+        model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=4, dropout=dropout, **learner))
         with torch.no_grad():
             for _, layer in mlae.adapter_layers(model):
                 layer.lora_B.normal_()
@@ -253,7 +254,7 @@ def _config(tmp_path, name, **kw):
     return TrainConfig(dataset="vtab:cifar", data_root=str(tmp_path / "vtab"), backbone="test_vit", pretrained=False,
                        img_size=32, patch_size=4, epochs=3, warmup_epochs=0, batch_size=16, threads=1,
                        out=str(tmp_path / name), progress=False, method="mlae",
-                       method_options={"dropout": "auto", "experts": 4}, **kw)
+                       method_options={"dropout": "auto", "dropout_learner": "variational", "experts": 4}, **kw)
 
 
 def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
@@ -291,4 +292,264 @@ def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
     assert len(set(per_epoch)) == 3 and all(0 < p <= P_MAX for p in per_epoch)
     assert set(straight["learned"]) == {f"blocks.{i}.attn.qkv" for i in range(6)}
     assert mlae.read_adapter_learned(tmp_path / "straight" / "adapter.safetensors") == straight["learned"]
-    assert all(m["aux_loss"] > 0 for m in lines["straight"])  # the (default) variational KL / N was added
+    assert all(m["aux_loss"] > 0 for m in lines["straight"])  # the variational KL / N was added
+
+
+# --- the heldout learner: a controller on the training/held-out gap --------------------------------------------
+
+from mlae.adapters.mlae import BETA, ControlledDropout, DropoutController  # noqa: E402
+
+
+def _controlled(p=0.3, experts=8, granularity="batch", seed=0):
+    torch.manual_seed(seed)
+    layer = MLAELinear(nn.Linear(6, 5), experts, 1, "auto", 1.0, True, 1.0, granularity, ControlledDropout(experts, p))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_heldout_masks_are_binary_and_those_of_a_fixed_p(granularity):
+    layer = _controlled(0.3, granularity=granularity)
+    masks = torch.stack([layer.learned.sample((50, 8), "cpu") for _ in range(40)])
+    assert torch.all((masks == 0) | (masks == 1 / 0.7)) and not masks.requires_grad
+    dropped = (masks == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 4 * math.sqrt(0.3 * 0.7 / masks.numel())
+    # The forward is fixed-p MLAE's, draw for draw, and evaluation uses all experts unscaled.
+    fixed = MLAELinear(nn.Linear(6, 5), 8, 1, 0.3, 1.0, True, 1.0, granularity)
+    fixed.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 6)
+    for a, b in ((layer.train(), fixed.train()), (layer.eval(), fixed.eval())):
+        torch.manual_seed(7)
+        ya = a(x)
+        torch.manual_seed(7)
+        torch.testing.assert_close(ya, b(x), rtol=0, atol=0)
+    assert not list(layer.learned.parameters())  # no θ: nothing for the optimizer, no gradient
+
+
+def test_controller_rule_and_bounds():
+    model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=4, dropout="auto", dropout_learner="heldout",
+                                                               dropout_init=0.2))
+    controller = DropoutController(model)
+    assert controller.p == 0.2 and controller.beta == BETA == 0.5
+    assert controller.update(1.0, 2.0) == pytest.approx(0.5)  # p* = 1 − L_t / L_h
+    assert controller.p == pytest.approx(0.2 + 0.5 * (0.5 - 0.2))
+    assert mlae.learned_values(model) == {f"blocks.{i}.attn.qkv": {"dropout": pytest.approx(0.35)} for i in (0, 1)}
+    for train_loss, held_out_loss, target in [(2.0, 1.0, 0.0), (0.0, 5.0, P_MAX), (1e-9, 1e9, P_MAX), (0.5, 0.0, 0.0),
+                                              (1.0, math.inf, P_MAX), (math.nan, 1.0, 0.0), (1.0, math.nan, 0.0)]:
+        assert DropoutController.target(train_loss, held_out_loss) == target
+    for losses in [(0.0, 1.0)] * 50 + [(3.0, 1.0)] * 80:
+        controller.update(*losses)
+        assert 0.0 <= controller.p <= P_MAX
+    assert controller.p < 1e-20  # generalising (L_t ≥ L_h) takes p to 0
+    with pytest.raises(ValueError, match="heldout"):
+        DropoutController(mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(dropout="auto", dropout_learner="concrete")))
+
+
+def test_heldout_needs_no_train_size_and_adds_no_aux_loss(tmp_path):
+    model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=4, dropout="auto", dropout_learner="heldout"))
+    assert mlae.aux_losses(model) == {}
+    mlae.set_train_size(model, 10)  # still accepted
+    assert mlae.count_parameters(model)["adapter"] == mlae.count_parameters(
+        mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=4, dropout=0.5)))["adapter"]
+    DropoutController(model).set(0.42)
+    path = mlae.save_adapter(model, tmp_path / "a.safetensors")
+    assert mlae.read_adapter_learned(path)["blocks.1.attn.qkv"] == {"dropout": 0.42}
+    assert mlae.learned_values(mlae.load_adapter(make_tiny_vit(depth=2), path)) == mlae.learned_values(model)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dropout_holdout": 0.0}, r"dropout_holdout must be in \(0, 0.5\]"),
+    ({"dropout_holdout": 0.6}, r"dropout_holdout must be in \(0, 0.5\]"),
+    ({"dropout_per_expert": True}, "one p for all layers"),
+])
+def test_bad_heldout_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mlae.MLAEConfig(dropout="auto", dropout_learner="heldout", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        mlae.MLAEConfig(dropout="auto", **kwargs)  # heldout is the default learner
+
+
+def test_heldout_is_the_default_learner():
+    from mlae.recipes import get_method
+
+    assert LEARNERS[0] == mlae.MLAEConfig().dropout_learner == "heldout"
+    assert get_method("mlae").defaults()["dropout_learner"] == "heldout"
+
+
+def test_holdout_without_the_heldout_learner_is_refused():
+    with pytest.raises(ValueError, match="--dropout-learner heldout"):
+        mlae.MLAEConfig(dropout="auto", dropout_learner="variational", dropout_holdout=0.3)
+    with pytest.raises(ValueError, match="dropout='auto' only"):
+        mlae.MLAEConfig(dropout=0.5, dropout_holdout=0.3)
+    assert mlae.MLAEConfig(dropout="auto", dropout_learner="heldout", dropout_holdout=0.5).dropout_holdout == 0.5
+
+
+def _control(regime: str, steps: int = 400, every: int = 10, seed: int = 0) -> list[float]:
+    """p of the heldout controller over training one MLAE layer (16 → 8 classes) with Adam on cross-entropy.
+
+    memorise: 8 examples with random labels (and 8 others held out, random labels too): the adapter fits them, the
+    held-out loss grows. underfit: 2 experts, fresh examples every step labelled by a full-rank linear teacher; the
+    held-out examples come from the same teacher."""
+    torch.manual_seed(seed)
+    d, c = 16, 8
+    experts = 8 if regime == "memorise" else 2
+    teacher = torch.randn(c, d)
+    x_fit, x_held = torch.randn(8, d), torch.randn(64, d)
+    y_fit = torch.randint(0, c, (8,))
+    y_held = torch.randint(0, c, (64,)) if regime == "memorise" else (x_held @ teacher.T).argmax(-1)
+    layer = MLAELinear(nn.Linear(d, c), experts, 1, "auto", 1.0, True, 1.0, "batch", ControlledDropout(experts, 0.1))
+    layer.base.requires_grad_(False)
+    controller, history = DropoutController(layer), []
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=3e-2)
+    for step in range(steps):
+        x = x_fit if regime == "memorise" else torch.randn(64, d)
+        y = y_fit if regime == "memorise" else (x @ teacher.T).argmax(-1)
+        layer.train()
+        loss = F.cross_entropy(layer(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % every == 0:
+            layer.eval()
+            with torch.no_grad():
+                x_t = x_fit if regime == "memorise" else torch.randn(64, d)
+                y_t = y_fit if regime == "memorise" else (x_t @ teacher.T).argmax(-1)
+                controller.update(F.cross_entropy(layer(x_t), y_t).item(), F.cross_entropy(layer(x_held), y_held).item())
+            history.append(controller.p)
+    return history
+
+
+def test_heldout_p_rises_where_the_adapter_memorises():
+    history = _control("memorise")
+    assert history[-1] > 0.6 and max(history) <= P_MAX  # from 0.1
+
+
+def test_heldout_p_stays_near_zero_where_the_adapter_underfits():
+    history = _control("underfit")
+    assert max(history[5:]) < 0.1 and history[-1] < 0.05  # from 0.1
+
+
+def test_hold_out_is_stratified_seeded_and_disjoint():
+    from mlae.data import Split
+    from mlae.engine import hold_out
+
+    labels = torch.arange(4).repeat_interleave(torch.tensor([10, 5, 2, 23]))
+    images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
+    train, held, probe = hold_out(Split(images, labels), 0.2, seed=3)
+    ids = lambda s: s.images[:, 0, 0, 0].tolist()  # noqa: E731
+    assert not set(ids(train)) & set(ids(held)) and sorted(ids(train) + ids(held)) == list(range(len(labels)))
+    assert torch.bincount(held.labels).tolist() == [2, 1, 1, 5]  # round(0.2 · count), at least one per class
+    assert len(probe) == len(held) and set(ids(probe)) <= set(ids(train))
+    again = hold_out(Split(images, labels), 0.2, seed=3)
+    assert all(ids(a) == ids(b) for a, b in zip((train, held, probe), again))
+    assert ids(hold_out(Split(images, labels), 0.2, seed=4)[1]) != ids(held)
+    with pytest.raises(ValueError, match="too small to hold out one image per class.*--dropout-learner"):
+        hold_out(Split(images[:11], labels[:11]), 0.2, seed=0)  # class 1 has one image
+
+
+def _heldout_config(tmp_path, name, **kw):
+    cfg = _config(tmp_path, name, **kw)
+    cfg.method_options.update(dropout_learner="heldout", dropout_init=0.3)
+    return cfg
+
+
+def test_engine_holds_out_training_images_only_and_resumes_bit_identically(tmp_path, monkeypatch):
+    pytest.importorskip("mlae.backbones")
+    from mlae import engine
+    from mlae.data import testing
+
+    testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=48, n_test=16, size=32)
+    threads = torch.get_num_threads()
+    seen: dict[str, list] = {"trained": [], "held": [], "evaluated": []}
+    real_hold_out, real_evaluate, real_call = engine.hold_out, engine.evaluate, engine.Inputs.__call__
+
+    def recording_hold_out(train, fraction, seed):
+        out = real_hold_out(train, fraction, seed)
+        seen["held"].append((len(train), out[1].images.clone()))
+        return out
+
+    def recording_evaluate(model, split, *args, **kwargs):
+        seen["evaluated"].append(len(split))
+        return real_evaluate(model, split, *args, **kwargs)
+
+    def recording_call(self, images, *, train, generator=None):
+        if train:
+            seen["trained"].append(images.clone())
+        return real_call(self, images, train=train, generator=generator)
+
+    monkeypatch.setattr(engine, "hold_out", recording_hold_out)
+    monkeypatch.setattr(engine, "evaluate", recording_evaluate)
+    monkeypatch.setattr(engine.Inputs, "__call__", recording_call)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Stop
+
+    try:
+        straight = engine.train(_heldout_config(tmp_path, "straight"))
+        with pytest.raises(Stop):
+            engine.train(_heldout_config(tmp_path, "killed"), on_epoch_end=stop_after_two)
+        resumed = engine.train(_heldout_config(tmp_path, "killed", resume=True))
+    finally:
+        torch.set_num_threads(threads)
+    # 48 + 12 (val200) training images: 12 held out (3 per class), 48 trained on; the 16 test images evaluated.
+    assert (straight["train_images"], straight["held_out_images"]) == (48, 12)
+    assert {n for n, _ in seen["held"]} == {60} and set(seen["evaluated"]) <= {48, 16} and 16 in seen["evaluated"]
+    held = {bytes(img.numpy()) for img in seen["held"][0][1]}
+    trained = {bytes(img.numpy()) for batch in seen["trained"] for img in batch}
+    assert len(held) == 12 and len(trained) == 48 and not held & trained
+    lines = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "killed")}
+    timing = ("images_per_s", "train_time_s", "epoch_time_s")
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]  # noqa: E731
+    assert strip(lines["killed"]) == strip(lines["straight"]) and len(lines["straight"]) == 3
+    assert resumed["learned"] == straight["learned"] == lines["straight"][-1]["learned"]
+    # p per epoch: the controller's rule from dropout_init, the same in every layer; no aux loss (no KL term).
+    p, prev = [m["learned"]["blocks.0.attn.qkv"]["dropout"] for m in lines["straight"]], 0.3
+    for m, value in zip(lines["straight"], p):
+        target = DropoutController.target(m["controller_train_loss"], m["controller_held_out_loss"])
+        assert m["dropout_target"] == target and value == pytest.approx(prev + BETA * (target - prev))
+        assert {v["dropout"] for v in m["learned"].values()} == {value} and "aux_loss" not in m
+        prev = value
+    assert mlae.read_adapter_learned(tmp_path / "straight" / "adapter.safetensors") == straight["learned"]
+    from mlae.experiments.analysis import dropout_history
+
+    assert dropout_history(tmp_path / "straight")["p"]["blocks.5.attn.qkv"] == p
+
+
+def test_engine_refuses_a_training_split_too_small_to_hold_out(tmp_path):
+    pytest.importorskip("mlae.backbones")
+    from mlae import engine
+    from mlae.data import testing
+
+    testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=3, n_val=1, n_test=4, size=32)
+    from mlae.errors import InputError
+
+    with pytest.raises(InputError, match="too small to hold out"):
+        engine.train(_heldout_config(tmp_path, "small"))
+
+
+def test_cli_heldout_flags_round_trip_into_config_yaml(tmp_path, capsys):
+    pytest.importorskip("mlae.backbones")
+    yaml = pytest.importorskip("yaml")
+    from mlae.cli import main
+    from mlae.data import testing
+
+    root = testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=32, n_test=8, size=32)
+    base = ["train", "--dataset", "vtab:cifar", "--data-root", str(root), "--backbone", "test_vit", "--no-pretrained",
+            "--img-size", "32", "--patch-size", "4", "--epochs", "1", "--batch-size", "32", "--warmup-epochs", "0",
+            "--threads", "1", "--quiet", "--method", "mlae", "--experts", "2", "--dropout", "auto"]
+    out = tmp_path / "run"
+    assert main([*base, "--dropout-learner", "heldout", "--dropout-holdout", "0.25", "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["dropout_learner"], config["dropout_holdout"]) == ("heldout", 0.25)
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images"] + results["held_out_images"] == 40 and results["held_out_images"] == 8  # round(0.25 · 10) per class
+    capsys.readouterr()
+    assert main([*base, "--dropout-learner", "concrete", "--dropout-holdout", "0.3", "--out", str(tmp_path / "bad")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--dropout-learner heldout" in err and len(err.splitlines()) == 1

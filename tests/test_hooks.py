@@ -92,7 +92,7 @@ def test_the_engine_calls_a_methods_hooks(tmp_path, monkeypatch):
     results = train(TrainConfig(dataset="vtab:cifar", data_root=str(root), method="hooked", backbone="test_vit",
                                 pretrained=False, img_size=32, patch_size=4, epochs=4, batch_size=16, warmup_epochs=0,
                                 lr=1e-2, threads=1, progress=False, out=str(out),
-                                method_options={"dropout": "auto"}))
+                                method_options={"dropout": "auto", "dropout_learner": "variational"}))
     (total,) = Recording.begun  # the second phase began once
     per_epoch, half = total // 4, total // 2
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -256,9 +257,11 @@ def _clear_run_files(out: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]], config: dict | None = None) -> None:
-    """Trainable parameters, optimizer state, RNG states (one per rank), progress and the run's settings
-    (``config``, checked by --resume), without pickle."""
+                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]], config: dict | None = None,
+                    hooks: dict | None = None) -> None:
+    """Trainable parameters, optimizer state, RNG states (one per rank), progress, the run's settings
+    (``config``, checked by --resume) and the method hooks' state (``hooks``: TrainingHooks.state), without
+    pickle."""
     # Everything the optimizer holds, trainable now or not (DMLoRA's stage 2 freezes the branches it trained).
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     tensors = {f"model.{n}": p for n, p in model.named_parameters() if id(p) in held}
@@ -272,7 +275,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             tensors[f"rng.{rank}.{key}"] = value
         rng_info.append(info)
     state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
-             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads(), "config": config}
+             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads(), "config": config,
+             "hooks": hooks or {}}
     atomic_save_file(tensors, path, {"format": "mlae-checkpoint-1", "state": json.dumps(state)})
 
 
@@ -416,6 +420,46 @@ def evaluate(model: nn.Module, split, inputs: Inputs, *, precision: str, dist_in
     return correct / max(1.0, count)
 
 
+@torch.inference_mode()
+def mean_loss(model: nn.Module, split, inputs: Inputs, *, precision: str, dist_info: DistInfo = DistInfo()) -> float:
+    """Mean cross-entropy of ``model`` on ``split`` in eval mode (no masks, no augmentation), as :func:`evaluate`
+    measures top-1 (sharded over ranks, sums all-reduced)."""
+    was_training = model.training
+    model.eval()
+    index = torch.arange(dist_info.rank, len(split), dist_info.world_size)
+    total = 0.0
+    for start in range(0, len(index), EVAL_BATCH):
+        idx = index[start:start + EVAL_BATCH]
+        with autocast(inputs.device, precision):
+            logits = model(inputs(split.images[idx], train=False))
+        total += float(F.cross_entropy(logits.float(), split.labels[idx].to(logits.device), reduction="sum"))
+    model.train(was_training)
+    total, count = _all_reduce([total, len(index)], inputs.device, dist_info)
+    return total / max(1.0, count)
+
+
+def hold_out(train, fraction: float, seed: int) -> tuple[Any, Any, Any]:
+    """``(trained, held_out, probe)`` splits of the training split ``train`` for a method that asks for held-out
+    images (TrainingHooks.held_out_fraction): a fixed, seeded, class-stratified ``fraction`` of every class is
+    held out (at least one image per class), the rest is trained on, and ``probe`` is a fixed seeded subset of
+    the trained images of the held-out set's size (where the training-side loss is measured)."""
+    from .data.folder import stratified_holdout
+
+    labels = train.labels.numpy()
+    classes, counts = np.unique(labels, return_counts=True)
+    small = classes[counts < 2].tolist()
+    if small:
+        raise InputError(f"the training split is too small to hold out one image per class for the held-out "
+                         f"controller (class(es) {', '.join(map(str, small[:8]))}{', ...' if len(small) > 8 else ''} "
+                         f"have {int(counts.min())} image): train on more images per class, or use "
+                         "--dropout-learner variational or concrete")
+    keep, held = stratified_holdout(labels, fraction, seed * 1_000_003 + 4099)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 8191)
+    probe = np.sort(torch.randperm(len(keep), generator=g)[:len(held)].numpy())
+    trained = train.subset(keep)
+    return trained, train.subset(held), trained.subset(probe)
+
+
 def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
     """Fine-tune as ``cfg`` says; returns the results dict (also written to ``results.json``).
 
@@ -459,6 +503,14 @@ class _Run:
     total_steps: int
     warmup_steps: int
     phases: list[Phase]
+    held_out: Any = None  # images held out of training for the method (TrainingHooks.held_out_fraction), or None
+    probe: Any = None     # as many training images, where the training-side loss is measured
+
+    def losses(self) -> tuple[float, float]:
+        """(eval-mode mean loss on ``probe``, on ``held_out``): what TrainingHooks.end_epoch gets."""
+        kwargs = {"precision": self.precision, "dist_info": self.dist_info}
+        return (mean_loss(self.model, self.probe, self.inputs, **kwargs),
+                mean_loss(self.model, self.held_out, self.inputs, **kwargs))
 
     def wrap(self) -> nn.Module:
         """The model as the training steps call it: in DistributedDataParallel when several processes train."""
@@ -506,12 +558,20 @@ def _setup(cfg: TrainConfig, stack: contextlib.ExitStack) -> _Run:
     normalize = resolve_normalize(cfg.normalize, cfg.backbone)
     inputs = Inputs(task.augment, image_size, device, *backbone_stats(cfg.backbone, model, normalize))
     model = method.prepare(model, options).to(device)
+    hooks = method.hooks(model, options)
+    # A method's held-out images (MLAE's heldout learner) come out of the training split, never the eval split.
+    held_out = probe = None
+    fraction = hooks.held_out_fraction()
+    if fraction > 0:
+        if not fraction <= 0.5:
+            raise InputError(f"a method may hold out at most half the training images, not {fraction}")
+        train_split, held_out, probe = hold_out(task.train, fraction, cfg.seed)
+        task = dataclasses.replace(task, train=train_split)
     set_train_size(model, len(task.train))  # N of per-example regularisers (MLAE's learned p: KL / N)
     attention = set_attention(model, cfg.attention, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = count_parameters(model)
-    hooks = method.hooks(model, options)
     for group in hooks.param_groups():
         optimizer.add_param_group(group)
 
@@ -523,7 +583,7 @@ def _setup(cfg: TrainConfig, stack: contextlib.ExitStack) -> _Run:
     phases = [Phase(0, cfg.lr), *hooks.phases(total_steps, cfg.lr)]
     return _Run(cfg, method, dist_info, device, precision, out, resume, start_time, task, inputs, normalize, model,
                 attention, optimizer, counts, hooks, per_rank_batch, steps_per_epoch, total_steps, warmup_steps,
-                phases)
+                phases, held_out, probe)
 
 
 def _input_size(cfg: TrainConfig) -> int:
@@ -550,6 +610,7 @@ def _start(run: _Run) -> tuple[list[dict], int]:
     if run.resume:
         state = load_checkpoint(out / CHECKPOINT, run.model, run.optimizer, dist_info.rank)
         metrics, first_epoch = state["metrics"], state["epoch"] + 1
+        run.hooks.load_state(state.get("hooks", {}))
         if run.device.type == "cpu" and not cfg.threads:
             torch.set_num_threads(state["threads"])  # CPU results depend on the thread count
     else:
@@ -639,6 +700,8 @@ def _loop(run: _Run, metrics: list[dict], first_epoch: int, on_epoch_end: Callab
                  "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
             if aux_weights or aux_total:
                 m["aux_loss"] = aux_total / seen_total
+            # e.g. MLAE's held-out controller: it sets p for the next epoch, so `learned` below shows the new p
+            m.update(run.hooks.end_epoch(epoch, run.losses if run.held_out is not None else None))
             learned = learned_values(model)
             if learned:
                 m["learned"] = learned  # e.g. MLAE's masking probability per layer, for `mlae analyze dropout`
@@ -654,7 +717,8 @@ def _loop(run: _Run, metrics: list[dict], first_epoch: int, on_epoch_end: Callab
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(m) + "\n")
                 if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
-                    save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng, cfg.to_dict())
+                    save_checkpoint(out / CHECKPOINT, model, optimizer, epoch, step + 1, metrics, rng, cfg.to_dict(),
+                                    run.hooks.state())
             if board is not None:
                 _log_tensorboard(board, m, run.hooks)
             if on_epoch_end is not None:
@@ -675,6 +739,9 @@ def _finish(run: _Run, metrics: list[dict]) -> dict:
     train_eval_top1 = evaluate(model, task.train, run.inputs, precision=run.precision, dist_info=dist_info)
     results = _results(cfg, task, metrics, run.counts, run.precision, run.device, dist_info, out, run.start_time)
     results["train_eval_top1"] = train_eval_top1
+    results["train_images"] = len(task.train)  # those trained on: less any held out for the method
+    if run.held_out is not None:
+        results["held_out_images"] = len(run.held_out)
     results["attention"] = run.attention
     if metrics[-1].get("learned"):
         results["learned"] = metrics[-1]["learned"]

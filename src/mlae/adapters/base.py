@@ -261,6 +261,9 @@ class TrainingHooks:
     * :meth:`phases` -- phases after the first, each with its own learning-rate schedule and a start callback;
     * :meth:`aux_loss_weights` -- weights of the model's auxiliary losses (:func:`mlae.aux_losses`) in the loss;
     * :meth:`distributions` -- tensors logged to TensorBoard every epoch (histogram and mean/std/min/max);
+    * :meth:`held_out_fraction` -- the fraction of the training images to hold out of training (once, at setup);
+    * :meth:`end_epoch` -- called after every epoch with eval-mode losses on training and held-out images;
+    * :meth:`state` / :meth:`load_state` -- the hooks' own JSON-able state, kept in checkpoints;
     * :meth:`results` -- entries added to ``results.json`` after training;
     * :meth:`figures` -- PNG files drawn into the run folder after training (see also :attr:`files`).
     """
@@ -290,6 +293,28 @@ class TrainingHooks:
     def distributions(self) -> dict[str, torch.Tensor]:
         """Tensors to log to TensorBoard after each epoch, by tag."""
         return {}
+
+    def held_out_fraction(self) -> float:
+        """The fraction of the training split (0 to 1/2) the engine sets aside before training, as a fixed, seeded,
+        class-stratified subset that is never trained on, to measure :meth:`end_epoch`'s held-out loss on. The
+        eval split (val or test) is never used for it. 0 (the default): none, the whole split trains."""
+        return 0.0
+
+    def end_epoch(self, epoch: int, losses: Callable[[], tuple[float, float]] | None) -> dict[str, Any]:
+        """Called after every epoch (1-based), before the epoch's metrics and checkpoint are written, on every
+        rank. ``losses()`` returns ``(L_t, L_h)``: the mean cross-entropy in eval mode (no masks, no dropout,
+        no augmentation) on a fixed subset of the training images of the held-out set's size, and on the held-out
+        set (all-reduced over ranks; computed only when called). ``losses`` is None when nothing is held out.
+        The entries returned (JSON-able numbers) are added to the epoch's line of ``metrics.jsonl``."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state the hooks change while training (e.g. a controller's value), saved in checkpoints so
+        that a resumed run continues bit-identically; :meth:`load_state` gets it back."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned (when a run resumes from a checkpoint)."""
 
     def results(self) -> dict[str, Any]:
         """JSON-able entries for ``results.json``, taken after the last epoch."""

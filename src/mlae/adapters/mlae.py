@@ -12,12 +12,18 @@ Masking strategies (paper §3.3): *stochastic* draws a Bernoulli mask on every t
 dropout, inverted so that evaluation uses all experts unscaled); *fixed* keeps ``n_l`` experts in layer ``l``
 (only those are allocated: the others would never train or run); *mixed* is fixed counts plus stochastic masking.
 
-Learned masking probability (``dropout="auto"``): ``p = P_MAX · σ(GAIN · θ)`` per layer (or per expert) is trained
-with the network, as the variational objective ``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training
-examples, passed in through :func:`mlae.set_train_size`; the KL term is the aux loss ``"dropout_kl"``). Two
-estimators (:data:`LEARNERS`):
+Learned masking probability (``dropout="auto"``), three learners (:data:`LEARNERS`). The default, ``heldout``
+(it measured best, docs/METHODS.md), has no gradient and no prior: one p for all layers (:class:`ControlledDropout`,
+MLAE's binary Bernoulli masks exactly as a fixed p) is set after every epoch by :class:`DropoutController` from
+the gap between the eval-mode loss on training images ``L_t`` and on images held out of training ``L_h``:
+``p ← p + BETA · (clip(1 − L_t / L_h, 0, P_MAX) − p)``. The engine holds out ``dropout_holdout`` of the training
+split for it (:meth:`MLAETraining.held_out_fraction`) and calls it through :meth:`MLAETraining.end_epoch`.
 
-* ``variational`` (the default; Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise
+The other two train ``p = P_MAX · σ(GAIN · θ)`` per layer (or per expert) with the network, as the variational
+objective ``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training examples, passed in through
+:func:`mlae.set_train_size`; the KL term is the aux loss ``"dropout_kl"``), with two estimators:
+
+* ``variational`` (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise
   ``ξ ~ N(1, α)``, ``α = p / (1 − p)`` (the mean and variance of the inverted Bernoulli mask), with the
   log-uniform prior's KL approximation ``k1 − k1·σ(k2 + k3 log α) + ½ log(1 + 1/α)`` per expert. Its mask is not
   binary: every expert trains in every step, with noise.
@@ -42,15 +48,19 @@ from .base import AdapterConfig, AdapterLayer, TrainingHooks, option
 MASKINGS = ("stochastic", "fixed", "mixed")
 MASK_GRANULARITIES = ("batch", "sample")
 
-__all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "MLAETraining", "AUTO", "LEARNERS", "P_MAX", "GAIN",
-           "TEMPERATURE"]
+__all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "ControlledDropout", "DropoutController", "MLAETraining",
+           "AUTO", "LEARNERS", "P_MAX", "GAIN", "TEMPERATURE", "BETA", "HOLDOUT", "HOLDOUT_MAX"]
 
 AUTO = "auto"
-LEARNERS = ("variational", "concrete")  # the default first, as `mlae train --help` lists them
+LEARNERS = ("heldout", "variational", "concrete")  # the default first, as `mlae train --help` lists them
+HELDOUT = "heldout"  # the learner without a gradient: a controller on the held-out gap (DropoutController)
 P_MAX = 0.9        # a learned p stays in (0, P_MAX]: the top of the paper's search grid
 GAIN = 50.0        # logit = GAIN·θ: Adam moves θ by about lr per step, the logit by GAIN·lr (lr 5e-4: 0.025)
 TEMPERATURE = 0.1  # of the concrete relaxation (Gal et al.'s value)
 _EPS = 1e-7        # keeps logit(u) finite
+BETA = 0.5         # heldout: the controller's step towards its target p* per epoch (p ← p + BETA (p* − p))
+HOLDOUT = 0.2      # heldout: the default fraction of the training images held out (VTAB-1k's 200 of 1000)
+HOLDOUT_MAX = 0.5  # heldout: at most half the training images are held out
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695  # Molchanov et al.'s fit of the log-uniform prior's KL
 
 
@@ -73,14 +83,21 @@ class MLAEConfig(AdapterConfig):
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
     per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p per layer while
     training (see the module docstring)."""
-    dropout_learner: str = option("variational", "with --dropout auto: variational (Gaussian noise) or concrete "
-                                  "(binary masks, straight-through gradient)", choices=LEARNERS)
-    """dropout="auto" only: how p is learned, "variational" (Gaussian noise; measured better, docs/METHODS.md) or
-    "concrete" (binary masks, as MLAE's)."""
+    dropout_learner: str = option("heldout", "with --dropout auto: heldout (one p for all layers, set each epoch "
+                                  "from the gap between training and held-out loss; holds out --dropout-holdout of "
+                                  "the training images), variational (Gaussian noise) or concrete (binary masks, "
+                                  "straight-through gradient)", choices=LEARNERS)
+    """dropout="auto" only: how p is learned, "heldout" (the default, measured best in docs/METHODS.md: binary
+    masks; a controller on the training/held-out loss gap, on training images held out of training:
+    ``dropout_holdout``), "variational" (Gaussian noise) or "concrete" (binary masks, as MLAE's)."""
     dropout_init: float = option(0.1, "with --dropout auto: the initial p")
     """dropout="auto" only: the initial p (Gal et al.'s)."""
     dropout_per_expert: bool = option(False, "with --dropout auto: learn one p per expert instead of per layer")
-    """dropout="auto" only: one p per expert instead of one per layer."""
+    """dropout="auto" only: one p per expert instead of one per layer (not with the heldout learner)."""
+    dropout_holdout: float = option(HOLDOUT, "with --dropout-learner heldout: the fraction of the training images "
+                                    "held out of training for the controller, in (0, 0.5]")
+    """dropout_learner="heldout" only: the fraction of the training split (stratified by class, seeded) that the
+    engine holds out of training to measure the held-out loss on. The eval split is never used."""
     coeff_init: float = option(1.0, "initial expert coefficient c_i")
     """Initial value of every expert coefficient c_i."""
     adaptive: bool = option(True, "freeze the expert coefficients at --coeff-init (default: they train)")
@@ -109,6 +126,16 @@ class MLAEConfig(AdapterConfig):
                 raise InputError(f"dropout_learner must be one of {LEARNERS}, got {self.dropout_learner!r}")
             if not 0 < self.dropout_init < P_MAX:
                 raise InputError(f"dropout_init must be in (0, {P_MAX}), got {self.dropout_init!r}")
+            if self.dropout_learner == HELDOUT:
+                if self.dropout_per_expert:
+                    raise InputError("dropout_learner='heldout' (the default) sets one p for all layers from a "
+                                     "whole-model signal: drop dropout_per_expert, or use dropout_learner='variational' "
+                                     "or 'concrete'")
+                if not isinstance(self.dropout_holdout, (int, float)) or not 0 < self.dropout_holdout <= HOLDOUT_MAX:
+                    raise InputError(f"dropout_holdout must be in (0, {HOLDOUT_MAX}], got {self.dropout_holdout!r}")
+            elif self.dropout_holdout != HOLDOUT:
+                raise InputError("dropout_holdout applies to dropout_learner='heldout' only: add --dropout-learner "
+                                 "heldout, or drop --dropout-holdout")
             if self.masking == "fixed":
                 raise InputError("masking='fixed' has no stochastic masks to learn: use dropout='auto' with "
                                  "masking='stochastic' or 'mixed'")
@@ -117,8 +144,10 @@ class MLAEConfig(AdapterConfig):
                                  f"{self.pattern!r} (use pattern='uniform')")
         elif isinstance(self.dropout, str) or not 0 <= self.dropout < 1:
             raise InputError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
-        elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert) != ("variational", 0.1, False):
-            raise InputError("dropout_learner, dropout_init and dropout_per_expert apply to dropout='auto' only")
+        elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert, self.dropout_holdout) != (
+                HELDOUT, 0.1, False, HOLDOUT):
+            raise InputError("dropout_learner, dropout_init, dropout_per_expert and dropout_holdout apply to "
+                             "dropout='auto' only")
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
             raise InputError("coeff_init and scale must be finite")
         if self.masking not in MASKINGS:
@@ -147,7 +176,9 @@ class MLAEConfig(AdapterConfig):
 
     def create_layer(self, base: nn.Linear, experts: int, dropout: float | str) -> "MLAELinear":
         learned = None
-        if dropout == AUTO:
+        if dropout == AUTO and self.dropout_learner == HELDOUT:
+            learned = ControlledDropout(experts, self.dropout_init)
+        elif dropout == AUTO:
             learned = LearnedDropout(experts, self.dropout_learner, self.dropout_init, self.dropout_per_expert,
                                      base.weight.device)
         return MLAELinear(base, experts, self.expert_rank, dropout, self.coeff_init, self.adaptive,
@@ -156,6 +187,8 @@ class MLAEConfig(AdapterConfig):
 
 class LearnedDropout(nn.Module):
     """The masking probability of one layer's experts, learned: ``p = P_MAX · σ(GAIN · θ)``."""
+
+    has_kl = True  # its prior term is an aux loss (MLAELinear.collect_aux_losses)
 
     def __init__(self, experts: int, learner: str, init: float, per_expert: bool, device=None):
         super().__init__()
@@ -196,9 +229,83 @@ class LearnedDropout(nn.Module):
             return (_K1 - _K1 * torch.sigmoid(_K2 + _K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)).sum()
         return (log_p.exp() * log_p + log_q.exp() * log_q).sum()  # −H(p) per expert
 
+    def values(self) -> list[float]:
+        """The learned p: one per layer, or one per expert (``per_expert``)."""
+        return self.p.detach()[: self.theta.numel()].tolist()
+
+    @torch.no_grad()
+    def restore(self, p: list[float]) -> None:
+        self.theta.copy_(torch.tensor([self.theta_for(float(v)) for v in p]))
+
     def extra_repr(self) -> str:
-        p = ", ".join(f"{v:.3f}" for v in self.p.detach()[: self.theta.numel()].tolist())
+        p = ", ".join(f"{v:.3f}" for v in self.values())
         return f"learner={self.learner}, p=[{p}]"
+
+
+class ControlledDropout(nn.Module):
+    """The masking probability of one layer's experts when the ``heldout`` learner sets it: a plain float ``p``
+    (no parameter, no gradient, no KL term), written by :class:`DropoutController`. Its masks are MLAE's fixed-p
+    masks exactly: binary Bernoulli, ``{0, 1/(1 − p)}``, drawn by the same call."""
+
+    learner = HELDOUT
+    has_kl = False
+
+    def __init__(self, experts: int, init: float):
+        super().__init__()
+        self.experts, self.value = experts, float(init)
+        self.train_size: int | None = None  # set by mlae.set_train_size, unused: this learner has no KL term
+
+    @property
+    def p(self) -> torch.Tensor:
+        return torch.full((self.experts,), self.value)
+
+    def sample(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        keep = 1.0 - self.value
+        return torch.empty(shape, device=device).bernoulli_(keep) / keep  # = MLAELinear._mask with a fixed p
+
+    def values(self) -> list[float]:
+        return [self.value]
+
+    def restore(self, p: list[float]) -> None:
+        self.value = float(p[0])
+
+    def extra_repr(self) -> str:
+        return f"learner={self.learner}, p={self.value:.3f}"
+
+
+class DropoutController:
+    """The ``heldout`` learner's rule: one p for every :class:`ControlledDropout` of ``model``, moved after every
+    epoch (or every K steps) towards ``p* = clip(1 − L_t / L_h, 0, P_MAX)``, ``p ← p + beta · (p* − p)``, from
+    the eval-mode mean cross-entropy ``L_t`` on training images and ``L_h`` on held-out images. ``p*`` is 0 while
+    the adapter generalises (``L_t ≥ L_h``) and grows towards ``P_MAX`` as it memorises (``L_t ≪ L_h``)."""
+
+    def __init__(self, model: nn.Module, beta: float = BETA):
+        self.layers = [m for m in model.modules() if isinstance(m, ControlledDropout)]
+        if not self.layers:
+            raise InputError("no layer has a p for the held-out controller: apply MLAEConfig(dropout='auto', "
+                             "dropout_learner='heldout')")
+        self.beta = beta
+        self.p = self.layers[0].value
+
+    @staticmethod
+    def target(train_loss: float, held_out_loss: float) -> float:
+        """``clip(1 − L_t / L_h, 0, P_MAX)``; 0 where ``L_h`` is 0 (nothing to close) or a loss is not a number."""
+        if not held_out_loss > 0 or math.isnan(train_loss):
+            return 0.0
+        if math.isinf(held_out_loss):
+            return P_MAX if math.isfinite(train_loss) else 0.0
+        return min(max(1.0 - train_loss / held_out_loss, 0.0), P_MAX)
+
+    def set(self, p: float) -> None:
+        self.p = float(p)
+        for layer in self.layers:
+            layer.value = self.p
+
+    def update(self, train_loss: float, held_out_loss: float) -> float:
+        """One step of the rule; returns the target p*."""
+        target = self.target(train_loss, held_out_loss)
+        self.set(self.p + self.beta * (target - self.p))
+        return target
 
 
 class MLAELinear(AdapterLayer):
@@ -206,11 +313,12 @@ class MLAELinear(AdapterLayer):
     training_only = ("learned",)
 
     def __init__(self, base: nn.Linear, experts: int, expert_rank: int, dropout: float | str, coeff_init: float,
-                 adaptive: bool, scale: float, granularity: str, learned: LearnedDropout | None = None):
+                 adaptive: bool, scale: float, granularity: str,
+                 learned: LearnedDropout | ControlledDropout | None = None):
         super().__init__(base)
         dev = base.weight.device
         if (dropout == AUTO) != (learned is not None):
-            raise ValueError("dropout='auto' comes with a LearnedDropout, and only it")
+            raise ValueError("dropout='auto' comes with a LearnedDropout or ControlledDropout, and only it")
         self.experts, self.expert_rank, self.p = experts, expert_rank, dropout
         self.scale, self.granularity = scale, granularity
         self.init_factors(experts * expert_rank)  # every expert gets LoRA's init on its own slice
@@ -255,19 +363,19 @@ class MLAELinear(AdapterLayer):
     def learned_values(self) -> dict[str, Any]:
         if self.learned is None:
             return {}
-        p = self.learned.p.detach()[: self.learned.theta.numel()].tolist()
+        p = self.learned.values()
         return {"dropout": p if len(p) > 1 else p[0]}
 
     @torch.no_grad()
     def restore_learned_values(self, values: dict[str, Any]) -> None:
         if self.learned is not None and "dropout" in values:
-            p = torch.as_tensor(values["dropout"], dtype=torch.float64).reshape(-1)
-            self.learned.theta.copy_(torch.tensor([LearnedDropout.theta_for(float(v)) for v in p]))
+            self.learned.restore(torch.as_tensor(values["dropout"], dtype=torch.float64).reshape(-1).tolist())
 
     @staticmethod
     def collect_aux_losses(layers: list["MLAELinear"]) -> dict[str, torch.Tensor]:
-        """``(1/N) Σ_l KL_l``: the prior term of the learned masking probabilities (none for a fixed p)."""
-        learned = [layer for layer in layers if layer.learned is not None]
+        """``(1/N) Σ_l KL_l``: the prior term of the learned masking probabilities (none for a fixed p, nor for the
+        heldout learner's)."""
+        learned = [layer for layer in layers if layer.learned is not None and layer.learned.has_kl]
         if not learned:
             return {}
         n = learned[0].learned.train_size
@@ -281,8 +389,33 @@ class MLAELinear(AdapterLayer):
 
 
 class MLAETraining(TrainingHooks):
-    """MLAE in the training loop: the distribution of its expert coefficients c_i, logged to TensorBoard."""
+    """MLAE in the training loop: the distribution of its expert coefficients c_i, logged to TensorBoard; with the
+    ``heldout`` learner, the held-out images it asks for and its controller (:class:`DropoutController`), run
+    after every epoch on the engine's eval-mode losses, its p kept in checkpoints."""
+
+    def __init__(self, model: nn.Module, options: dict[str, Any]):
+        super().__init__(model, options)
+        controlled = any(isinstance(m, ControlledDropout) for m in model.modules())
+        self.controller = DropoutController(model) if controlled else None
 
     def distributions(self) -> dict[str, torch.Tensor]:
         coeffs = [layer.coeff.detach().float().cpu() for layer in self.model.modules() if isinstance(layer, MLAELinear)]
         return {"coeff": torch.cat(coeffs)} if coeffs else {}
+
+    def held_out_fraction(self) -> float:
+        return float(self.options.get("dropout_holdout", HOLDOUT)) if self.controller is not None else 0.0
+
+    def end_epoch(self, epoch: int, losses) -> dict[str, Any]:
+        if self.controller is None:
+            return {}
+        train_loss, held_out_loss = losses()
+        target = self.controller.update(train_loss, held_out_loss)
+        return {"controller_train_loss": train_loss, "controller_held_out_loss": held_out_loss,
+                "dropout_target": target}
+
+    def state(self) -> dict[str, Any]:
+        return {"dropout_p": self.controller.p} if self.controller is not None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.controller is not None and "dropout_p" in state:
+            self.controller.set(state["dropout_p"])

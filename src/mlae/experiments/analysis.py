@@ -338,7 +338,8 @@ def dropout_history(run: str | Path) -> dict:
     depth = torch.tensor([float(layer_index(n)) for n in layers], dtype=torch.float64)
     last = torch.tensor(list(final.values()), dtype=torch.float64)
     corr = float("nan")
-    if len(layers) > 1 and depth.std() > 0 and last.std() > 0:
+    # A constant profile (the heldout learner: one p for all layers) has no correlation; its float std may not be 0.
+    if len(layers) > 1 and depth.std() > 0 and len(set(final.values())) > 1:
         corr = float(torch.corrcoef(torch.stack([depth, last]))[0, 1])
     return {"run": str(folder), "epochs": [m["epoch"] for m in lines], "layers": layers, "p": p, "final": final,
             "per_expert": {n: lines[-1]["learned"][n]["dropout"] for n in layers
