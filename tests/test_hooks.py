@@ -24,6 +24,9 @@ def test_a_config_field_declared_with_option_is_a_method_option():
         names: list[str] = option(["a"], "some names")
         internal: int = 5  # a plain field stays out of the options
 
+    from mlae.adapters.base import CONFIGS
+
+    assert CONFIGS["lora"] is LoRAConfig  # inheriting `method` does not re-register it
     options = {o.name: o for o in config_options(Wider)}
     # The class's own fields first (LoRA's, then Wider's), those of every config (target_modules) last.
     assert list(options) == ["rank", "alpha", "lora_dropout", "width", "on", "names", "target_modules"]

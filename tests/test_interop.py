@@ -196,3 +196,21 @@ def test_skip_bad_images_trains_without_them_and_lists_them(work, tmp_path, caps
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
         assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "b")]) == 0
     assert _results(tmp_path / "b")["skipped_images"] == [str(bad)]
+
+
+def test_tensorboard_logs_the_learned_masking_probability(work, tmp_path):
+    """metrics.jsonl's `learned` entry is a dict per layer: TensorBoard gets one scalar per layer, no crash."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{work / 'pets'}", "--backbone", str(work / "bb"), *FAST,
+                 "--epochs", "2", "--dropout", "auto", "--dropout-learner", "variational", "--tensorboard",
+                 "--out", str(out)]) == 0
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("dropout/")]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(tags) == len(metrics[-1]["learned"]) > 0
+    layer = next(iter(metrics[-1]["learned"]))
+    assert [e.value for e in events.Scalars(f"dropout/{layer}")] == pytest.approx(
+        [m["learned"][layer]["dropout"] for m in metrics])

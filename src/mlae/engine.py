@@ -787,7 +787,12 @@ def _log_tensorboard(writer, m: dict, hooks: TrainingHooks) -> None:
     """One epoch's metrics.jsonl line as scalars, plus the method's distributions (e.g. MLAE's expert
     coefficients) as histograms with their mean/std/min/max."""
     for key, value in m.items():
-        if key != "epoch" and value is not None:
+        if key == "learned":  # {layer: {name: value or [values]}}: one scalar per layer (and expert)
+            for layer, values in value.items():
+                for name, v in values.items():
+                    for i, x in enumerate(v if isinstance(v, list) else [v]):
+                        writer.add_scalar(f"{name}/{layer}" + (f"/{i}" if isinstance(v, list) else ""), x, m["epoch"])
+        elif key != "epoch" and value is not None:
             writer.add_scalar(key, value, m["epoch"])
     for tag, c in hooks.distributions().items():
         for name, value in (("mean", c.mean()), ("std", c.std(correction=0)), ("min", c.min()), ("max", c.max())):

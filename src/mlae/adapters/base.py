@@ -68,7 +68,9 @@ class AdapterConfig:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.method:
+        # Only a class that names its own method registers: a subclass that inherits ``method`` (a variant
+        # made in a notebook or a test) must not replace the method's real config.
+        if cls.__dict__.get("method"):
             CONFIGS[cls.method] = cls
 
     def __post_init__(self):
