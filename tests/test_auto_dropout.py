@@ -257,13 +257,9 @@ def _config(tmp_path, name, **kw):
                        method_options={"dropout": "auto", "dropout_learner": "variational", "experts": 4}, **kw)
 
 
-def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
-    pytest.importorskip("mlae.backbones")
-    from mlae import engine
-    from mlae.data import testing
-
-    testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=48, n_test=16, size=32)
-
+def _straight_killed_resumed(engine, make_config, tmp_path):
+    """Train ``make_config(tmp_path, name)`` straight, then killed after epoch 2 and resumed; returns the results
+    of the straight and the resumed run and the metrics.jsonl lines of both, timings stripped."""
     threads = torch.get_num_threads()
 
     class Stop(Exception):
@@ -274,18 +270,28 @@ def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
             raise Stop
 
     try:
-        straight = engine.train(_config(tmp_path, "straight"))
+        straight = engine.train(make_config(tmp_path, "straight"))
         with pytest.raises(Stop):
-            engine.train(_config(tmp_path, "killed"), on_epoch_end=stop_after_two)
+            engine.train(make_config(tmp_path, "killed"), on_epoch_end=stop_after_two)
         assert (tmp_path / "killed" / "checkpoint.safetensors").exists()
-        resumed = engine.train(_config(tmp_path, "killed", resume=True))
+        resumed = engine.train(make_config(tmp_path, "killed", resume=True))
     finally:
         torch.set_num_threads(threads)
-    lines = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-             for name in ("straight", "killed")}
     timing = ("images_per_s", "train_time_s", "epoch_time_s")
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]  # noqa: E731
-    assert strip(lines["killed"]) == strip(lines["straight"]) and len(lines["straight"]) == 3
+    lines = {name: [{k: v for k, v in json.loads(line).items() if k not in timing}
+                    for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "killed")}
+    return straight, resumed, lines
+
+
+def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
+    pytest.importorskip("mlae.backbones")
+    from mlae import engine
+    from mlae.data import testing
+
+    testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=48, n_test=16, size=32)
+    straight, resumed, lines = _straight_killed_resumed(engine, _config, tmp_path)
+    assert lines["killed"] == lines["straight"] and len(lines["straight"]) == 3
     assert resumed["learned"] == straight["learned"] == lines["straight"][-1]["learned"]
     # p moved, per layer, and is what the adapter file's header says.
     per_epoch = [m["learned"]["blocks.0.attn.qkv"]["dropout"] for m in lines["straight"]]
@@ -460,7 +466,6 @@ def test_engine_holds_out_training_images_only_and_resumes_bit_identically(tmp_p
     from mlae.data import testing
 
     testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=48, n_test=16, size=32)
-    threads = torch.get_num_threads()
     seen: dict[str, list] = {"trained": [], "held": [], "evaluated": []}
     real_hold_out, real_evaluate, real_call = engine.hold_out, engine.evaluate, engine.Inputs.__call__
 
@@ -481,32 +486,14 @@ def test_engine_holds_out_training_images_only_and_resumes_bit_identically(tmp_p
     monkeypatch.setattr(engine, "hold_out", recording_hold_out)
     monkeypatch.setattr(engine, "evaluate", recording_evaluate)
     monkeypatch.setattr(engine.Inputs, "__call__", recording_call)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(epoch, metrics):
-        if epoch == 2:
-            raise Stop
-
-    try:
-        straight = engine.train(_heldout_config(tmp_path, "straight"))
-        with pytest.raises(Stop):
-            engine.train(_heldout_config(tmp_path, "killed"), on_epoch_end=stop_after_two)
-        resumed = engine.train(_heldout_config(tmp_path, "killed", resume=True))
-    finally:
-        torch.set_num_threads(threads)
+    straight, resumed, lines = _straight_killed_resumed(engine, _heldout_config, tmp_path)
     # 48 + 12 (val200) training images: 12 held out (3 per class), 48 trained on; the 16 test images evaluated.
     assert (straight["train_images"], straight["held_out_images"]) == (48, 12)
     assert {n for n, _ in seen["held"]} == {60} and set(seen["evaluated"]) <= {48, 16} and 16 in seen["evaluated"]
     held = {bytes(img.numpy()) for img in seen["held"][0][1]}
     trained = {bytes(img.numpy()) for batch in seen["trained"] for img in batch}
     assert len(held) == 12 and len(trained) == 48 and not held & trained
-    lines = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-             for name in ("straight", "killed")}
-    timing = ("images_per_s", "train_time_s", "epoch_time_s")
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]  # noqa: E731
-    assert strip(lines["killed"]) == strip(lines["straight"]) and len(lines["straight"]) == 3
+    assert lines["killed"] == lines["straight"] and len(lines["straight"]) == 3
     assert resumed["learned"] == straight["learned"] == lines["straight"][-1]["learned"]
     # p per epoch: the controller's rule from dropout_init, the same in every layer; no aux loss (no KL term).
     p, prev = [m["learned"]["blocks.0.attn.qkv"]["dropout"] for m in lines["straight"]], 0.3

@@ -403,36 +403,31 @@ def init_head(model: nn.Module, how: str) -> None:
                 p.zero_()
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, split, inputs: Inputs, *, precision: str, dist_info: DistInfo = DistInfo()) -> float:
     """Top-1 accuracy of ``model`` on ``split`` (sharded over ranks, counts all-reduced)."""
-    was_training = model.training
-    model.eval()
-    index = torch.arange(dist_info.rank, len(split), dist_info.world_size)
-    correct = 0
-    for start in range(0, len(index), EVAL_BATCH):
-        idx = index[start:start + EVAL_BATCH]
-        with autocast(inputs.device, precision):
-            logits = model(inputs(split.images[idx], train=False))
-        correct += int((logits.argmax(-1).cpu() == split.labels[idx]).sum())
-    model.train(was_training)
-    correct, count = _all_reduce([correct, len(index)], inputs.device, dist_info)
-    return correct / max(1.0, count)
+    return _eval_mean(model, split, inputs, precision, dist_info,
+                      lambda logits, labels: int((logits.argmax(-1).cpu() == labels).sum()))
 
 
-@torch.inference_mode()
 def mean_loss(model: nn.Module, split, inputs: Inputs, *, precision: str, dist_info: DistInfo = DistInfo()) -> float:
     """Mean cross-entropy of ``model`` on ``split`` in eval mode (no masks, no augmentation), as :func:`evaluate`
     measures top-1 (sharded over ranks, sums all-reduced)."""
+    return _eval_mean(model, split, inputs, precision, dist_info, lambda logits, labels: float(
+        F.cross_entropy(logits.float(), labels.to(logits.device), reduction="sum")))
+
+
+@torch.inference_mode()
+def _eval_mean(model: nn.Module, split, inputs: Inputs, precision: str, dist_info: DistInfo, score) -> float:
+    """``score(logits, labels)`` summed over ``split`` in eval mode, over all ranks, per image."""
     was_training = model.training
     model.eval()
     index = torch.arange(dist_info.rank, len(split), dist_info.world_size)
-    total = 0.0
+    total = 0
     for start in range(0, len(index), EVAL_BATCH):
         idx = index[start:start + EVAL_BATCH]
         with autocast(inputs.device, precision):
             logits = model(inputs(split.images[idx], train=False))
-        total += float(F.cross_entropy(logits.float(), split.labels[idx].to(logits.device), reduction="sum"))
+        total += score(logits, split.labels[idx])
     model.train(was_training)
     total, count = _all_reduce([total, len(index)], inputs.device, dist_info)
     return total / max(1.0, count)
