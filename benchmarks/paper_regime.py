@@ -129,7 +129,8 @@ class Study:
         """The CSV's rows by run identity."""
         out: dict[tuple, list[dict]] = {}
         for r in read_rows(self.csv):
-            key = (r["dataset"], r["method"], r["config"], r["seed"], r["split"], r["epochs"], r["lr"], r["backbone"])
+            config = _canonical(r["method"], json.loads(r["config"]))
+            key = (r["dataset"], r["method"], config, r["seed"], r["split"], r["epochs"], r["lr"], r["backbone"])
             out.setdefault(key, []).append(r)
         return out
 
@@ -263,9 +264,15 @@ class Study:
 
 
 def _options(run: Run) -> str:
+    return _canonical(run.variant.method, run.config)
+
+
+def _canonical(method: str, options: dict) -> str:
+    """A method's options as one JSON string per run identity (defaults filled in, settings that do not apply
+    reset: mlae.recipes.Method.canonical_options), so rows written by earlier versions still match."""
     from mlae.recipes import get_method
 
-    return json.dumps({k: run.config[k] for k in get_method(run.variant.method).defaults()}, sort_keys=True)
+    return json.dumps(get_method(method).canonical_options(options), sort_keys=True)
 
 
 def _last_quarter_gain(metrics: Path) -> str:

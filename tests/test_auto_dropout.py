@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlae
-from mlae.adapters.mlae import GAIN, LEARNERS, P_MAX, LearnedDropout, MLAELinear
+from mlae.adapters.mlae import GAIN, GRADIENT_LEARNERS, LEARNERS, P_MAX, LearnedDropout, MLAELinear
 from conftest import make_tiny_vit
 
 
@@ -60,7 +60,7 @@ def test_variational_noise_has_the_moments_of_the_inverted_bernoulli_mask():
     assert m.var().item() == pytest.approx(0.5 / 0.5, rel=0.03)
 
 
-@pytest.mark.parametrize("learner", LEARNERS)
+@pytest.mark.parametrize("learner", GRADIENT_LEARNERS)
 def test_eval_uses_all_experts_unscaled(learner):
     layer, x = _layer(learner, p=0.6).eval(), torch.randn(2, 6)
     a, b = layer.factors()
@@ -72,7 +72,7 @@ def test_eval_uses_all_experts_unscaled(learner):
 # --- gradients and bounds ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("learner", LEARNERS)
+@pytest.mark.parametrize("learner", GRADIENT_LEARNERS)
 def test_p_gets_gradient_from_the_task_loss(learner):
     layer, x = _layer(learner).train(), torch.randn(4, 6)
     grads = []
@@ -93,7 +93,7 @@ def test_kl_pulls_p_the_way_its_prior_says(learner, p, up):
     assert (learned.theta.grad.item() < 0) == up  # gradient descent moves θ (and p) against the gradient
 
 
-@pytest.mark.parametrize("learner", LEARNERS)
+@pytest.mark.parametrize("learner", GRADIENT_LEARNERS)
 @pytest.mark.parametrize("theta", [-1e4, -30.0, 0.0, 30.0, 1e4])
 def test_p_stays_in_bounds_and_everything_stays_finite(learner, theta):
     layer, x = _layer(learner).train(), torch.randn(4, 6)
@@ -144,12 +144,12 @@ def _fit(learner: str, regime: str, steps: int = 250, seed: int = 0) -> float:
     return layer.learned.p.mean().item()
 
 
-@pytest.mark.parametrize("learner", LEARNERS)
+@pytest.mark.parametrize("learner", GRADIENT_LEARNERS)
 def test_p_rises_where_the_adapter_can_memorise_few_examples(learner):
     assert _fit(learner, "overfit") > 0.3  # from 0.1
 
 
-@pytest.mark.parametrize("learner", LEARNERS)
+@pytest.mark.parametrize("learner", GRADIENT_LEARNERS)
 def test_p_falls_to_near_zero_where_the_adapter_underfits(learner):
     assert _fit(learner, "underfit") < 0.02  # from 0.1
 
@@ -194,12 +194,35 @@ def test_mixed_masking_learns_p_over_its_fixed_counts():
     ({"dropout": "sometimes"}, "'auto'"), ({"dropout": "auto", "dropout_learner": "magic"}, "dropout_learner"),
     ({"dropout": "auto", "dropout_init": 0.0}, "dropout_init"), ({"dropout": "auto", "dropout_init": 0.95}, "0.9"),
     ({"dropout": "auto", "masking": "fixed"}, "fixed"), ({"dropout": "auto", "pattern": "hourglass"}, "uniform"),
-    ({"dropout": 0.5, "dropout_per_expert": True}, "dropout='auto' only"),
-    ({"dropout": 0.5, "dropout_learner": "concrete"}, "dropout='auto' only"),
 ])
 def test_bad_auto_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mlae.MLAEConfig(**kwargs)
+
+
+def test_learner_settings_with_a_fixed_p_are_reset_in_the_config_and_refused_on_the_command_line(tmp_path):
+    """Files written before the default learner changed store dropout_learner "variational" (or "concrete") and
+    no dropout_holdout for every fixed-p run: they must load, resume and match as the same run. A user who types
+    such a setting next to a fixed p is told it does nothing."""
+    import yaml
+
+    from mlae.experiments.compare import _changed
+    from mlae.recipes import canonical_config, config_from_options
+
+    legacy = {"dropout": 0.5, "dropout_learner": "variational", "dropout_per_expert": False, "dropout_init": 0.1}
+    assert mlae.MLAEConfig(**legacy) == mlae.MLAEConfig(dropout=0.5)
+    assert mlae.MLAEConfig(dropout=0.5, dropout_learner="concrete", dropout_per_expert=True).dropout_learner == "heldout"
+    for given in ({"dropout_learner": "concrete"}, {"dropout_per_expert": True}, {"dropout_holdout": 0.3}):
+        with pytest.raises(ValueError, match="apply to --dropout auto only"):
+            config_from_options({"method": "mlae", "dropout": 0.5, **given})
+    now = config_from_options({"method": "mlae", "dropout": 0.5, "dataset": "suite:digits"}).to_dict()
+    stored = {k: v for k, v in now.items() if k != "dropout_holdout"} | {"dropout_learner": "variational"}
+    assert canonical_config(stored) == canonical_config(now)
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(stored))
+    assert _changed(tmp_path / "compare.yaml", now) == []
+    # ... while with dropout="auto" the learner is part of the run's identity.
+    auto = config_from_options({"method": "mlae", "dropout": "auto", "dataset": "suite:digits"}).to_dict()
+    assert canonical_config({**auto, "dropout_learner": "variational"}) != canonical_config(auto)
 
 
 def test_adapter_file_keeps_p_in_its_header_not_its_tensors(tmp_path):
@@ -386,8 +409,7 @@ def test_heldout_is_the_default_learner():
 def test_holdout_without_the_heldout_learner_is_refused():
     with pytest.raises(ValueError, match="--dropout-learner heldout"):
         mlae.MLAEConfig(dropout="auto", dropout_learner="variational", dropout_holdout=0.3)
-    with pytest.raises(ValueError, match="dropout='auto' only"):
-        mlae.MLAEConfig(dropout=0.5, dropout_holdout=0.3)
+    assert mlae.MLAEConfig(dropout=0.5, dropout_holdout=0.3).dropout_holdout == 0.2  # no meaning for a fixed p
     assert mlae.MLAEConfig(dropout="auto", dropout_learner="heldout", dropout_holdout=0.5).dropout_holdout == 0.5
 
 
@@ -497,11 +519,13 @@ def test_engine_holds_out_training_images_only_and_resumes_bit_identically(tmp_p
     assert resumed["learned"] == straight["learned"] == lines["straight"][-1]["learned"]
     # p per epoch: the controller's rule from dropout_init, the same in every layer; no aux loss (no KL term).
     p, prev = [m["learned"]["blocks.0.attn.qkv"]["dropout"] for m in lines["straight"]], 0.3
-    for m, value in zip(lines["straight"], p):
+    for m, value in zip(lines["straight"][:-1], p):
         target = DropoutController.target(m["controller_train_loss"], m["controller_held_out_loss"])
         assert m["dropout_target"] == target and value == pytest.approx(prev + BETA * (target - prev))
         assert {v["dropout"] for v in m["learned"].values()} == {value} and "aux_loss" not in m
         prev = value
+    # After the last epoch the controller does not run: the p reported is the one the last epoch trained with.
+    assert "dropout_target" not in lines["straight"][-1] and p[-1] == p[-2]
     assert mlae.read_adapter_learned(tmp_path / "straight" / "adapter.safetensors") == straight["learned"]
     from mlae.experiments.analysis import dropout_history
 

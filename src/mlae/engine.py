@@ -36,7 +36,7 @@ from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH,
 from .errors import InputError, MLAEError, RunDirError
 from .inject import adapter_layers, aux_losses, count_parameters, learned_values, set_progress, set_train_size
 from .io import load_adapter, read_adapter_metadata, save_adapter
-from .recipes import METHODS, Method, dataset_key, get_method
+from .recipes import METHODS, Method, canonical_config, dataset_key, get_method
 from .utils import (DistInfo, FolderLock, atomic_save_file, atomic_write_text, auto_threads, autocast, get_rng_state,
                     init_distributed, pyplot, read_safetensors_header, resolve_device, resolve_precision, save_png,
                     seed_everything, set_rng_state)
@@ -236,7 +236,8 @@ def _check_resume(out: Path, cfg: TrainConfig) -> None:
     if before is None:
         raise RunDirError(f"{out}: the checkpoint records no settings to check a resumed run against; pass "
                           "--overwrite to start over")
-    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as they were stored
+    now = canonical_config(json.loads(json.dumps(cfg.to_dict())))  # tuples as lists, as they were stored
+    before = canonical_config(before)
     changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in before
                if k not in RESUME_MAY_CHANGE and before[k] != now.get(k)]
     if changed:
@@ -695,8 +696,11 @@ def _loop(run: _Run, metrics: list[dict], first_epoch: int, on_epoch_end: Callab
                  "train_time_s": train_time, "epoch_time_s": time.perf_counter() - t0}
             if aux_weights or aux_total:
                 m["aux_loss"] = aux_total / seen_total
-            # e.g. MLAE's held-out controller: it sets p for the next epoch, so `learned` below shows the new p
-            m.update(run.hooks.end_epoch(epoch, run.losses if run.held_out is not None else None))
+            # e.g. MLAE's held-out controller: it sets p for the next epoch, so `learned` below shows the new p.
+            # Not after the last epoch: no epoch would train with its decision, and `learned` then reports the p
+            # the adapter was trained with last.
+            if epoch < cfg.epochs:
+                m.update(run.hooks.end_epoch(epoch, run.losses if run.held_out is not None else None))
             learned = learned_values(model)
             if learned:
                 m["learned"] = learned  # e.g. MLAE's masking probability per layer, for `mlae analyze dropout`

@@ -90,8 +90,18 @@ class Method:
     # results, figures): a subclass of adapters.base.TrainingHooks, made once per run.
     hooks: type[TrainingHooks] = TrainingHooks
 
+    # Options -> the same options as one run's identity (e.g. MLAE's dropout="auto" settings reset where p is
+    # fixed): what stored configurations are compared as (resume, compare's reuse, the study's rows).
+    canonical: Callable[[dict], dict] | None = None
+
     def defaults(self) -> dict:
         return {opt.name: opt.default for opt in self.options}
+
+    def canonical_options(self, options: dict) -> dict:
+        """This method's options from ``options`` (other keys dropped), with the defaults of those a file written
+        before they existed lacks, in their canonical form."""
+        full = {**self.defaults(), **{k: v for k, v in options.items() if k in self.defaults()}}
+        return self.canonical(full) if self.canonical else full
 
 
 METHODS: dict[str, Method] = {}
@@ -179,7 +189,7 @@ def _prepare_mole(model: nn.Module, options: dict) -> nn.Module:
 
 
 register_method(Method("mlae", "Masked LoRA Experts", _applies(MLAEConfig), config_options(MLAEConfig),
-                       hooks=MLAETraining))
+                       hooks=MLAETraining, canonical=MLAEConfig.canonical_options))
 register_method(Method("lora", "LoRA", _applies(LoRAConfig), config_options(LoRAConfig, exclude=("lora_dropout",))))
 register_method(Method("lora-dropout", "LoRA with dropout on the adapter input", _applies(LoRAConfig),
                        config_options(LoRAConfig, lora_dropout=0.1)))
@@ -235,6 +245,17 @@ def resolve_recipe(recipe: dict, dataset: str | None) -> dict:
     return flat
 
 
+def canonical_config(d: dict) -> dict:
+    """A stored run configuration (config.yaml, compare.yaml, a checkpoint's record: TrainConfig fields and the
+    method's options side by side) with its method's options in canonical form (:meth:`Method.canonical_options`),
+    so that two records of one run compare equal across versions that added options or changed a default that
+    does not apply."""
+    method = METHODS.get(d.get("method"))
+    if method is None:
+        return dict(d)
+    return {**d, **method.canonical_options(d)}
+
+
 def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
     """A :class:`mlae.engine.TrainConfig` from options as ``mlae train`` takes them (TrainConfig fields and method
     options by name, only those given), with its precedence: the method's and TrainConfig's defaults < ``recipe``
@@ -262,4 +283,13 @@ def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
     if base.get("method", method.name) != method.name:
         # The recipe was written for another method: keep its general settings, drop its method options.
         base = {k: v for k, v in base.items() if k in fields or k in own}
-    return TrainConfig.from_dict({**base, **options})
+    cfg = TrainConfig.from_dict({**base, **options})
+    # A setting the user gave that the configuration ignores (MLAE's --dropout-learner with a fixed p) is a
+    # mistake to point out; stored files that carry such settings load (Method.canonical_options resets them).
+    canonical = method.canonical_options(cfg.options())
+    ignored = [k for k in options if k in own and canonical[k] != cfg.options()[k]]
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise RecipeError(f"{flags}: not used with these settings (with MLAE they apply to --dropout auto only); "
+                          "drop them or add --dropout auto")
+    return cfg

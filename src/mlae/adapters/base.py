@@ -264,7 +264,8 @@ class TrainingHooks:
     * :meth:`aux_loss_weights` -- weights of the model's auxiliary losses (:func:`mlae.aux_losses`) in the loss;
     * :meth:`distributions` -- tensors logged to TensorBoard every epoch (histogram and mean/std/min/max);
     * :meth:`held_out_fraction` -- the fraction of the training images to hold out of training (once, at setup);
-    * :meth:`end_epoch` -- called after every epoch with eval-mode losses on training and held-out images;
+    * :meth:`end_epoch` -- called after every epoch but the last, with eval-mode losses on training and held-out
+      images;
     * :meth:`state` / :meth:`load_state` -- the hooks' own JSON-able state, kept in checkpoints;
     * :meth:`results` -- entries added to ``results.json`` after training;
     * :meth:`figures` -- PNG files drawn into the run folder after training (see also :attr:`files`).
@@ -303,8 +304,8 @@ class TrainingHooks:
         return 0.0
 
     def end_epoch(self, epoch: int, losses: Callable[[], tuple[float, float]] | None) -> dict[str, Any]:
-        """Called after every epoch (1-based), before the epoch's metrics and checkpoint are written, on every
-        rank. ``losses()`` returns ``(L_t, L_h)``: the mean cross-entropy in eval mode (no masks, no dropout,
+        """Called after every epoch but the last (1-based; no epoch follows the last to use a decision), before
+        the epoch's metrics and checkpoint are written, on every rank. ``losses()`` returns ``(L_t, L_h)``: the mean cross-entropy in eval mode (no masks, no dropout,
         no augmentation) on a fixed subset of the training images of the held-out set's size, and on the held-out
         set (all-reduced over ranks; computed only when called). ``losses`` is None when nothing is held out.
         The entries returned (JSON-able numbers) are added to the epoch's line of ``metrics.jsonl``."""

@@ -33,6 +33,7 @@ objective ``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training example
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +50,12 @@ MASKINGS = ("stochastic", "fixed", "mixed")
 MASK_GRANULARITIES = ("batch", "sample")
 
 __all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "ControlledDropout", "DropoutController", "MLAETraining",
-           "AUTO", "LEARNERS", "P_MAX", "GAIN", "TEMPERATURE", "BETA", "HOLDOUT", "HOLDOUT_MAX"]
+           "AUTO", "LEARNERS", "GRADIENT_LEARNERS", "P_MAX", "GAIN", "TEMPERATURE", "BETA", "HOLDOUT", "HOLDOUT_MAX"]
 
 AUTO = "auto"
 LEARNERS = ("heldout", "variational", "concrete")  # the default first, as `mlae train --help` lists them
 HELDOUT = "heldout"  # the learner without a gradient: a controller on the held-out gap (DropoutController)
+GRADIENT_LEARNERS = ("variational", "concrete")  # those that train p as a parameter (LearnedDropout)
 P_MAX = 0.9        # a learned p stays in (0, P_MAX]: the top of the paper's search grid
 GAIN = 50.0        # logit = GAIN·θ: Adam moves θ by about lr per step, the logit by GAIN·lr (lr 5e-4: 0.025)
 TEMPERATURE = 0.1  # of the concrete relaxation (Gal et al.'s value)
@@ -61,6 +63,7 @@ _EPS = 1e-7        # keeps logit(u) finite
 BETA = 0.5         # heldout: the controller's step towards its target p* per epoch (p ← p + BETA (p* − p))
 HOLDOUT = 0.2      # heldout: the default fraction of the training images held out (VTAB-1k's 200 of 1000)
 HOLDOUT_MAX = 0.5  # heldout: at most half the training images are held out
+AUTO_ONLY = ("dropout_learner", "dropout_init", "dropout_per_expert", "dropout_holdout")  # dropout="auto" settings
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695  # Molchanov et al.'s fit of the log-uniform prior's KL
 
 
@@ -118,6 +121,15 @@ class MLAEConfig(AdapterConfig):
     seed: int = 0
     """Seed of the random fixed pattern."""
 
+    @classmethod
+    def canonical_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with the settings of dropout="auto" at their defaults where p is fixed (see __post_init__):
+        what compares two stored configurations of one run."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        if options.get("dropout", defaults["dropout"]) == AUTO:
+            return dict(options)
+        return {**options, **{name: defaults[name] for name in AUTO_ONLY}}
+
     def __post_init__(self):
         super().__post_init__()
         self._require_positive_int("experts", "expert_rank")
@@ -144,10 +156,12 @@ class MLAEConfig(AdapterConfig):
                                  f"{self.pattern!r} (use pattern='uniform')")
         elif isinstance(self.dropout, str) or not 0 <= self.dropout < 1:
             raise InputError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
-        elif (self.dropout_learner, self.dropout_init, self.dropout_per_expert, self.dropout_holdout) != (
-                HELDOUT, 0.1, False, HOLDOUT):
-            raise InputError("dropout_learner, dropout_init, dropout_per_expert and dropout_holdout apply to "
-                             "dropout='auto' only")
+        else:
+            # The learner's settings mean nothing for a fixed p: they take their defaults, so that a fixed-p
+            # configuration has one identity whatever they say (files written before a default changed keep
+            # the old default, e.g. dropout_learner "variational" or "concrete").
+            for name, value in self.canonical_options({"dropout": self.dropout}).items():
+                setattr(self, name, value)
         if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
             raise InputError("coeff_init and scale must be finite")
         if self.masking not in MASKINGS:
@@ -192,6 +206,8 @@ class LearnedDropout(nn.Module):
 
     def __init__(self, experts: int, learner: str, init: float, per_expert: bool, device=None):
         super().__init__()
+        if learner not in GRADIENT_LEARNERS:
+            raise ValueError(f"LearnedDropout learns p by gradient ({GRADIENT_LEARNERS}), not {learner!r}")
         self.experts, self.learner = experts, learner
         self.train_size: int | None = None  # N of the KL term, from mlae.set_train_size
         self.theta = nn.Parameter(torch.full((experts if per_expert else 1,), self.theta_for(init), device=device))
@@ -284,6 +300,8 @@ class DropoutController:
         if not self.layers:
             raise InputError("no layer has a p for the held-out controller: apply MLAEConfig(dropout='auto', "
                              "dropout_learner='heldout')")
+        if not 0 < beta <= 1:
+            raise InputError(f"the controller's step beta must be in (0, 1], got {beta!r}")
         self.beta = beta
         self.p = self.layers[0].value
 
@@ -297,7 +315,7 @@ class DropoutController:
         return min(max(1.0 - train_loss / held_out_loss, 0.0), P_MAX)
 
     def set(self, p: float) -> None:
-        self.p = float(p)
+        self.p = min(max(float(p), 0.0), P_MAX)  # also what a checkpoint's state may say
         for layer in self.layers:
             layer.value = self.p
 

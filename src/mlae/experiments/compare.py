@@ -107,13 +107,15 @@ def _changed(stored: Path, config: dict) -> list[str] | None:
     import yaml
 
     from ..engine import TrainConfig
+    from ..recipes import canonical_config
 
     if not stored.exists():
         return None
     before = yaml.safe_load(stored.read_text()) or {}
     # A setting added since the file was written (e.g. normalize) held its default for that run.
     defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
-    before = {**{k: v for k, v in defaults.items() if k in config}, **before}
+    before = canonical_config({**{k: v for k, v in defaults.items() if k in config}, **before})
+    config = canonical_config(config)
     return [f"{k}: {before.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(before) | set(config))
             if k not in RUN_LOCAL and before.get(k) != config.get(k)]
 
