@@ -77,3 +77,18 @@ def test_a_table_with_an_older_header_is_rewritten_before_appending(tmp_path):
     assert all(v == "b" for v in rows[1].values())
     assert module._learned_p({"blocks.0.attn.qkv": {"dropout": 0.25}, "blocks.1.attn.qkv": {"dropout": [0.1, 0.3]}}) \
         == "0.250 0.200"
+
+
+def test_rows_written_before_an_option_existed_still_identify_their_run():
+    """A row's `config` JSON from before `dropout_holdout` existed (and when the default learner was
+    "variational") names the same fixed-p run as today's options: the study must not train it again."""
+    spec = importlib.util.spec_from_file_location("paper_regime", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from mlae.recipes import get_method
+
+    today = {**get_method("mlae").defaults(), "dropout": 0.3}
+    legacy = {k: v for k, v in today.items() if k != "dropout_holdout"} | {"dropout_learner": "variational"}
+    assert module._canonical("mlae", legacy) == module._canonical("mlae", today)
+    auto = {**today, "dropout": "auto"}  # with a learned p the learner is part of the run
+    assert module._canonical("mlae", {**auto, "dropout_learner": "variational"}) != module._canonical("mlae", auto)
