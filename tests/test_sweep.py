@@ -359,3 +359,15 @@ def test_postgres_two_workers_survive_a_sigkill(vtab_root, tmp_path, postgres_ur
             assert json.loads((out / "trials" / str(t.number) / "results.json").read_text())["top1"] == t.value
     assert text.count("final: test top-1") == 1
     assert json.loads((out / "final" / "results.json").read_text())["eval_split"] == "test"
+
+
+def test_a_study_created_before_an_option_existed_is_the_same_search():
+    """Workers compare the study's base configuration in canonical form: a fixed-p MLAE study created before
+    `dropout_holdout` existed (default learner then "variational") is joined, not refused."""
+    from mlae.experiments.sweep import _comparable
+    from mlae.recipes import config_from_options
+
+    today = config_from_options({"method": "mlae", "dataset": "suite:digits", "dropout": 0.3}).to_dict()
+    legacy = {k: v for k, v in today.items() if k != "dropout_holdout"} | {"dropout_learner": "variational"}
+    assert _comparable(legacy) == _comparable(today)
+    assert _comparable({**today, "lr": 1e-3}) != _comparable(today)

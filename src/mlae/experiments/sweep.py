@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from ..engine import CHECKPOINT, WORKER_LOCAL
 from ..errors import MLAEError
-from ..recipes import RecipeError
+from ..recipes import RecipeError, canonical_config
 from ..utils import LOCK_FILE, cpu_jobs, pid_alive
 from .compare import resolve_config
 from .sweep_report import best_trial, write_reports
@@ -72,6 +72,13 @@ def open_storage(url: str | None, out: Path):
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
+
+
+def _comparable(config: dict) -> dict:
+    """A study's base configuration as workers compare it: canonical (recipes.canonical_config, so options added
+    since, or settings that do not apply, do not part two workers of one search), without worker-local keys."""
+    return json.loads(json.dumps({k: v for k, v in sorted(canonical_config(config).items())
+                                  if k not in WORKER_LOCAL}))
 
 
 def _enqueue(study, params: dict, **attrs) -> None:
@@ -144,7 +151,7 @@ class Sweep:
         """What every worker of a study must agree on."""
         return {"sampler": self.sampler, "space": {p.name: p.describe() for p in self.space},
                 "trials": self.n_trials if self.sampler == "tpe" else None,
-                "config": {k: v for k, v in sorted(self.base.items()) if k not in WORKER_LOCAL}}
+                "config": _comparable(self.base)}
 
     def grid(self) -> list[dict]:
         import itertools
@@ -191,6 +198,8 @@ class Sweep:
                 break
             time.sleep(0.5)
         theirs = study.user_attrs.get("search")
+        if theirs and isinstance(theirs.get("config"), dict):  # a study created by an older version compares too
+            theirs = {**theirs, "config": _comparable(theirs["config"])}
         if theirs != spec:
             diff = sorted(k for k in set(theirs or {}) | set(spec) if (theirs or {}).get(k) != spec.get(k))
             detail = diff
