@@ -286,8 +286,9 @@ def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
     cfg = TrainConfig.from_dict({**base, **options})
     # A setting the user gave that the configuration ignores (MLAE's --dropout-learner with a fixed p) is a
     # mistake to point out; stored files that carry such settings load (Method.canonical_options resets them).
-    canonical = method.canonical_options(cfg.options())
-    ignored = [k for k in options if k in own and canonical[k] != cfg.options()[k]]
+    given = cfg.options()
+    canonical = method.canonical_options(given)
+    ignored = [k for k in options if k in own and canonical[k] != given[k]]
     if ignored:
         flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
         raise RecipeError(f"{flags}: not used with these settings (with MLAE they apply to --dropout auto only); "
