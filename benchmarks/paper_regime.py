@@ -109,7 +109,7 @@ class Study:
         self.csv = Path(args.csv)
         self.datasets = expand_specs(args.datasets)
         self.seeds = [int(s) for s in args.seeds.split(",")]
-        self.base = {"epochs": args.epochs, "lr": args.lr}
+        self.base = {"epochs": args.epochs, "lr": args.lr, "precision": args.precision}
         if args.backbone:
             self.base["backbone"] = args.backbone
         for key in ("img_size", "patch_size", "batch_size", "warmup_epochs"):
@@ -324,6 +324,9 @@ def main(argv=None) -> None:
                          "verdicts then come first (the 'selected on test' candidates follow in a later run)")
     ap.add_argument("--backbone", default=DEFAULT_EMBEDDED, help="as `mlae train --backbone`; the default names the "
                     "embedded version, so that rows stay unambiguous when the default embedded backbone changes")
+    ap.add_argument("--precision", choices=["bf16", "fp32", "auto"], default="bf16",
+                    help="as `mlae train --precision`. Every row of the committed table was trained under bf16 "
+                         "autocast, so that is the default here: `auto` chooses per machine and would mix the two")
     ap.add_argument("--no-pretrained", action="store_true", help="(tests) random initial weights")
     ap.add_argument("--img-size", type=int)
     ap.add_argument("--patch-size", type=int)
