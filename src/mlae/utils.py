@@ -29,6 +29,7 @@ __all__ = [
     "busy_cores",
     "cpu_cores",
     "cpu_jobs",
+    "cpu_bf16_speedup",
     "cpu_supports_bf16",
     "get_rng_state",
     "pyplot",
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_precision",
     "seed_everything",
     "set_rng_state",
+    "user_cache_dir",
 ]
 
 
@@ -66,19 +68,90 @@ def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.devi
     return torch.device("cpu")
 
 
-@functools.cache
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+def user_cache_dir() -> Path:
+    """Where mlae caches per-user files: ``$MLAE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlae``, else ``~/.cache/mlae``."""
+    return Path(os.environ.get("MLAE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mlae"))
+
+
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True when the CPU reports bf16 instructions (AVX512-BF16 or AMX). Without them bf16 is emulated, far
+    slower than fp32; with them it is not always faster either (``cpu_bf16_speedup``)."""
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# bf16 is chosen for a CPU only when its matrix products beat fp32 by this much: bf16 also costs accuracy.
+BF16_MIN_SPEEDUP = 1.15
+# The matrix products of a small ViT's training step (tokens x width x 3*width, x 4*width, and back).
+_PROBE_SHAPES = ((4096, 128, 384), (4096, 128, 512), (4096, 512, 128))
+
+
+def _measure_bf16_speedup(rounds: int = 15) -> float:
+    """fp32 time / bf16 time of ``_PROBE_SHAPES``, 1 thread, median of interleaved rounds (about 1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        mats = {dt: [(torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt))
+                     for m, k, n in _PROBE_SHAPES] for dt in (torch.float32, torch.bfloat16)}
+
+        def seconds(dt) -> float:
+            t0 = time.perf_counter()
+            for a, b in mats[dt]:
+                a @ b
+            return time.perf_counter() - t0
+
+        for dt in mats:  # warm-up: first calls pick kernels
+            seconds(dt)
+        ratios = sorted(seconds(torch.float32) / seconds(torch.bfloat16) for _ in range(rounds))
+        return ratios[len(ratios) // 2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster bf16 matrix products run than fp32 on this CPU (0 when it reports no bf16
+    instructions). CPUs that report them differ widely: an AVX-512 bf16 AMD EPYC ran bf16 several times faster,
+    an Intel Xeon VM with the same flags and no AMX at 0.7x. Measured once per CPU model and torch version and
+    kept in ``user_cache_dir()/cpu_bf16.json``, so that every run on a machine makes the same choice."""
+    if not cpu_supports_bf16():
+        return 0.0
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    key = f"{model} | torch {torch.__version__} | amx {'amx_bf16' in _cpuinfo()}"
+    path = user_cache_dir() / "cpu_bf16.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    speedup = round(_measure_bf16_speedup(), 3)
+    try:
+        known[key] = speedup
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return speedup
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Map ``auto|bf16|fp32`` to ``bf16`` or ``fp32`` for ``device``."""
+    """Map ``auto|bf16|fp32`` to ``bf16`` or ``fp32`` for ``device``: on CUDA bf16 where supported; on a CPU bf16
+    only where its matrix products run at least ``BF16_MIN_SPEEDUP`` times faster than fp32 (measured)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise InputError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if precision != "auto":
@@ -86,7 +159,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
+        return "bf16" if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
     return "fp32"
 
 

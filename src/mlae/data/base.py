@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..utils import atomic_save_file
+from ..utils import atomic_save_file, user_cache_dir
 
 __all__ = ["DatasetError", "Split", "Task", "Entry", "check_split", "decode_entries", "cached_split", "to_rgb",
            "clear_cache"]
@@ -240,9 +240,7 @@ def entries_key(entries: Sequence[Entry], root: Path, size: int, resample: str) 
 
 
 def _fallback_cache_dir(root: Path) -> Path:
-    base = os.environ.get("MLAE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mlae")
-    return Path(base) / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return user_cache_dir() / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
 
 
 def cache_paths(root: Path, filename: str) -> list[Path]:
