@@ -107,7 +107,7 @@ def _runs_and_labels(runs: list[str | Path], labels: str | list[str] | None) -> 
 
 def _load(path: Path) -> tuple[nn.Module, dict]:
     import mlae
-    from ..engine import load_trained
+    from ..trained import load_trained
 
     model, meta = load_trained(path)
     mlae.unmerge(model)  # the attention columns need the frozen weight and the update apart
