@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import RunDirError, TrainingError
 from .recipes import METHODS, canonical_config, dataset_key
+from .trained import ADAPTER_FILE, MODEL_FILE
 from .utils import (FolderLock, atomic_save_file, atomic_write_text, pyplot, read_safetensors_header, save_png,
                     set_rng_state)
 
@@ -109,8 +110,8 @@ def clear_run_files(out: Path) -> None:
     """Delete the files a run leaves in ``out``, so that a run started there anew finds no old record."""
     # The figures of every method: the folder may hold a run of another method than the one starting there.
     figures = dict.fromkeys(name for method in METHODS.values() for name in method.hooks.files)
-    for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, "adapter.safetensors", "model.safetensors",
-                 "curves.png", *figures):
+    for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, ADAPTER_FILE, MODEL_FILE, "curves.png",
+                 *figures):
         (out / name).unlink(missing_ok=True)
 
 

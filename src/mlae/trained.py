@@ -20,9 +20,11 @@ if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import Inputs, TrainConfig
 
 __all__ = ["load_trained", "read_weights_metadata", "weights_metadata", "save_weights", "timm_spec",
-           "merged_state_dict", "build_backbone", "backbone_kwargs", "MODEL_FORMAT"]
+           "merged_state_dict", "build_backbone", "backbone_kwargs", "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
 
-MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
+ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
+MODEL_FILE = "model.safetensors"      # or the whole model's (full fine-tuning), in this format:
+MODEL_FORMAT = "mlae.model/1"
 
 
 # --------------------------------------------------------------------------------------------- the network
@@ -69,9 +71,9 @@ def save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any
     """The trained weights into the run folder ``out`` with ``meta`` (:func:`weights_metadata`): the adapter's
     (``adapter.safetensors``) or, for full fine-tuning, the whole model's (``model.safetensors``)."""
     if adapter:
-        save_adapter(model, out / "adapter.safetensors", metadata=meta)
+        save_adapter(model, out / ADAPTER_FILE, metadata=meta)
     else:
-        atomic_save_file(model.state_dict(), out / "model.safetensors",
+        atomic_save_file(model.state_dict(), out / MODEL_FILE,
                          {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, MissingFileError
+from ..trained import ADAPTER_FILE, MODEL_FILE, load_trained
 from ..utils import pyplot, save_png
 from .attention_maps import attention_maps, plot_attention, sample_images
 
@@ -31,7 +32,6 @@ __all__ = ["Analysis", "analyze_similarity", "analyze_attention", "analyze_dropo
            "plot_matrix", "write_similarity", "attention_maps", "plot_attention", "dropout_history",
            "plot_dropout_history", "plot_dropout_profile"]
 
-ADAPTER_FILE = "adapter.safetensors"
 MEAN = "mean"  # --layer value / row label of the mean over adapted layers
 
 
@@ -51,7 +51,7 @@ def resolve_run(run: str | Path) -> Path:
     if path.is_dir():
         if not (path / ADAPTER_FILE).exists():
             other = " (it holds a fully fine-tuned model: no adapters to analyse)" if (
-                path / "model.safetensors").exists() else " (an unfinished run?)"
+                path / MODEL_FILE).exists() else " (an unfinished run?)"
             raise MissingFileError(f"{path} has no {ADAPTER_FILE}{other}")
         return path / ADAPTER_FILE
     if not path.exists():
@@ -107,7 +107,6 @@ def _runs_and_labels(runs: list[str | Path], labels: str | list[str] | None) -> 
 
 def _load(path: Path) -> tuple[nn.Module, dict]:
     import mlae
-    from ..trained import load_trained
 
     model, meta = load_trained(path)
     mlae.unmerge(model)  # the attention columns need the frozen weight and the update apart
