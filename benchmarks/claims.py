@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 import mlae
-from mlae.engine import load_trained
+from mlae.trained import load_trained
 
 CLAIMS = [  # (claim, better label, worse label)
     ("1. MLAE beats LoRA at the same budget", "mlae", "lora"),

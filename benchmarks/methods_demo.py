@@ -109,7 +109,8 @@ def multitask(args, tasks: list[str], out: Path) -> dict:
     from mlae.adapters.mole import arithmetic_merge, from_adapters, select_experts
     from mlae.backbones import backbone_input_size
     from mlae.data import load_task
-    from mlae.engine import EVAL_BATCH, Inputs, backbone_stats, build_backbone, lr_at
+    from mlae.engine import EVAL_BATCH, Inputs, backbone_stats, lr_at
+    from mlae.trained import build_backbone
     from mlae.utils import autocast, resolve_precision
 
     torch.set_num_threads(args.threads)

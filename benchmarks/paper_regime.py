@@ -35,7 +35,7 @@ import platform
 import sys
 from pathlib import Path
 
-from mlae.engine import RESULTS
+from mlae.rundir import RESULTS
 from mlae.experiments.compare import Run, dataset_slug, execute_runs, resolve_config
 from mlae.experiments.variants import parse_methods
 from mlae.backbones import DEFAULT_EMBEDDED

@@ -61,7 +61,7 @@ def test_similarity_command_writes_figures_and_tables(runs, tmp_path, capsys):
     assert list(report) == ["mlae", "lora"]
     assert "| layer | mlae | lora |" in (out / "similarity.md").read_text() and "**mean**" in capsys.readouterr().out
 
-    from mlae.engine import load_trained
+    from mlae.trained import load_trained
 
     for name, experts in (("mlae", 8), ("lora", 4)):
         model, _ = load_trained(runs[name] / "adapter.safetensors")
@@ -78,7 +78,7 @@ def test_similarity_command_writes_figures_and_tables(runs, tmp_path, capsys):
 
 
 def test_similarity_plot_has_one_series_per_run(runs):
-    from mlae.engine import load_trained
+    from mlae.trained import load_trained
 
     reports = {name: analyze.similarity_report(load_trained(path / "adapter.safetensors")[0])
                for name, path in runs.items()}
@@ -92,7 +92,7 @@ def test_similarity_plot_has_one_series_per_run(runs):
 
 
 def test_similarity_layer_choice(runs, tmp_path):
-    from mlae.engine import load_trained
+    from mlae.trained import load_trained
 
     model, _ = load_trained(runs["mlae"] / "adapter.safetensors")
     layers = dict(mlae.adapter_layers(model))
@@ -210,7 +210,7 @@ def _direct_cls_attention(model, x, block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["mlae", "lora"])
 def test_attention_columns_match_the_models_themselves(runs, name):
-    from mlae.engine import load_trained
+    from mlae.trained import load_trained
 
     model, _ = load_trained(runs[name] / "adapter.safetensors")
     torch.manual_seed(0)

@@ -258,7 +258,7 @@ def test_weights_files_name_the_embedded_version_and_legacy_files_mean_v2(tmp_pa
     """A file saying only "embedded" was written while v2 was the default: it must rebuild v2, not today's
     default; new files record the version itself."""
     import mlae
-    from mlae.engine import load_trained, timm_spec
+    from mlae.trained import load_trained, timm_spec
 
     model = create_backbone("embedded-v2", num_classes=3)
     mlae.apply(model, mlae.LoRAConfig(rank=2))
@@ -275,7 +275,8 @@ def test_weights_metadata_records_the_embedded_version_not_a_path():
     from types import SimpleNamespace
 
     from mlae.backbones import DEFAULT_EMBEDDED
-    from mlae.engine import TrainConfig, weights_metadata
+    from mlae.engine import TrainConfig
+    from mlae.trained import weights_metadata
 
     task = SimpleNamespace(num_classes=3, name="digits", augment=False, classes=["a", "b", "c"])
     inputs = SimpleNamespace(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)

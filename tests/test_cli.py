@@ -112,7 +112,7 @@ def test_export_merged_and_peft(mlae_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mlae.engine import load_trained
+    from mlae.trained import load_trained
 
     adapter = mlae_run / "adapter.safetensors"
     merged = tmp_path / "merged.safetensors"
@@ -349,8 +349,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     from mlae.backbones import BackboneError
     from mlae.commands.train import _fail
     from mlae.data import DatasetError
-    from mlae.engine import RunDirError, TrainingError
-    from mlae.errors import InputError, MissingFileError, NotMergeableError
+    from mlae.errors import InputError, MissingFileError, NotMergeableError, RunDirError, TrainingError
     from mlae.recipes import RecipeError
 
     builtin = {InputError: ValueError, RecipeError: ValueError, DatasetError: ValueError,

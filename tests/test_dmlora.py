@@ -208,7 +208,7 @@ def _train_tiny(tmp_path, out, on_epoch_end=None, **kw):
 
 def test_engine_switches_to_stage_2_and_resumes_across_the_switch(tmp_path):
     pytest.importorskip("mlae.backbones")
-    from mlae.engine import load_trained
+    from mlae.trained import load_trained
 
     class Stop(Exception):
         pass

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from mlae import engine
-from mlae.engine import TrainConfig, TrainingError, lr_at
+from mlae import engine, rundir
+from mlae.engine import TrainConfig, lr_at
+from mlae.errors import TrainingError
 from mlae.recipes import METHODS, dataset_key, load_recipe, resolve_recipe
 from mlae.utils import DistInfo, get_rng_state, set_rng_state
 
@@ -121,7 +122,7 @@ def test_checkpoint_restores_parameters_optimizer_and_rng(tmp_path):
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
     path = tmp_path / "ckpt.safetensors"
-    engine.save_checkpoint(path, model, opt, epoch=3, step=12, metrics=[{"epoch": 1}], rng=[get_rng_state()])
+    rundir.save_checkpoint(path, model, opt, epoch=3, step=12, metrics=[{"epoch": 1}], rng=[get_rng_state()])
     expected_draw = torch.rand(3)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -130,7 +131,7 @@ def test_checkpoint_restores_parameters_optimizer_and_rng(tmp_path):
     fresh[0].weight.requires_grad_(False)
     fresh[0].weight.data.copy_(state_before["0.weight"])  # frozen weights come from the backbone, not the file
     fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=0.1)
-    state = engine.load_checkpoint(path, fresh, fresh_opt, rank=0)
+    state = rundir.load_checkpoint(path, fresh, fresh_opt, rank=0)
     assert state["epoch"] == 3 and state["metrics"] == [{"epoch": 1}]
     assert torch.equal(torch.rand(3), expected_draw)
     for k, v in fresh.state_dict().items():

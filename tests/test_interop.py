@@ -55,7 +55,7 @@ def run(work) -> Path:
 
 
 def test_pretrained_folder_is_the_backbone_card_and_all(run, work):
-    from mlae.engine import load_trained, read_weights_metadata
+    from mlae.trained import load_trained, read_weights_metadata
 
     model, meta = load_trained(run / "adapter.safetensors")
     assert (len(model.blocks), model.embed_dim) == (1, 32)  # the card's architecture, not ViT-B
@@ -64,7 +64,7 @@ def test_pretrained_folder_is_the_backbone_card_and_all(run, work):
 
 
 def test_metadata_paths_are_absolute_and_eval_works_from_another_folder(run, work, tmp_path, monkeypatch):
-    from mlae.engine import read_weights_metadata
+    from mlae.trained import read_weights_metadata
 
     meta = read_weights_metadata(run / "adapter.safetensors")
     assert meta["backbone"] == str(work / "bb") and meta["dataset_spec"] == f"folder:{work / 'pets'}"
@@ -87,7 +87,7 @@ def test_replaced_backbone_is_refused_at_eval(work, tmp_path, capsys):
 
 
 def test_class_names_in_results_and_predict(run, work, tmp_path):
-    from mlae.engine import read_weights_metadata
+    from mlae.trained import read_weights_metadata
 
     assert _results(run)["classes"] == CLASSES == read_weights_metadata(run / "adapter.safetensors")["classes"]
     images = [str(next((work / "pets" / c).iterdir())) for c in CLASSES]
@@ -124,7 +124,7 @@ def test_merged_export_carries_input_size_and_normalisation_for_timm(run, tmp_pa
     from safetensors import safe_open
     from timm.data import resolve_data_config
 
-    from mlae.engine import load_trained
+    from mlae.trained import load_trained
 
     reference, _ = load_trained(run / "adapter.safetensors")
     x = torch.randn(2, 3, 32, 32)

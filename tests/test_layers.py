@@ -3,7 +3,7 @@
     base        errors, utils
     core        adapters, inject, patterns, io, similarity, attention
     facade      mlae/__init__: the public API, re-exporting core (so core must not import it: a cycle)
-    training    engine, recipes, data, backbones, fractals, pretrain, published, evaluation, export
+    training    engine, rundir, trained, recipes, data, backbones, fractals, pretrain, published, evaluation, export
     experiments mlae.experiments: compare, sweep, ablations, analysis as Python APIs
     commands    mlae.commands, cli, __main__: define options, parse, call, print
 
@@ -31,9 +31,9 @@ RULES = {
     "mlae.adapters": "core", "mlae.inject": "core", "mlae.patterns": "core", "mlae.io": "core",
     "mlae.similarity": "core", "mlae.attention": "core",
     "mlae": "facade",
-    "mlae.engine": "training", "mlae.recipes": "training", "mlae.data": "training", "mlae.backbones": "training",
-    "mlae.fractals": "training", "mlae.pretrain": "training", "mlae.published": "training",
-    "mlae.evaluation": "training", "mlae.export": "training",
+    "mlae.engine": "training", "mlae.rundir": "training", "mlae.trained": "training", "mlae.recipes": "training",
+    "mlae.data": "training", "mlae.backbones": "training", "mlae.fractals": "training", "mlae.pretrain": "training",
+    "mlae.published": "training", "mlae.evaluation": "training", "mlae.export": "training",
     "mlae.experiments": "experiments",
     "mlae.commands": "commands", "mlae.cli": "commands", "mlae.__main__": "commands",
 }
@@ -116,7 +116,7 @@ def test_a_higher_import_is_caught(module, source):
 
 @pytest.mark.parametrize("module, source", [
     ("mlae.commands.compare", "from ..experiments.compare import compare"),
-    ("mlae.experiments.compare", "from ..engine import RESULTS\nfrom .summary import summarize"),
+    ("mlae.experiments.compare", "from ..rundir import RESULTS\nfrom .summary import summarize"),
     ("mlae.engine", "import mlae\nfrom .recipes import get_method\nfrom . import utils"),
     ("mlae.data.base", "from ..errors import InputError"),
 ])
@@ -140,7 +140,7 @@ def test_the_core_imports_mlae_modules_at_module_level_only():
 
 
 @pytest.mark.parametrize("module", ["inject", "io", "adapters", "adapters.base", "adapters.dmlora", "adapters.mole",
-                                    "adapters.mole_layer", "recipes", "engine"])
+                                    "adapters.mole_layer", "recipes", "engine", "rundir", "trained"])
 def test_any_module_imports_first(module):
     """Imported before anything else of mlae (the package's __init__, which fixes one order, left out), a module
     whose imports went in a circle would fail on a partially initialised module."""

@@ -1,10 +1,5 @@
-"""Training and evaluation loop: one fine-tuning run from a :class:`TrainConfig` to a run folder.
-
-A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
-``checkpoint.safetensors`` (while training), the trained weights (``adapter.safetensors``, or
-``model.safetensors`` for full fine-tuning), ``results.json`` (written last: its presence marks a finished run),
-``curves.png`` (when matplotlib is installed), ``tensorboard/`` (``--tensorboard``) and ``.mlae.lock`` while a
-process writes it (:class:`mlae.utils.FolderLock`).
+"""Training and evaluation loop: one fine-tuning run from a :class:`TrainConfig` to a run folder (its files:
+:mod:`mlae.rundir`; the trained weights file: :mod:`mlae.trained`).
 
 Determinism: the data order and augmentation of epoch ``e`` are drawn from generators seeded by ``(seed, e)``,
 and the global RNG states (dropout, drop-path, expert masks) are checkpointed at epoch boundaries, so a run
@@ -31,47 +26,27 @@ from torch import nn
 
 from .adapters.base import Phase, TrainingHooks
 from .attention import ATTENTION_CHOICES, set_attention
-from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH, EMBEDDED_VERSIONS, _looks_like_path,
-                        backbone_input_size, card_folder, create_backbone, embedded_card)
-from .errors import InputError, MLAEError, RunDirError
-from .inject import adapter_layers, aux_losses, count_parameters, learned_values, set_progress, set_train_size
-from .io import load_adapter, read_adapter_metadata, save_adapter
-from .recipes import METHODS, Method, canonical_config, dataset_key, get_method
-from .utils import (DistInfo, FolderLock, atomic_save_file, atomic_write_text, auto_threads, autocast, get_rng_state,
-                    init_distributed, pyplot, read_safetensors_header, resolve_device, resolve_precision, save_png,
-                    seed_everything, set_rng_state)
+from .backbones import EMBEDDED, backbone_input_size, card_folder
+from .errors import InputError, MLAEError, TrainingError
+from .inject import aux_losses, count_parameters, learned_values, set_progress, set_train_size
+from .recipes import Method, get_method
+from .rundir import (CHECKPOINT, RESULTS, clear_run_files, draw_curves, load_checkpoint, prepare_run_dir,
+                     save_checkpoint, save_figure, write_config)
+from .trained import backbone_kwargs, build_backbone, save_weights, weights_metadata
+from .utils import (DistInfo, atomic_write_text, auto_threads, autocast, get_rng_state, init_distributed,
+                    resolve_device, resolve_precision, seed_everything)
 
-__all__ = ["TrainConfig", "TrainingError", "RunDirError", "train", "evaluate", "Inputs", "build_backbone",
-           "backbone_stats", "resolve_normalize", "init_head", "NORMALIZE_CHOICES", "HEAD_INITS", "load_trained",
-           "read_weights_metadata", "merged_state_dict", "timm_spec", "DEFAULT_DATASET"]
+__all__ = ["TrainConfig", "train", "evaluate", "Inputs", "backbone_stats", "resolve_normalize", "init_head",
+           "NORMALIZE_CHOICES", "HEAD_INITS", "DEFAULT_DATASET"]
 
 # The no-argument run: a suite task on which the embedded backbone's pretraining clearly helps (docs/BACKBONES.md).
 DEFAULT_DATASET = "suite:digits"
-CHECKPOINT = "checkpoint.safetensors"
-RESULTS = "results.json"
 EVAL_BATCH = 256  # fixed, so that `mlae eval` reproduces the run's numbers bit for bit
-MODEL_FORMAT = "mlae.model/1"  # whole-model weights of full fine-tuning
 # How inputs are normalised (see backbone_stats); "auto" is what runs made before the option used.
 NORMALIZE_CHOICES = ("auto", "backbone", "inception", "imagenet")
 HEAD_INITS = ("timm", "zero")
-# Run-local settings: where things are and how this machine runs them, not what is trained. The one definition
-# for every place that compares two configurations of the same run or study (a key missing from a configuration
-# dict, e.g. progress, which to_dict() drops, simply never differs):
-# - RESUME_MAY_CHANGE: `mlae train --resume` continues a run whose settings differ only in these;
-# - `mlae compare` reuses a finished run (or resumes an interrupted one) whose settings differ only in RUN_LOCAL;
-# - WORKER_LOCAL: the workers of one `mlae sweep` study may differ in these. precision too, as every trial runs
-#   whole in one worker (a resumed run may not: one spliced from bf16 and fp32 halves is neither); attention is
-#   not among them because the studies already created recorded it in the search spec that a joining worker
-#   must match (leaving it out would shut every new worker out of them).
-RUN_LOCAL = ("threads", "device", "attention", "progress", "cache", "data_root", "checkpoint_every", "out", "runs_dir")
-RESUME_MAY_CHANGE = RUN_LOCAL
-WORKER_LOCAL = tuple(k for k in RUN_LOCAL if k != "attention") + ("precision",)
 PROTOCOL = ("top1 is the accuracy on the eval split after the LAST epoch (VPT's honest protocol), "
             "not the best of periodic evaluations")
-
-
-class TrainingError(MLAEError, RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); files already written are kept."""
 
 
 @dataclass
@@ -167,145 +142,6 @@ class TrainConfig:
             raise InputError(f"unknown option(s) {', '.join(sorted(unknown))} for method "
                              f"{kwargs.get('method', cls.method)!r}")
         return cls(**kwargs, method_options=options)
-
-
-# --------------------------------------------------------------------------------------------- model
-
-
-def backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments of mlae.backbones.create_backbone besides num_classes (stored with the weights)."""
-    kwargs = {"pretrained": cfg.pretrained, "arch": cfg.arch, "img_size": cfg.img_size,
-              "patch_size": cfg.patch_size}
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def build_backbone(name: str | None, num_classes: int, seed: int, drop_path: float = 0.0, **kwargs) -> nn.Module:
-    """The backbone, with any randomly initialised weights drawn from ``seed`` so that `mlae eval` can rebuild
-    exactly the network a run was trained on."""
-    torch.manual_seed(seed)
-    return create_backbone(name, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------- run folder
-
-
-def _default_out(cfg: TrainConfig) -> Path:
-    return Path(cfg.runs_dir) / f"{dataset_key(cfg.dataset)}_{cfg.method}_s{cfg.seed}"
-
-
-def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path, bool]:
-    """Pick the output folder and lock it for this process until ``stack`` closes (a second writer is refused);
-    returns (folder, resume_from_checkpoint)."""
-    if cfg.out is None and not cfg.resume:
-        base = _default_out(cfg)
-        out, i = base, 1
-        while out.exists() and any(out.iterdir()):
-            i += 1
-            out = base.with_name(f"{base.name}-{i}")
-        stack.enter_context(FolderLock(out))
-        return out, False
-    out = Path(cfg.out) if cfg.out is not None else _default_out(cfg)
-    stack.enter_context(FolderLock(out))  # before looking inside: what is found stays true while we run
-    finished = (out / RESULTS).exists()
-    has_checkpoint = (out / CHECKPOINT).exists()
-    if cfg.overwrite:
-        return out, False
-    if finished:
-        raise RunDirError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
-    if cfg.resume:
-        if not has_checkpoint:
-            print(f"note: no checkpoint in {out}; starting from scratch", file=sys.stderr)
-        else:
-            _check_resume(out, cfg)
-        return out, has_checkpoint
-    if has_checkpoint:
-        raise RunDirError(f"{out} holds an unfinished run with a checkpoint; pass --resume to continue it "
-                          "(or --overwrite to start over)")
-    return out, False
-
-
-def _check_resume(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to continue a run with other settings than it was started with: the result would be a mixture
-    (e.g. a learning-rate schedule spliced from two lengths). Compared with the settings the checkpoint was
-    written with (config.yaml for checkpoints older than that record)."""
-    import yaml
-
-    before = json.loads(read_safetensors_header(out / CHECKPOINT, "checkpoint")["state"]).get("config")
-    if before is None and (out / "config.yaml").exists():
-        before = yaml.safe_load((out / "config.yaml").read_text())
-    if before is None:
-        raise RunDirError(f"{out}: the checkpoint records no settings to check a resumed run against; pass "
-                          "--overwrite to start over")
-    now = canonical_config(json.loads(json.dumps(cfg.to_dict())))  # tuples as lists, as they were stored
-    before = canonical_config(before)
-    changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in before
-               if k not in RESUME_MAY_CHANGE and before[k] != now.get(k)]
-    if changed:
-        raise RunDirError(f"{out}: --resume with other settings than the interrupted run's ({', '.join(changed[:8])}"
-                          f"{', ...' if len(changed) > 8 else ''}); resume with its own settings (only "
-                          f"{', '.join(RESUME_MAY_CHANGE[:5])}, ... may change), or start a new run in another --out")
-
-
-def _clear_run_files(out: Path) -> None:
-    # The figures of every method: the folder may hold a run of another method than the one starting there.
-    figures = dict.fromkeys(name for method in METHODS.values() for name in method.hooks.files)
-    for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, "adapter.safetensors", "model.safetensors",
-                 "curves.png", *figures):
-        (out / name).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]], config: dict | None = None,
-                    hooks: dict | None = None) -> None:
-    """Trainable parameters, optimizer state, RNG states (one per rank), progress, the run's settings
-    (``config``, checked by --resume) and the method hooks' state (``hooks``: TrainingHooks.state), without
-    pickle."""
-    # Everything the optimizer holds, trainable now or not (DMLoRA's stage 2 freezes the branches it trained).
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    tensors = {f"model.{n}": p for n, p in model.named_parameters() if id(p) in held}
-    opt = optimizer.state_dict()
-    for idx, state in opt["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
-    rng_info = []
-    for rank, (rng_tensors, info) in enumerate(rng):
-        for key, value in rng_tensors.items():
-            tensors[f"rng.{rank}.{key}"] = value
-        rng_info.append(info)
-    state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
-             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads(), "config": config,
-             "hooks": hooks or {}}
-    atomic_save_file(tensors, path, {"format": "mlae-checkpoint-1", "state": json.dumps(state)})
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns the JSON state (epoch, metrics, ...)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("model."):
-                name = key[len("model."):]
-                if name not in params:
-                    raise TrainingError(f"{path}: parameter {name} does not exist in this model")
-                params[name].copy_(value)
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    if rank < len(state["rng"]):
-        prefix = f"rng.{rank}."
-        set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, state["rng"][rank])
-    return state
 
 
 # --------------------------------------------------------------------------------------------- loops
@@ -615,9 +451,9 @@ def _start(run: _Run) -> tuple[list[dict], int]:
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not run.resume:
-            _clear_run_files(out)
+            clear_run_files(out)
         if not run.resume or not (out / "config.yaml").exists():  # a resumed run keeps the record it started with
-            _write_config(out / "config.yaml", cfg, out)
+            write_config(out / "config.yaml", cfg, out)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     return metrics, first_epoch
 
@@ -747,10 +583,10 @@ def _finish(run: _Run, metrics: list[dict]) -> dict:
     results["normalize"] = run.normalize
     results.update(run.hooks.results())
     if dist_info.is_main:
-        _save_weights(out, model, run.method.adapter, weights_metadata(cfg, task, run.inputs, run.normalize))
-        _save_figure(out / "curves.png", lambda plt: _curves(plt, metrics, task.eval_name))
+        save_weights(out, model, run.method.adapter, weights_metadata(cfg, task, run.inputs, run.normalize))
+        save_figure(out / "curves.png", lambda plt: draw_curves(plt, metrics, task.eval_name))
         for name, draw in run.hooks.figures(results).items():
-            _save_figure(out / name, draw)
+            save_figure(out / name, draw)
         atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
         (out / CHECKPOINT).unlink(missing_ok=True)
         if cfg.progress:
@@ -800,14 +636,6 @@ def _log_tensorboard(writer, m: dict, hooks: TrainingHooks) -> None:
     writer.flush()
 
 
-def _write_config(path: Path, cfg: TrainConfig, out: Path) -> None:
-    import yaml
-
-    d = cfg.to_dict()
-    d["out"] = str(out)
-    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
-
-
 def _results(cfg, task, metrics, counts, precision, device, dist_info, out, start_time) -> dict:
     key = f"{task.eval_name}_top1"
     last = metrics[-1][key]
@@ -835,135 +663,3 @@ def _summary(r: dict) -> str:
     return (f"{r['dataset']} / {r['method']} (seed {r['seed']}): {split} top-1 {100 * r['top1']:.2f}% after the last "
             f"epoch | {r['params']['trainable']:,} trainable params | {r['wall_time_s']:.0f} s, "
             f"{r['train_images_per_s']:.0f} img/s | {r['out']}")
-
-
-def _absolute(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
-
-
-def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> dict[str, Any]:
-    """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
-    are made absolute, so that the file works from any folder."""
-    # The version, so that the file still names its weights when the default changes.
-    backbone = DEFAULT_EMBEDDED if cfg.backbone in (None, EMBEDDED) else cfg.backbone
-    prefix, _, rest = cfg.dataset.partition(":")
-    is_path = backbone not in EMBEDDED_VERSIONS and _looks_like_path(backbone)
-    return {"backbone": _absolute(backbone) if is_path else backbone,
-            "backbone_kwargs": backbone_kwargs(cfg),
-            "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
-            "normalize": normalize, "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,
-            "dataset": task.name, "dataset_spec": f"folder:{_absolute(rest)}" if prefix == "folder" else cfg.dataset,
-            "data_root": _absolute(cfg.data_root), "method": cfg.method, "classes": task.classes,
-            "skip_bad_images": cfg.skip_bad_images}
-
-
-def _save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any]) -> None:
-    if adapter:
-        save_adapter(model, out / "adapter.safetensors", metadata=meta)
-    else:
-        atomic_save_file(model.state_dict(), out / "model.safetensors",
-                         {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
-
-
-def _optional_pyplot(path: Path):
-    """pyplot, or None with a note when matplotlib is missing: plots are a convenience, results.json and
-    metrics.jsonl are the record."""
-    try:
-        return pyplot()
-    except ImportError:
-        print(f"note: matplotlib is not installed; no {path.name} (pip install matplotlib to get it)",
-              file=sys.stderr)
-        return None
-
-
-def _save_figure(path: Path, draw: Callable[[Any], Any]) -> None:
-    """The figure ``draw(plt)`` returns, as a PNG at ``path`` (nothing but a note without matplotlib)."""
-    plt = _optional_pyplot(path)
-    if plt is not None:
-        save_png(draw(plt), path)
-
-
-def _curves(plt, metrics: list[dict], eval_name: str):
-    """Loss and top-1 per epoch (curves.png)."""
-    epochs = [m["epoch"] for m in metrics]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], label="train loss")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_acc.plot(epochs, [m["train_top1"] for m in metrics], label="train")
-    evals = [(m["epoch"], m[f"{eval_name}_top1"]) for m in metrics if m[f"{eval_name}_top1"] is not None]
-    ax_acc.plot([e for e, _ in evals], [a for _, a in evals], marker="o", label=eval_name)
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("top-1")
-    ax_acc.legend()
-    fig.tight_layout()
-    return fig
-
-
-# --------------------------------------------------------------------------------------------- reloading
-
-
-def _read_header(path: str | os.PathLike) -> dict[str, str]:
-    return read_safetensors_header(path, "weights file")
-
-
-def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata a run stored with its weights (adapter file or full model file)."""
-    header = _read_header(path)
-    meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else read_adapter_metadata(path)
-    if "backbone" not in meta or "num_classes" not in meta:
-        raise InputError(f"{path}: no backbone metadata; was it written by `mlae train`?")
-    return meta
-
-
-def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network a run saved (``adapter.safetensors`` or ``model.safetensors``), in eval mode."""
-    from safetensors.torch import load_file
-
-    meta = read_weights_metadata(path)
-    backbone = _saved_backbone(meta)
-    model = build_backbone(backbone, int(meta["num_classes"]), int(meta.get("seed", 0)), **meta["backbone_kwargs"])
-    if _read_header(path).get("format") == MODEL_FORMAT:
-        model.load_state_dict(load_file(str(path)))
-    else:
-        # a replaced backbone checkpoint would give a meaningless accuracy: refuse it
-        model = load_adapter(model, path, check_backbone="error")
-    return model.eval(), meta
-
-
-# Files written before weights recorded the embedded version say "embedded"; the default was v2 then.
-LEGACY_EMBEDDED = "embedded-v2"
-
-
-def _saved_backbone(meta: dict[str, Any]) -> str:
-    return LEGACY_EMBEDDED if meta["backbone"] == EMBEDDED else meta["backbone"]
-
-
-def timm_spec(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(model name, kwargs) such that ``timm.create_model(name, **kwargs)`` builds the architecture of a run's
-    backbone, head included."""
-    kwargs = {k: v for k, v in meta["backbone_kwargs"].items() if k in ("img_size", "patch_size")}
-    name = _saved_backbone(meta)
-    folder = card_folder(name)
-    if folder is not None:
-        kwargs = dict(embedded_card(folder).get("arch") or EMBEDDED_ARCH)
-        name = kwargs.pop("model_name")
-    elif meta["backbone_kwargs"].get("arch") or Path(name).suffix:
-        name = meta["backbone_kwargs"].get("arch") or DEFAULT_ARCH  # a checkpoint file of that architecture
-    return name, {**kwargs, "num_classes": int(meta["num_classes"])}
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict of a merged model under the backbone's own names: each adapter layer contributes its
-    (merged) base layer's tensors, its adapter tensors are dropped."""
-    layers = [name for name, layer in adapter_layers(model)]
-    if any(not layer.merged for _, layer in adapter_layers(model)):
-        raise ValueError("merge the model first")
-    out = {}
-    for key, value in model.state_dict().items():
-        owner = next((name for name in layers if key.startswith(name + ".")), None)
-        if owner is None:
-            out[key] = value
-        elif key.startswith(owner + ".base."):
-            out[owner + key[len(owner) + len(".base"):]] = value
-    return out

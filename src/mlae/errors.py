@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["MLAEError", "InputError", "MissingFileError", "NotMergeableError", "RunDirError", "os_error_message"]
+__all__ = ["MLAEError", "InputError", "MissingFileError", "NotMergeableError", "RunDirError", "TrainingError",
+           "os_error_message"]
 
 
 class MLAEError(Exception):
@@ -30,6 +31,10 @@ class NotMergeableError(MLAEError, TypeError):
 
 class RunDirError(MLAEError, RuntimeError):
     """An output folder that must not be written: it holds a run to keep, or another process writes it."""
+
+
+class TrainingError(MLAEError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); files already written are kept."""
 
 
 # The operating system refusing a write is the user's environment, not a bug: say what and where, and what to do.

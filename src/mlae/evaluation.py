@@ -17,7 +17,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     from .adapters.mole import select_experts
     from .attention import set_attention
     from .data import load_task
-    from .engine import Inputs, evaluate, load_trained
+    from .engine import Inputs, evaluate
+    from .trained import load_trained
     from .utils import resolve_device, resolve_precision
 
     model, meta = load_trained(path)
@@ -50,7 +51,8 @@ def predict_files(path: str, images: list[str], *, top: int = 1, device: str | N
 
     from .data.base import Entry, decode_entries
     from .data.transforms import cache_size
-    from .engine import EVAL_BATCH, Inputs, load_trained
+    from .engine import EVAL_BATCH, Inputs
+    from .trained import load_trained
     from .utils import resolve_device
 
     model, meta = load_trained(path)

@@ -38,7 +38,7 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
     its metadata); any other ``out`` is a folder in timm's ``local-dir:`` layout (``config.json`` +
     ``model.safetensors``). ``fmt="peft"``: a PEFT adapter folder. An existing ``out`` needs ``overwrite``."""
     import mlae
-    from .engine import load_trained, merged_state_dict, timm_spec
+    from .trained import load_trained, merged_state_dict, timm_spec
     from .utils import atomic_save_file, atomic_write_text
 
     target = Path(out)

@@ -262,11 +262,12 @@ def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
     (its ``per_dataset`` entry for the dataset included) < ``options``. With ``options["resume"]`` the run
     folder's own ``config.yaml`` takes the place of the defaults and the recipe. Method options that the chosen
     method does not take are an error; a recipe written for another method keeps only its general settings."""
-    from .engine import TrainConfig, _default_out
+    from .engine import TrainConfig
+    from .rundir import default_out
 
     base: dict = {}
     if options.get("resume"):
-        out = Path(options["out"]) if "out" in options else _default_out(TrainConfig(**{
+        out = Path(options["out"]) if "out" in options else default_out(TrainConfig(**{
             k: v for k, v in options.items() if k in ("dataset", "method", "seed")}))
         if (out / "config.yaml").exists():
             base = load_recipe(out / "config.yaml")

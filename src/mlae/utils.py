@@ -371,9 +371,9 @@ def pyplot():
     return plt
 
 
-def save_png(fig, path: str | os.PathLike) -> None:
+def save_png(fig, path: str | os.PathLike, dpi: int = 100) -> None:
     """Write ``fig`` as a PNG through :func:`atomic_write` and close it."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     pyplot().close(fig)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..utils import atomic_save_file, user_cache_dir
+from ..utils import atomic_save_file, cpu_cores, user_cache_dir
 
 __all__ = ["DatasetError", "Split", "Task", "Entry", "check_split", "decode_entries", "cached_split", "to_rgb",
            "clear_cache"]
@@ -169,7 +169,7 @@ def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicu
     images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
     bad: dict[int, str] = {}
     bar = _progress(len(entries), desc)
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = min(8, cpu_cores())
 
     def work(i: int) -> None:
         try:

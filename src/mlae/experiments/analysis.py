@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError, MissingFileError
-from ..utils import pyplot
+from ..trained import ADAPTER_FILE, MODEL_FILE, load_trained
+from ..utils import pyplot, save_png
 from .attention_maps import attention_maps, plot_attention, sample_images
 
 __all__ = ["Analysis", "analyze_similarity", "analyze_attention", "analyze_dropout", "resolve_run", "expand_runs",
@@ -31,7 +32,6 @@ __all__ = ["Analysis", "analyze_similarity", "analyze_attention", "analyze_dropo
            "plot_matrix", "write_similarity", "attention_maps", "plot_attention", "dropout_history",
            "plot_dropout_history", "plot_dropout_profile"]
 
-ADAPTER_FILE = "adapter.safetensors"
 MEAN = "mean"  # --layer value / row label of the mean over adapted layers
 
 
@@ -51,7 +51,7 @@ def resolve_run(run: str | Path) -> Path:
     if path.is_dir():
         if not (path / ADAPTER_FILE).exists():
             other = " (it holds a fully fine-tuned model: no adapters to analyse)" if (
-                path / "model.safetensors").exists() else " (an unfinished run?)"
+                path / MODEL_FILE).exists() else " (an unfinished run?)"
             raise MissingFileError(f"{path} has no {ADAPTER_FILE}{other}")
         return path / ADAPTER_FILE
     if not path.exists():
@@ -107,7 +107,6 @@ def _runs_and_labels(runs: list[str | Path], labels: str | list[str] | None) -> 
 
 def _load(path: Path) -> tuple[nn.Module, dict]:
     import mlae
-    from ..engine import load_trained
 
     model, meta = load_trained(path)
     mlae.unmerge(model)  # the attention columns need the frozen weight and the update apart
@@ -295,20 +294,14 @@ def _json_safe(obj):
 
 
 def write_similarity(reports: dict[str, dict], out: Path, absolute: bool = False) -> None:
-    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     key = "mean_abs" if absolute else "mean"
-    fig = plot_similarity(reports, key)
-    fig.savefig(out / "similarity.png", dpi=120)
-    plt.close(fig)
+    save_png(plot_similarity(reports, key), out / "similarity.png", dpi=120)
     if len({r["dataset"] for r in reports.values()}) > 1:
-        fig = plot_by_dataset(by_dataset(reports, key), key)
-        fig.savefig(out / "similarity_by_dataset.png", dpi=120)
-        plt.close(fig)
+        save_png(plot_by_dataset(by_dataset(reports, key), key), out / "similarity_by_dataset.png", dpi=120)
     for label, r in reports.items():
         fig = plot_matrix(r, f"{label} ({r.get('method') or '?'}): expert similarity", absolute)
-        fig.savefig(out / f"similarity_matrix_{_filename(label)}.png", dpi=120)
-        plt.close(fig)
+        save_png(fig, out / f"similarity_matrix_{_filename(label)}.png", dpi=120)
     (out / "similarity.json").write_text(json.dumps(_json_safe(reports), indent=2) + "\n")
     (out / "similarity.md").write_text(_markdown(reports))
 
@@ -445,12 +438,10 @@ def analyze_attention(run: str | Path, block: int, out: str | Path, *, images: i
     label = run_labels([run])[0]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plt = pyplot()
     fig = plot_attention(shown, columns, maps, f"{label} ({meta.get('method')}): CLS attention, block {block}, "
                          f"other blocks {other_blocks}", relative=relative)
     stem = f"attention_block{block}"
-    fig.savefig(out / f"{stem}.png", dpi=120)
-    plt.close(fig)
+    save_png(fig, out / f"{stem}.png", dpi=120)
     data = {"adapter": str(path), "block": block, "other_blocks": other_blocks, "columns": columns, "maps": maps}
     (out / f"{stem}.json").write_text(json.dumps({**data, "maps": maps.tolist()}) + "\n")
     return data
@@ -463,11 +454,9 @@ def analyze_dropout(runs: list[str | Path], out: str | Path, *, labels: str | li
     histories = {label: dropout_history(run) for label, run in zip(names, runs)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plt = pyplot()
     for name, fig in (("dropout.png", plot_dropout_history(histories)),
                       ("dropout_profile.png", plot_dropout_profile(histories))):
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+        save_png(fig, out / name, dpi=120)
     text = _dropout_markdown(histories)
     (out / "dropout.json").write_text(json.dumps(_json_safe(histories), indent=2) + "\n")
     (out / "dropout.md").write_text(text)

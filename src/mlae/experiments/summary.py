@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import TYPE_CHECKING
 
-from ..engine import RESULTS
+from ..rundir import RESULTS
 from ..utils import atomic_write, atomic_write_text, pyplot, save_png
 from .variants import Variant
 

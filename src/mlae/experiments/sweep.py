@@ -30,9 +30,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..engine import CHECKPOINT, WORKER_LOCAL
 from ..errors import MLAEError
 from ..recipes import RecipeError, canonical_config
+from ..rundir import CHECKPOINT, RESULTS, WORKER_LOCAL
 from ..utils import LOCK_FILE, cpu_jobs, pid_alive
 from .compare import resolve_config
 from .sweep_report import best_trial, write_reports
@@ -400,7 +400,7 @@ class Sweep:
 
         import yaml
 
-        from ..engine import RESULTS, TrainConfig, train
+        from ..engine import TrainConfig, train
 
         best = best_trial(self.study)
         if best is None:

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from ..engine import RESULTS
+from ..rundir import RESULTS
 from ..utils import atomic_write_text, pyplot, save_png
 from .sweep_space import Param
 

@@ -1,0 +1,216 @@
+"""The run folder: its file names, choosing and locking it, the --resume check, checkpoints, config.yaml, figures.
+
+A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
+``checkpoint.safetensors`` (while training), the trained weights (``adapter.safetensors``, or
+``model.safetensors`` for full fine-tuning: :mod:`mlae.trained`), ``results.json`` (written last: its presence
+marks a finished run), ``curves.png`` (when matplotlib is installed), ``tensorboard/`` (``--tensorboard``) and
+``.mlae.lock`` while a process writes it (:class:`mlae.utils.FolderLock`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import RunDirError, TrainingError
+from .recipes import METHODS, canonical_config, dataset_key
+from .trained import ADAPTER_FILE, MODEL_FILE
+from .utils import (FolderLock, atomic_save_file, atomic_write_text, pyplot, read_safetensors_header, save_png,
+                    set_rng_state)
+
+if TYPE_CHECKING:  # annotations only: the engine imports this module
+    from .engine import TrainConfig
+
+__all__ = ["CHECKPOINT", "RESULTS", "RUN_LOCAL", "RESUME_MAY_CHANGE", "WORKER_LOCAL", "default_out", "prepare_run_dir",
+           "clear_run_files", "save_checkpoint", "load_checkpoint", "write_config", "save_figure", "draw_curves"]
+
+CHECKPOINT = "checkpoint.safetensors"
+RESULTS = "results.json"
+# Run-local settings: where things are and how this machine runs them, not what is trained. The one definition
+# for every place that compares two configurations of the same run or study (a key missing from a configuration
+# dict, e.g. progress, which to_dict() drops, simply never differs):
+# - RESUME_MAY_CHANGE: `mlae train --resume` continues a run whose settings differ only in these;
+# - `mlae compare` reuses a finished run (or resumes an interrupted one) whose settings differ only in RUN_LOCAL;
+# - WORKER_LOCAL: the workers of one `mlae sweep` study may differ in these. precision too, as every trial runs
+#   whole in one worker (a resumed run may not: one spliced from bf16 and fp32 halves is neither); attention is
+#   not among them because the studies already created recorded it in the search spec that a joining worker
+#   must match (leaving it out would shut every new worker out of them).
+RUN_LOCAL = ("threads", "device", "attention", "progress", "cache", "data_root", "checkpoint_every", "out", "runs_dir")
+RESUME_MAY_CHANGE = RUN_LOCAL
+WORKER_LOCAL = tuple(k for k in RUN_LOCAL if k != "attention") + ("precision",)
+
+
+# --------------------------------------------------------------------------------------------- run folder
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    """``<runs_dir>/<dataset>_<method>_s<seed>``: where a run goes without --out."""
+    return Path(cfg.runs_dir) / f"{dataset_key(cfg.dataset)}_{cfg.method}_s{cfg.seed}"
+
+
+def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path, bool]:
+    """Pick the output folder and lock it for this process until ``stack`` closes (a second writer is refused);
+    returns (folder, resume_from_checkpoint)."""
+    if cfg.out is None and not cfg.resume:
+        base = default_out(cfg)
+        out, i = base, 1
+        while out.exists() and any(out.iterdir()):
+            i += 1
+            out = base.with_name(f"{base.name}-{i}")
+        stack.enter_context(FolderLock(out))
+        return out, False
+    out = Path(cfg.out) if cfg.out is not None else default_out(cfg)
+    stack.enter_context(FolderLock(out))  # before looking inside: what is found stays true while we run
+    finished = (out / RESULTS).exists()
+    has_checkpoint = (out / CHECKPOINT).exists()
+    if cfg.overwrite:
+        return out, False
+    if finished:
+        raise RunDirError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
+    if cfg.resume:
+        if not has_checkpoint:
+            print(f"note: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        else:
+            _check_resume(out, cfg)
+        return out, has_checkpoint
+    if has_checkpoint:
+        raise RunDirError(f"{out} holds an unfinished run with a checkpoint; pass --resume to continue it "
+                          "(or --overwrite to start over)")
+    return out, False
+
+
+def _check_resume(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to continue a run with other settings than it was started with: the result would be a mixture
+    (e.g. a learning-rate schedule spliced from two lengths). Compared with the settings the checkpoint was
+    written with (config.yaml for checkpoints older than that record)."""
+    import yaml
+
+    before = json.loads(read_safetensors_header(out / CHECKPOINT, "checkpoint")["state"]).get("config")
+    if before is None and (out / "config.yaml").exists():
+        before = yaml.safe_load((out / "config.yaml").read_text())
+    if before is None:
+        raise RunDirError(f"{out}: the checkpoint records no settings to check a resumed run against; pass "
+                          "--overwrite to start over")
+    now = canonical_config(json.loads(json.dumps(cfg.to_dict())))  # tuples as lists, as they were stored
+    before = canonical_config(before)
+    changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in before
+               if k not in RESUME_MAY_CHANGE and before[k] != now.get(k)]
+    if changed:
+        raise RunDirError(f"{out}: --resume with other settings than the interrupted run's ({', '.join(changed[:8])}"
+                          f"{', ...' if len(changed) > 8 else ''}); resume with its own settings (only "
+                          f"{', '.join(RESUME_MAY_CHANGE[:5])}, ... may change), or start a new run in another --out")
+
+
+def clear_run_files(out: Path) -> None:
+    """Delete the files a run leaves in ``out``, so that a run started there anew finds no old record."""
+    # The figures of every method: the folder may hold a run of another method than the one starting there.
+    figures = dict.fromkeys(name for method in METHODS.values() for name in method.hooks.files)
+    for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, ADAPTER_FILE, MODEL_FILE, "curves.png",
+                 *figures):
+        (out / name).unlink(missing_ok=True)
+
+
+def write_config(path: Path, cfg: TrainConfig, out: Path) -> None:
+    """``cfg`` as ``config.yaml`` records it, with the folder it ran in."""
+    import yaml
+
+    d = cfg.to_dict()
+    d["out"] = str(out)
+    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                    step: int, metrics: list[dict], rng: list[tuple[dict, dict]], config: dict | None = None,
+                    hooks: dict | None = None) -> None:
+    """Trainable parameters, optimizer state, RNG states (one per rank), progress, the run's settings
+    (``config``, checked by --resume) and the method hooks' state (``hooks``: TrainingHooks.state), without
+    pickle."""
+    # Everything the optimizer holds, trainable now or not (DMLoRA's stage 2 freezes the branches it trained).
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    tensors = {f"model.{n}": p for n, p in model.named_parameters() if id(p) in held}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
+    rng_info = []
+    for rank, (rng_tensors, info) in enumerate(rng):
+        for key, value in rng_tensors.items():
+            tensors[f"rng.{rank}.{key}"] = value
+        rng_info.append(info)
+    state = {"epoch": epoch, "scheduler": {"step": step}, "param_groups": opt["param_groups"],
+             "metrics": metrics, "rng": rng_info, "threads": torch.get_num_threads(), "config": config,
+             "hooks": hooks or {}}
+    atomic_save_file(tensors, path, {"format": "mlae-checkpoint-1", "state": json.dumps(state)})
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the JSON state (epoch, metrics, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("model."):
+                name = key[len("model."):]
+                if name not in params:
+                    raise TrainingError(f"{path}: parameter {name} does not exist in this model")
+                params[name].copy_(value)
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    if rank < len(state["rng"]):
+        prefix = f"rng.{rank}."
+        set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, state["rng"][rank])
+    return state
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def _optional_pyplot(path: Path):
+    """pyplot, or None with a note when matplotlib is missing: plots are a convenience, results.json and
+    metrics.jsonl are the record."""
+    try:
+        return pyplot()
+    except ImportError:
+        print(f"note: matplotlib is not installed; no {path.name} (pip install matplotlib to get it)",
+              file=sys.stderr)
+        return None
+
+
+def save_figure(path: Path, draw: Callable[[Any], Any]) -> None:
+    """The figure ``draw(plt)`` returns, as a PNG at ``path`` (nothing but a note without matplotlib)."""
+    plt = _optional_pyplot(path)
+    if plt is not None:
+        save_png(draw(plt), path)
+
+
+def draw_curves(plt, metrics: list[dict], eval_name: str):
+    """Loss and top-1 per epoch (curves.png)."""
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_acc.plot(epochs, [m["train_top1"] for m in metrics], label="train")
+    evals = [(m["epoch"], m[f"{eval_name}_top1"]) for m in metrics if m[f"{eval_name}_top1"] is not None]
+    ax_acc.plot([e for e, _ in evals], [a for _, a in evals], marker="o", label=eval_name)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("top-1")
+    ax_acc.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,146 @@
+"""The trained weights file a run leaves (adapter or whole model): its metadata, writing it, rebuilding from it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH, EMBEDDED_VERSIONS, _looks_like_path,
+                        card_folder, create_backbone, embedded_card)
+from .errors import InputError
+from .inject import adapter_layers
+from .io import load_adapter, read_adapter_metadata, save_adapter
+from .utils import atomic_save_file, read_safetensors_header
+
+if TYPE_CHECKING:  # annotations only: the engine imports this module
+    from .engine import Inputs, TrainConfig
+
+__all__ = ["load_trained", "read_weights_metadata", "weights_metadata", "save_weights", "timm_spec",
+           "merged_state_dict", "build_backbone", "backbone_kwargs", "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
+
+ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
+MODEL_FILE = "model.safetensors"      # or the whole model's (full fine-tuning), in this format:
+MODEL_FORMAT = "mlae.model/1"
+
+
+# --------------------------------------------------------------------------------------------- the network
+
+
+def backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of mlae.backbones.create_backbone besides num_classes (stored with the weights)."""
+    kwargs = {"pretrained": cfg.pretrained, "arch": cfg.arch, "img_size": cfg.img_size,
+              "patch_size": cfg.patch_size}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def build_backbone(name: str | None, num_classes: int, seed: int, drop_path: float = 0.0, **kwargs) -> nn.Module:
+    """The backbone, with any randomly initialised weights drawn from ``seed`` so that `mlae eval` can rebuild
+    exactly the network a run was trained on."""
+    torch.manual_seed(seed)
+    return create_backbone(name, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> dict[str, Any]:
+    """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
+    are made absolute, so that the file works from any folder."""
+    # The version, so that the file still names its weights when the default changes.
+    backbone = DEFAULT_EMBEDDED if cfg.backbone in (None, EMBEDDED) else cfg.backbone
+    prefix, _, rest = cfg.dataset.partition(":")
+    is_path = backbone not in EMBEDDED_VERSIONS and _looks_like_path(backbone)
+    return {"backbone": _absolute(backbone) if is_path else backbone,
+            "backbone_kwargs": backbone_kwargs(cfg),
+            "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
+            "normalize": normalize, "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,
+            "dataset": task.name, "dataset_spec": f"folder:{_absolute(rest)}" if prefix == "folder" else cfg.dataset,
+            "data_root": _absolute(cfg.data_root), "method": cfg.method, "classes": task.classes,
+            "skip_bad_images": cfg.skip_bad_images}
+
+
+def save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any]) -> None:
+    """The trained weights into the run folder ``out`` with ``meta`` (:func:`weights_metadata`): the adapter's
+    (``adapter.safetensors``) or, for full fine-tuning, the whole model's (``model.safetensors``)."""
+    if adapter:
+        save_adapter(model, out / ADAPTER_FILE, metadata=meta)
+    else:
+        atomic_save_file(model.state_dict(), out / MODEL_FILE,
+                         {"format": MODEL_FORMAT, "metadata": json.dumps(meta, sort_keys=True)})
+
+
+# --------------------------------------------------------------------------------------------- reloading
+
+
+def _read_header(path: str | os.PathLike) -> dict[str, str]:
+    return read_safetensors_header(path, "weights file")
+
+
+def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata a run stored with its weights (adapter file or full model file)."""
+    header = _read_header(path)
+    meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else read_adapter_metadata(path)
+    if "backbone" not in meta or "num_classes" not in meta:
+        raise InputError(f"{path}: no backbone metadata; was it written by `mlae train`?")
+    return meta
+
+
+def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network a run saved (``adapter.safetensors`` or ``model.safetensors``), in eval mode."""
+    from safetensors.torch import load_file
+
+    meta = read_weights_metadata(path)
+    backbone = _saved_backbone(meta)
+    model = build_backbone(backbone, int(meta["num_classes"]), int(meta.get("seed", 0)), **meta["backbone_kwargs"])
+    if _read_header(path).get("format") == MODEL_FORMAT:
+        model.load_state_dict(load_file(str(path)))
+    else:
+        # a replaced backbone checkpoint would give a meaningless accuracy: refuse it
+        model = load_adapter(model, path, check_backbone="error")
+    return model.eval(), meta
+
+
+# Files written before weights recorded the embedded version say "embedded"; the default was v2 then.
+LEGACY_EMBEDDED = "embedded-v2"
+
+
+def _saved_backbone(meta: dict[str, Any]) -> str:
+    return LEGACY_EMBEDDED if meta["backbone"] == EMBEDDED else meta["backbone"]
+
+
+def timm_spec(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model name, kwargs) such that ``timm.create_model(name, **kwargs)`` builds the architecture of a run's
+    backbone, head included."""
+    kwargs = {k: v for k, v in meta["backbone_kwargs"].items() if k in ("img_size", "patch_size")}
+    name = _saved_backbone(meta)
+    folder = card_folder(name)
+    if folder is not None:
+        kwargs = dict(embedded_card(folder).get("arch") or EMBEDDED_ARCH)
+        name = kwargs.pop("model_name")
+    elif meta["backbone_kwargs"].get("arch") or Path(name).suffix:
+        name = meta["backbone_kwargs"].get("arch") or DEFAULT_ARCH  # a checkpoint file of that architecture
+    return name, {**kwargs, "num_classes": int(meta["num_classes"])}
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict of a merged model under the backbone's own names: each adapter layer contributes its
+    (merged) base layer's tensors, its adapter tensors are dropped."""
+    layers = [name for name, layer in adapter_layers(model)]
+    if any(not layer.merged for _, layer in adapter_layers(model)):
+        raise ValueError("merge the model first")
+    out = {}
+    for key, value in model.state_dict().items():
+        owner = next((name for name in layers if key.startswith(name + ".")), None)
+        if owner is None:
+            out[key] = value
+        elif key.startswith(owner + ".base."):
+            out[owner + key[len(owner) + len(".base"):]] = value
+    return out
