@@ -3,7 +3,8 @@
 Part ``toy`` -- a teacher-student problem that needs regularisation, where a p sweep costs seconds. A frozen random
 MLP (``DIM`` → 64 → 64 → ``CLASSES``, GELU) is the backbone; the teacher adds a random rank-2 update to both hidden
 layers; labels are *sampled* from the teacher's softmax, so they are noisy and a memorising student loses on fresh
-data. The student has MLAE (``EXPERTS`` rank-1 experts) on both hidden layers and the teacher's head, trains on
+data (``--labels teacher`` instead takes the teacher's argmax: clean labels, where memorising is learning and
+masking has nothing to correct). The student has MLAE (``EXPERTS`` rank-1 experts) on both hidden layers and the teacher's head, trains on
 ``n`` examples (full batch, Adam, ``--steps``) and is scored on 4,096 fresh examples (cross-entropy against the
 teacher's probabilities, and top-1 against its argmax). Variants: p fixed at the paper's grid {0, .1, .3, .5, .7,
 .9} (the sweep) and ``dropout="auto"`` with each learner; several training-set sizes, so one can see whether the
@@ -19,6 +20,7 @@ Part ``suite`` -- ``mlae train --dropout auto`` with each learner on one suite t
 val200), to see p move on the real backbone. Far too short to rank anything; it shows the dynamics.
 
     python benchmarks/auto_dropout.py toy --sizes 64,512 --seeds 0,1,2 --out runs/auto_dropout
+    python benchmarks/auto_dropout.py toy --labels teacher --variants 0,0.1,0.3,0.5,0.7,0.9,heldout   # clean labels
     python benchmarks/auto_dropout.py suite --task dsprites_loc --epochs 3 --out runs/auto_dropout
 
 Writes ``<out>/toy.json`` / ``<out>/suite.json`` and prints a table.
@@ -76,7 +78,7 @@ def student(seed: int, variant) -> nn.Module:
                                                       **options))
 
 
-def run(n: int, seed: int, variant, steps: int, lr: float) -> dict:
+def run(n: int, seed: int, variant, steps: int, lr: float, labels: str = "sampled") -> dict:
     from mlae.adapters.mlae import DropoutController
 
     t0 = time.perf_counter()
@@ -84,6 +86,8 @@ def run(n: int, seed: int, variant, steps: int, lr: float) -> dict:
     g = torch.Generator().manual_seed(20_000 + seed)
     x, x_test = torch.randn(n, DIM, generator=g), torch.randn(TEST, DIM, generator=g)
     y = torch.multinomial(F.softmax(net(x), -1), 1, generator=g).squeeze(1)
+    if labels == "teacher":  # clean labels: memorising them is learning the teacher, nothing to regularise
+        y = net(x).argmax(-1)
     target = F.softmax(net(x_test), -1)
     model = student(seed, variant)
     controller = history = None
@@ -125,10 +129,13 @@ def run(n: int, seed: int, variant, steps: int, lr: float) -> dict:
 def toy(args) -> list[dict]:
     rows = []
     variants = [*GRID, *AUTO_VARIANTS]
+    if args.variants:
+        wanted = args.variants.split(",")
+        variants = [v for v in variants if str(v) in wanted or (isinstance(v, float) and f"{v:g}" in wanted)]
     for n in map(int, args.sizes.split(",")):
         for seed in map(int, args.seeds.split(",")):
             for v in variants:
-                rows.append(run(n, seed, v, args.steps, args.lr))
+                rows.append({**run(n, seed, v, args.steps, args.lr, args.labels), "labels": args.labels})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -175,6 +182,10 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", default="64,512", help="toy: training-set sizes")
     p.add_argument("--seeds", default="0,1,2", help="toy: seeds")
     p.add_argument("--steps", type=int, default=300, help="toy: full-batch Adam steps")
+    p.add_argument("--labels", choices=["sampled", "teacher"], default="sampled",
+                   help="toy: labels sampled from the teacher's softmax (noisy: memorising them overfits), or its "
+                        "argmax (clean: a student that memorises them learns the teacher)")
+    p.add_argument("--variants", default=None, help="toy: a comma-separated subset, e.g. 0,0.5,0.9,heldout")
     p.add_argument("--lr", type=float, default=None, help="learning rate (toy 3e-3, suite 2e-3)")
     p.add_argument("--task", default="dsprites_loc", help="suite: the task")
     p.add_argument("--epochs", type=int, default=3, help="suite: epochs")
@@ -186,7 +197,7 @@ def main(argv=None) -> None:
     if args.part == "toy":
         args.lr = args.lr or 3e-3
         rows = toy(args)
-        (out / "toy.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / f"toy{'' if args.labels == 'sampled' else '_' + args.labels}.json").write_text(json.dumps(rows, indent=1) + "\n")
         print(toy_table(rows))
         print(f"\n{HELDOUT}: trains on {100 - 100 * HOLDOUT:.0f} % of n (the other {100 * HOLDOUT:.0f} % are its "
               f"controller's held-out set, p updated every {CONTROL_EVERY} steps); the fixed-p grid and the other "
