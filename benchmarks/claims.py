@@ -124,14 +124,14 @@ REGIME_CLAIMS = CLAIMS + [("7. DMLoRA beats LoRA", "dmlora", "lora"),
 
 def from_regime(path: Path) -> None:
     """Tables of docs/REPRODUCTION.md's paper-regime section from the committed CSV of benchmarks/paper_regime.py:
-    one section per study setting (backbone, epochs, lr), since rows of different settings do not compare."""
+    one section per study setting (backbone, epochs, lr, precision), since rows of different settings do not compare."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     settings: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        settings[r["backbone"], int(r["epochs"]), float(r["lr"])].append(r)
-    for (backbone, epochs, lr), subset in sorted(settings.items()):
-        print(f"# Backbone {backbone or 'embedded (default)'}, {epochs} epochs, lr {lr:g}\n")
+        settings[r["backbone"], int(r["epochs"]), float(r["lr"]), r.get("precision") or "bf16"].append(r)
+    for (backbone, epochs, lr, precision), subset in sorted(settings.items()):
+        print(f"# Backbone {backbone or 'embedded (default)'}, {epochs} epochs, lr {lr:g}, {precision}\n")
         regime_section(subset)
 
 

@@ -35,18 +35,20 @@ import platform
 import sys
 from pathlib import Path
 
+import torch
+
 from mlae.rundir import RESULTS
 from mlae.experiments.compare import Run, dataset_slug, execute_runs, resolve_config
 from mlae.experiments.variants import parse_methods
 from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
-from mlae.utils import atomic_write_text
+from mlae.utils import atomic_write_text, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "docs" / "results" / "paper_regime.csv"
 COLUMNS = ["dataset", "method", "variant", "config", "seed", "split", "selected_by", "epochs", "lr", "p",
            "coeff_init", "alpha", "train_top1", "val_top1", "test_top1", "test_gain_last_quarter", "seconds",
-           "backbone", "cpu", "learned_p"]
+           "backbone", "cpu", "learned_p", "precision"]
 P_GRID = "0,0.1,0.3,0.5,0.7,0.9"          # the paper's grid (Table 10's values come from it)
 ALPHA_GRID = "2,4,8,16,32,64"              # rank 8: update scale alpha / r from 1/4 to 8
 SEEDS = "0,1,42"
@@ -83,6 +85,11 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def row_precision(row: dict) -> str:
+    """A row's training precision; rows from before the column was added all trained under bf16 autocast."""
+    return row.get("precision") or "bf16"
+
+
 def append_row(path: Path, row: dict) -> None:
     """One line per finished run, appended (and flushed) at once: a killed study loses no finished run."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +116,10 @@ class Study:
         self.csv = Path(args.csv)
         self.datasets = expand_specs(args.datasets)
         self.seeds = [int(s) for s in args.seeds.split(",")]
-        self.base = {"epochs": args.epochs, "lr": args.lr, "precision": args.precision}
+        # Resolved here, once: "auto" measures bf16 on this CPU before the jobs start (they then read the cached
+        # value), and the table records the precision the runs trained in.
+        self.precision = resolve_precision(args.precision, torch.device("cpu"))
+        self.base = {"epochs": args.epochs, "lr": args.lr, "precision": self.precision}
         if args.backbone:
             self.base["backbone"] = args.backbone
         for key in ("img_size", "patch_size", "batch_size", "warmup_epochs"):
@@ -123,14 +133,15 @@ class Study:
         """A run's identity: every method option (resolved, so that ``lora`` and ``lora[alpha=8]`` are one run)
         and the study's settings."""
         return (run.dataset, run.variant.method, _options(run), str(run.seed), run.config["split"],
-                str(self.args.epochs), f"{self.args.lr:g}", self.args.backbone or "")
+                str(self.args.epochs), f"{self.args.lr:g}", self.args.backbone or "", self.precision)
 
     def done(self) -> dict[tuple, list[dict]]:
         """The CSV's rows by run identity."""
         out: dict[tuple, list[dict]] = {}
         for r in read_rows(self.csv):
             config = _canonical(r["method"], json.loads(r["config"]))
-            key = (r["dataset"], r["method"], config, r["seed"], r["split"], r["epochs"], r["lr"], r["backbone"])
+            key = (r["dataset"], r["method"], config, r["seed"], r["split"], r["epochs"], r["lr"], r["backbone"],
+                   row_precision(r))
             out.setdefault(key, []).append(r)
         return out
 
@@ -176,7 +187,7 @@ class Study:
                     "val_top1": _pct(r.get("val_top1")), "test_top1": _pct(r.get("test_top1")),
                     "test_gain_last_quarter": _last_quarter_gain(run.folder / "metrics.jsonl"),
                     "seconds": round(r["wall_time_s"], 1), "backbone": self.args.backbone or "",
-                    "cpu": CPU, "learned_p": _learned_p(r.get("learned"))})
+                    "cpu": CPU, "learned_p": _learned_p(r.get("learned")), "precision": self.precision})
 
         print(f"{len(todo)} run(s) to train ({len(wanted) - len(todo)} of {len(wanted)} wanted are in {self.csv})",
               flush=True)
@@ -196,7 +207,7 @@ class Study:
         the first in grid order. None while some of its rows are missing."""
         rows = {(r["variant"], r["selected_by"]): r for r in read_rows(self.csv) if r["dataset"] == dataset
                 and r["epochs"] == str(self.args.epochs) and r["lr"] == f"{self.args.lr:g}"
-                and r["backbone"] == (self.args.backbone or "")}
+                and r["backbone"] == (self.args.backbone or "") and row_precision(r) == self.precision}
         scores = []
         for label in self.grid(family):
             row = rows.get((label, "trial" if by == "val" else "candidate"))
@@ -251,9 +262,9 @@ class Study:
     def part_status(self) -> None:
         rows = read_rows(self.csv)
         mine = [r for r in rows if r["epochs"] == str(self.args.epochs) and r["lr"] == f"{self.args.lr:g}"
-                and r["backbone"] == (self.args.backbone or "")]
+                and r["backbone"] == (self.args.backbone or "") and row_precision(r) == self.precision]
         print(f"{self.csv}: {len(rows)} rows, {len(mine)} with epochs {self.args.epochs}, lr {self.args.lr:g}, "
-              f"backbone {self.args.backbone or 'embedded'}")
+              f"backbone {self.args.backbone or 'embedded'}, {self.precision}")
         for d in self.datasets:
             by = {}
             for r in mine:

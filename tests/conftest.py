@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 from torch import nn
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The per-user cache (the bf16 measurement behind --precision auto, data caches beside unwritable folders) goes to
+# one folder of this test session, inherited by the `mlae` subprocesses: tests neither read nor write the user's.
+os.environ["MLAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlae-test-cache-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -27,6 +27,15 @@ def test_selection_on_val_rows_and_resumption(tmp_path):
     assert sorted(r["variant"] for r in trials) == ["lora[alpha=16]", "lora[alpha=8]", "mlae[dropout=0.5]",
                                                      "mlae[dropout=0]"]
     assert all(r["split"] == "val" and r["val_top1"] and not r["test_top1"] and r["train_top1"] for r in trials)
+    assert {r["precision"] for r in rows} == {"bf16"}  # the study's pinned default, recorded
+    # Rows from before the precision column were all bf16: they still count as done...
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "precision": ""} for r in rows)
+    assert "0 run(s) to train" in _run("select", tmp_path)
+    # ...and another precision is another setting: none of its runs is in the table.
+    assert f"{len(rows)} rows, 0 with epochs 1" in _run("status", tmp_path, "--precision", "fp32")
 
     # The honest protocol's retrains alone first: no candidate is trained for "selected on test" yet.
     _run("test", tmp_path, "--selected-by", "val")

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,12 +12,16 @@ import torch
 from mlae import utils
 
 
+FAKE_CPUINFO = ("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Test CPU 9000\n"
+                "stepping\t: 8\nflags\t\t: avx512f avx512_bf16\n\nprocessor\t: 1\nmodel name\t: Other\n")
+
+
 @pytest.fixture
 def fake_cpu(monkeypatch, tmp_path):
     """A CPU that reports bf16 instructions (what /proc/cpuinfo says is the only thing replaced; the measurement
     runs on this machine), with the per-user cache in a temporary folder."""
     monkeypatch.setenv("MLAE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(utils, "_cpuinfo", lambda: "model name\t: Test CPU 9000\nflags\t\t: avx512f avx512_bf16\n")
+    monkeypatch.setattr(utils, "_cpuinfo", lambda: FAKE_CPUINFO)
     utils.cpu_supports_bf16.cache_clear()
     utils.cpu_bf16_speedup.cache_clear()
     yield tmp_path / "cpu_bf16.json"
@@ -33,7 +40,8 @@ def test_measured_once_then_read_from_the_cache(fake_cpu):
     first = utils.cpu_bf16_speedup()
     stored = json.loads(fake_cpu.read_text())
     (key,) = stored
-    assert key.startswith("Test CPU 9000 | torch ") and stored[key] == pytest.approx(first, abs=1e-3)
+    assert key.startswith("Test CPU 9000 (GenuineIntel/6/143/8) | amx False | torch ")
+    assert stored[key] == pytest.approx(first, abs=1e-3)
     # Another process on this machine reads the stored value instead of measuring again: the choice is stable.
     for value, expected in ((9.0, "bf16"), (0.5, "fp32"), (utils.BF16_MIN_SPEEDUP, "bf16")):
         fake_cpu.write_text(json.dumps({key: value}))
@@ -44,10 +52,32 @@ def test_measured_once_then_read_from_the_cache(fake_cpu):
     assert utils.resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
-def test_an_unreadable_cache_is_measured_again_and_rewritten(fake_cpu):
-    fake_cpu.write_text("[not a table")
+@pytest.mark.parametrize("damage", ["[not a table", "[" * 100_000, "[1, 2]"])
+def test_a_damaged_cache_is_measured_again_and_rewritten(fake_cpu, damage):
+    fake_cpu.write_text(damage)  # not JSON; nested past the parser's recursion limit; JSON but not a table
     assert utils.cpu_bf16_speedup() > 0
     assert isinstance(json.loads(fake_cpu.read_text()), dict)
+
+
+def test_cpus_that_share_a_model_name_are_measured_apart(fake_cpu, monkeypatch):
+    utils.cpu_bf16_speedup()
+    monkeypatch.setattr(utils, "_cpuinfo", lambda: FAKE_CPUINFO.replace("model\t\t: 143", "model\t\t: 207"))
+    utils.cpu_bf16_speedup.cache_clear()
+    utils.cpu_bf16_speedup()
+    assert len(json.loads(fake_cpu.read_text())) == 2
+
+
+def test_processes_that_start_together_measure_once(tmp_path):
+    """Parallel `mlae compare` jobs (or torchrun ranks) start at once: the first measures under a file lock, the
+    others wait and read its value, so that all of them choose the same precision."""
+    code = ("from mlae import utils; utils._cpuinfo = lambda: 'model name : Race CPU\\nflags : avx512_bf16\\n'; "
+            "print(utils.cpu_bf16_speedup())")
+    env = {**os.environ, "MLAE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    values = {float(p.communicate(timeout=120)[0]) for p in procs}
+    assert len(values) == 1 and all(p.returncode == 0 for p in procs)
+    assert list(json.loads((tmp_path / "cpu_bf16.json").read_text()).values()) == list(values)
 
 
 def test_no_bf16_instructions_means_fp32_without_measuring(monkeypatch, tmp_path):

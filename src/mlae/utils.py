@@ -92,6 +92,10 @@ def cpu_supports_bf16() -> bool:
 
 # bf16 is chosen for a CPU only when its matrix products beat fp32 by this much: bf16 also costs accuracy.
 BF16_MIN_SPEEDUP = 1.15
+# What --precision auto does on a CPU, in the words of the commands' --help.
+CPU_AUTO_PRECISION = (f"a CPU whose bf16 matrix products measure at least {BF16_MIN_SPEEDUP:g}x faster than fp32 "
+                      "(measured once per CPU and torch version, about 1 s, kept in $MLAE_CACHE_DIR, else "
+                      "~/.cache/mlae: delete cpu_bf16.json there to measure again)")
 # The matrix products of a small ViT's training step (tokens x width x 3*width, x 4*width, and back).
 _PROBE_SHAPES = ((4096, 128, 384), (4096, 128, 512), (4096, 512, 128))
 
@@ -119,33 +123,70 @@ def _measure_bf16_speedup(rounds: int = 15) -> float:
         torch.set_num_threads(threads)
 
 
+def _cpu_identity() -> str:
+    """The CPU as /proc/cpuinfo's first processor describes it: vendor, family, model, stepping and model name
+    (cloud VMs often report a generic name such as "Intel(R) Xeon(R) Processor"), and whether it has AMX."""
+    fields = {}
+    for line in _cpuinfo().splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    parts = [fields.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping")]
+    return f"{fields.get('model name', 'unknown CPU')} ({'/'.join(parts)}) | amx {'amx_bf16' in _cpuinfo()}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if needed), where the platform and the folder allow one:
+    the parallel jobs of `mlae compare`/`sweep` and the ranks of a CPU torchrun start at once, and only the first
+    should measure. Without a lock (no fcntl, a read-only folder) it does nothing."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 @functools.cache
 def cpu_bf16_speedup() -> float:
     """How many times faster bf16 matrix products run than fp32 on this CPU (0 when it reports no bf16
     instructions). CPUs that report them differ widely: an AVX-512 bf16 AMD EPYC ran bf16 several times faster,
-    an Intel Xeon VM with the same flags and no AMX at 0.7x. Measured once per CPU model and torch version and
-    kept in ``user_cache_dir()/cpu_bf16.json``, so that every run on a machine makes the same choice."""
+    an Intel Xeon VM with the same flags and no AMX at 0.7x. Measured once per CPU (:func:`_cpu_identity`) and
+    torch version and kept in ``user_cache_dir()/cpu_bf16.json``, so that every run on a machine makes the same
+    choice; delete that file to measure again (e.g. after a measurement on a busy machine)."""
     if not cpu_supports_bf16():
         return 0.0
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    key = f"{model} | torch {torch.__version__} | amx {'amx_bf16' in _cpuinfo()}"
+    key = f"{_cpu_identity()} | torch {torch.__version__}"
     path = user_cache_dir() / "cpu_bf16.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    if isinstance(known.get(key), (int, float)):
-        return float(known[key])
-    speedup = round(_measure_bf16_speedup(), 3)
-    try:
-        known[key] = speedup
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
-    except OSError:
-        pass  # a read-only home: measured again next time
+
+    def known() -> dict:
+        try:
+            table = json.loads(path.read_text())
+        except Exception:  # noqa: BLE001 - a damaged cache (unreadable, not JSON, ...) is measured again
+            return {}
+        return table if isinstance(table, dict) else {}
+
+    with _file_lock(path.with_name(path.name + ".lock")):
+        table = known()  # read under the lock: another process may have just measured
+        if isinstance(table.get(key), (int, float)):
+            return float(table[key])
+        speedup = round(_measure_bf16_speedup(), 3)
+        try:
+            table[key] = speedup
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass  # a read-only home: measured again next time
     return speedup
 
 

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..attention import ATTENTION_CHOICES
+from ..utils import CPU_AUTO_PRECISION
 
 __all__ = ["register", "run"]
 
@@ -48,7 +49,8 @@ def register(subparsers) -> None:
                    "initial weights")
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast on CUDA where supported, and on a CPU whose bf16 matrix products measure at least 1.15x faster than fp32 (measured once, about 1 s, cached in ~/.cache/mlae); else fp32")
+                   help=f"auto: bf16 autocast on {CPU_AUTO_PRECISION}; else fp32 "
+                   "(pretraining runs on the CPU)")
     g.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
     g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention kernel (auto: math on a CPU under bf16, where the fused backward is slow)")

@@ -20,6 +20,7 @@ from typing import Any
 from ..attention import ATTENTION_CHOICES
 from ..errors import InputError
 from ..recipes import METHODS, config_from_options
+from ..utils import CPU_AUTO_PRECISION
 
 
 def register(subparsers) -> None:
@@ -107,7 +108,8 @@ def train_option_specs() -> list[OptionSpec]:
     add(g, "--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
     add(g, "--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
     add(g, "--seed", type=int, help=f"random seed (default {d.seed})")
-    add(g, "--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA where supported, and on a CPU whose bf16 matrix products measure at least 1.15x faster than fp32 (measured once, about 1 s, cached in ~/.cache/mlae); else fp32 (default auto)")
+    add(g, "--precision", choices=["auto", "bf16", "fp32"], help=f"auto: bf16 autocast on CUDA where supported, and on {CPU_AUTO_PRECISION}; else fp32 "
+           "(default auto)")
     add(g, "--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add(g, "--attention", choices=list(ATTENTION_CHOICES), help="attention kernel: auto = math on a CPU under bf16 "
         "(its fused backward is slow there), fused elsewhere (default auto)")
@@ -265,7 +267,8 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--split", choices=["test", "val"], default="test", help="test: the test set (default); val: the "
                    "validation split (VTAB-1k: val200)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast on CUDA where supported, and on a CPU whose bf16 matrix products measure at least 1.15x faster than fp32 (measured once, about 1 s, cached in ~/.cache/mlae); else fp32")
+                   help=f"auto: bf16 autocast on CUDA where supported, and on {CPU_AUTO_PRECISION}; "
+                   "else fp32")
     p.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention kernel (auto: math on a CPU under bf16, fused elsewhere)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
