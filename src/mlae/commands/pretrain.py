@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help=f"auto: bf16 autocast on {CPU_AUTO_PRECISION}; else fp32 "
                    "(pretraining runs on the CPU)")
-    g.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
+    g.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", default=argparse.SUPPRESS,
+                   help="same as --precision fp32")
     g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention kernel (auto: math on a CPU under bf16, where the fused backward is slow)")
     g = p.add_argument_group("architecture (a timm VisionTransformer)")
