@@ -9,7 +9,7 @@ Runs the study in parts, each resumable, and appends one row per finished run to
     python benchmarks/paper_regime.py test    --epochs 100 --lr 2e-3     # candidates on test; chosen x 3 seeds
     python benchmarks/paper_regime.py test    --epochs 100 --lr 2e-3 --selected-by val   # the val choice first
     python benchmarks/paper_regime.py claims  --epochs 100 --lr 2e-3     # the other variants, 3 seeds
-    python benchmarks/paper_regime.py status                             # what is done, what is left
+    python benchmarks/paper_regime.py status                             # what is done; runs left per part, hours
 
 Protocol (rows' ``selected_by``):
 - ``trial``: MLAE with every p of ``--p-grid`` and LoRA with every alpha of ``--alpha-grid`` (the same number
@@ -27,6 +27,7 @@ not run again; run folders live under ``--runs`` (not committed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -127,6 +128,7 @@ class Study:
                 self.base[key] = getattr(args, key)
         if args.no_pretrained:
             self.base["pretrained"] = False
+        self.counting: set | None = None  # while the status part counts the runs left
 
     # --------------------------------------------------------------------------------------- bookkeeping
     def key(self, run: Run) -> tuple:
@@ -165,6 +167,10 @@ class Study:
             rows = done.get(key, [])
             if any((r["variant"], r["selected_by"]) == (variant, selected_by) for r in rows):
                 continue
+            if self.counting is not None:  # the status part: count what is left, train and write nothing
+                if not rows:
+                    self.counting.add(key)
+                continue
             if rows:  # the same run under another role: record it again, no training
                 row = {**rows[0], "variant": variant, "selected_by": selected_by}
                 append_row(self.csv, row)
@@ -173,6 +179,8 @@ class Study:
             todo.setdefault(key, run)
             if (variant, selected_by) not in roles.setdefault(key, []):
                 roles[key].append((variant, selected_by))
+        if self.counting is not None:
+            return
 
         def on_done(run: Run) -> None:
             r = json.loads((run.folder / RESULTS).read_text())
@@ -272,6 +280,29 @@ class Study:
                     by[r["selected_by"]] = by.get(r["selected_by"], 0) + 1
             chosen = {f"{f}/{s}": self.chosen(d, f, s) for f in ("mlae", "lora") for s in ("val", "test")}
             print(f"  {d}: {by or 'nothing yet'}; chosen: {chosen}")
+        # What each part still has to train, in the order docs/REPRODUCTION.md runs them, and how long that is at
+        # the median run time of this CPU's rows. Runs that need an earlier part's results (the choice on test
+        # needs the candidates) are not counted until those exist.
+        seconds = sorted(float(r["seconds"]) for r in mine if r["cpu"] == CPU and r["seconds"])
+        left = {}
+        jobs = self.args.jobs or 2
+        for name, part, selected_by in (("select", self.part_select, None), ("test --selected-by val", self.part_test,
+                                        "val"), ("claims", self.part_claims, None), ("test", self.part_test, "both")):
+            self.counting, keep = set(), self.args.selected_by
+            self.args.selected_by = selected_by or keep
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # "run the select part first" notes
+                    part()
+            finally:
+                self.args.selected_by = keep
+            left[name], self.counting = self.counting, None
+        seen: set = set()
+        for name, keys in left.items():  # a run counts in the first part that trains it
+            new = keys - seen
+            seen |= keys
+            eta = (f", about {len(new) * seconds[len(seconds) // 2] / jobs / 3600:.1f} h at {jobs} jobs "
+                   f"(median {seconds[len(seconds) // 2]:.0f} s per run on this CPU)" if seconds and new else "")
+            print(f"left: {name}: {len(new)} run(s){eta}")
 
 
 def _options(run: Run) -> str:

@@ -37,6 +37,12 @@ def test_selection_on_val_rows_and_resumption(tmp_path):
     # ...and another precision is another setting: none of its runs is in the table.
     assert f"{len(rows)} rows, 0 with epochs 1" in _run("status", tmp_path, "--precision", "fp32")
 
+    # status counts what each part has left, without training or writing anything
+    before = (tmp_path / "rows.csv").read_text()
+    status = _run("status", tmp_path)
+    assert "left: select: 0 run(s)\n" in status and "left: test --selected-by val: 2 run(s), about" in status
+    assert (tmp_path / "rows.csv").read_text() == before and "to train" not in status
+
     # The honest protocol's retrains alone first: no candidate is trained for "selected on test" yet.
     _run("test", tmp_path, "--selected-by", "val")
     rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
