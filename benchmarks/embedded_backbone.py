@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlae.utils import atomic_write_text
+from mlae.files import atomic_write_text
 
 TASKS = ["digits", "dsprites_loc", "dsprites_ori", "clevr_count", "clevr_dist", "smallnorb_azi",
          "smallnorb_ele", "textures"]

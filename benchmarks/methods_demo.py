@@ -111,7 +111,7 @@ def multitask(args, tasks: list[str], out: Path) -> dict:
     from mlae.data import load_task
     from mlae.engine import EVAL_BATCH, Inputs, backbone_stats, lr_at
     from mlae.trained import build_backbone
-    from mlae.utils import autocast, resolve_precision
+    from mlae.hardware import autocast, resolve_precision
 
     torch.set_num_threads(args.threads)
     dev = torch.device("cpu")

@@ -43,7 +43,8 @@ from mlae.experiments.compare import Run, dataset_slug, execute_runs, resolve_co
 from mlae.experiments.variants import parse_methods
 from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
-from mlae.utils import atomic_write_text, resolve_precision
+from mlae.files import atomic_write_text
+from mlae.hardware import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "docs" / "results" / "paper_regime.csv"

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mlae
 from mlae.attention import set_attention
 from mlae.backbones import create_backbone
-from mlae.utils import autocast, resolve_precision
+from mlae.hardware import autocast, resolve_precision
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default}

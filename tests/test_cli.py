@@ -238,7 +238,7 @@ def test_resume_refuses_changed_settings_and_keeps_the_record(vtab_root, tmp_pat
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that holds the run-folder lock until it is killed."""
-    code = ("import sys, time; from mlae.utils import FolderLock; FolderLock(sys.argv[1]).__enter__(); "
+    code = ("import sys, time; from mlae.files import FolderLock; FolderLock(sys.argv[1]).__enter__(); "
             "print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"

@@ -12,8 +12,9 @@ from torch import nn
 from mlae import engine, rundir
 from mlae.engine import TrainConfig, lr_at
 from mlae.errors import TrainingError
+from mlae.hardware import DistInfo
 from mlae.recipes import METHODS, dataset_key, load_recipe, resolve_recipe
-from mlae.utils import DistInfo, get_rng_state, set_rng_state
+from mlae.utils import get_rng_state, set_rng_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The MLAE paper's Table 10: dataset -> (expert dropout p, coefficient init)

@@ -1,6 +1,6 @@
 """Each layer of the package imports only from the layers below it (README, "Layout"):
 
-    base        errors, utils
+    base        errors, files, hardware, utils
     core        adapters, inject, patterns, io, similarity, attention
     facade      mlae/__init__: the public API, re-exporting core (so core must not import it: a cycle)
     training    engine, rundir, trained, recipes, data, backbones, fractals, pretrain, published, evaluation, export
@@ -27,7 +27,7 @@ SRC = Path(mlae.__file__).parent
 LAYERS = ("base", "core", "facade", "training", "experiments", "commands")
 # dotted module (or package prefix) -> layer; the longest matching prefix wins
 RULES = {
-    "mlae.errors": "base", "mlae.utils": "base",
+    "mlae.errors": "base", "mlae.files": "base", "mlae.hardware": "base", "mlae.utils": "base",
     "mlae.adapters": "core", "mlae.inject": "core", "mlae.patterns": "core", "mlae.io": "core",
     "mlae.similarity": "core", "mlae.attention": "core",
     "mlae": "facade",
@@ -124,8 +124,8 @@ def test_a_lower_or_same_layer_import_passes(module, source):
     assert violations(module, source) == []
 
 
-CORE = [*sorted((SRC / "adapters").glob("*.py")), SRC / "inject.py", SRC / "io.py", SRC / "utils.py", SRC / "errors.py",
-        SRC / "patterns.py"]
+CORE = [*sorted((SRC / "adapters").glob("*.py")), SRC / "inject.py", SRC / "io.py", SRC / "utils.py", SRC / "files.py",
+        SRC / "hardware.py", SRC / "errors.py", SRC / "patterns.py"]
 
 
 def test_the_core_imports_mlae_modules_at_module_level_only():

@@ -28,13 +28,14 @@ from .adapters.base import Phase, TrainingHooks
 from .attention import ATTENTION_CHOICES, set_attention
 from .backbones import EMBEDDED, backbone_input_size, card_folder
 from .errors import InputError, MLAEError, TrainingError
+from .files import atomic_write_text
+from .hardware import DistInfo, auto_threads, autocast, init_distributed, resolve_device, resolve_precision
 from .inject import aux_losses, count_parameters, learned_values, set_progress, set_train_size
 from .recipes import Method, get_method
 from .rundir import (CHECKPOINT, RESULTS, clear_run_files, draw_curves, load_checkpoint, prepare_run_dir,
                      save_checkpoint, save_figure, write_config)
 from .trained import backbone_kwargs, build_backbone, save_weights, weights_metadata
-from .utils import (DistInfo, atomic_write_text, auto_threads, autocast, get_rng_state, init_distributed,
-                    resolve_device, resolve_precision, seed_everything)
+from .utils import get_rng_state, seed_everything
 
 __all__ = ["TrainConfig", "train", "evaluate", "Inputs", "backbone_stats", "resolve_normalize", "init_head",
            "NORMALIZE_CHOICES", "HEAD_INITS", "DEFAULT_DATASET"]

@@ -19,7 +19,7 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     from .data import load_task
     from .engine import Inputs, evaluate
     from .trained import load_trained
-    from .utils import resolve_device, resolve_precision
+    from .hardware import resolve_device, resolve_precision
 
     model, meta = load_trained(path)
     if experts is not None:
@@ -53,7 +53,7 @@ def predict_files(path: str, images: list[str], *, top: int = 1, device: str | N
     from .data.transforms import cache_size
     from .engine import EVAL_BATCH, Inputs
     from .trained import load_trained
-    from .utils import resolve_device
+    from .hardware import resolve_device
 
     model, meta = load_trained(path)
     dev = resolve_device(device)

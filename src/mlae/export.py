@@ -39,7 +39,7 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
     ``model.safetensors``). ``fmt="peft"``: a PEFT adapter folder. An existing ``out`` needs ``overwrite``."""
     import mlae
     from .trained import load_trained, merged_state_dict, timm_spec
-    from .utils import atomic_save_file, atomic_write_text
+    from .files import atomic_save_file, atomic_write_text
 
     target = Path(out)
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):

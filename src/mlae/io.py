@@ -16,9 +16,9 @@ from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
 from .errors import InputError, NotMergeableError
+from .files import atomic_save_file, read_safetensors_header
 from .inject import (CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, backbone_fingerprint, freeze_backbone,
                      learned_values)
-from .utils import atomic_save_file, read_safetensors_header
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "read_adapter_config", "read_adapter_learned",
            "export_peft", "atomic_save_file"]

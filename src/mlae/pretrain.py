@@ -21,7 +21,7 @@ from . import fractals
 from .attention import set_attention
 from .backbones import (CARD_FILE, EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD, WEIGHTS_FILE,
                         _is_head, build_embedded)
-from .utils import atomic_save_file, atomic_write_text
+from .files import atomic_save_file, atomic_write_text
 
 __all__ = ["pretrain", "DEFAULTS"]
 

@@ -4,7 +4,7 @@ A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one
 ``checkpoint.safetensors`` (while training), the trained weights (``adapter.safetensors``, or
 ``model.safetensors`` for full fine-tuning: :mod:`mlae.trained`), ``results.json`` (written last: its presence
 marks a finished run), ``curves.png`` (when matplotlib is installed), ``tensorboard/`` (``--tensorboard``) and
-``.mlae.lock`` while a process writes it (:class:`mlae.utils.FolderLock`).
+``.mlae.lock`` while a process writes it (:class:`mlae.files.FolderLock`).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .errors import RunDirError, TrainingError
+from .files import FolderLock, atomic_save_file, atomic_write_text, read_safetensors_header
 from .recipes import METHODS, canonical_config, dataset_key
 from .trained import ADAPTER_FILE, MODEL_FILE
-from .utils import (FolderLock, atomic_save_file, atomic_write_text, pyplot, read_safetensors_header, save_png,
-                    set_rng_state)
+from .utils import pyplot, save_png, set_rng_state
 
 if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import TrainConfig

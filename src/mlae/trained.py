@@ -12,9 +12,9 @@ from torch import nn
 from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH, EMBEDDED_VERSIONS, _looks_like_path,
                         card_folder, create_backbone, embedded_card)
 from .errors import InputError
+from .files import atomic_save_file, read_safetensors_header
 from .inject import adapter_layers
 from .io import load_adapter, read_adapter_metadata, save_adapter
-from .utils import atomic_save_file, read_safetensors_header
 
 if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import Inputs, TrainConfig

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..attention import ATTENTION_CHOICES
-from ..utils import CPU_AUTO_PRECISION
+from ..hardware import CPU_AUTO_PRECISION
 
 __all__ = ["register", "run"]
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..backbones import CARD_FILE, WEIGHTS_FILE
     from ..pretrain import pretrain
-    from ..utils import resolve_precision
+    from ..hardware import resolve_precision
 
     existing = Path(args.out) / WEIGHTS_FILE
     if existing.exists() and not args.overwrite:

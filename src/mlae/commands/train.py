@@ -19,8 +19,8 @@ from typing import Any
 
 from ..attention import ATTENTION_CHOICES
 from ..errors import InputError
+from ..hardware import CPU_AUTO_PRECISION
 from ..recipes import METHODS, config_from_options
-from ..utils import CPU_AUTO_PRECISION
 
 
 def register(subparsers) -> None:

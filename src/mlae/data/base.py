@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..utils import atomic_save_file, cpu_cores, user_cache_dir
+from ..files import atomic_save_file, user_cache_dir
+from ..hardware import cpu_cores
 
 __all__ = ["DatasetError", "Split", "Task", "Entry", "check_split", "decode_entries", "cached_split", "to_rgb",
            "clear_cache"]

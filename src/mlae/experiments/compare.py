@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..files import FolderLock
+from ..hardware import cpu_jobs
 from ..recipes import RecipeError, config_from_options, get_method
 from ..rundir import CHECKPOINT, RESULTS, RUN_LOCAL
-from ..utils import FolderLock, cpu_jobs
 from .summary import summarize
 from .variants import Variant, parse_methods, parse_seeds
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import TYPE_CHECKING
 
+from ..files import atomic_write, atomic_write_text
 from ..rundir import RESULTS
-from ..utils import atomic_write, atomic_write_text, pyplot, save_png
+from ..utils import pyplot, save_png
 from .variants import Variant
 
 if TYPE_CHECKING:

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import MLAEError
+from ..files import LOCK_FILE, pid_alive
+from ..hardware import cpu_jobs
 from ..recipes import RecipeError, canonical_config
 from ..rundir import CHECKPOINT, RESULTS, WORKER_LOCAL
-from ..utils import LOCK_FILE, cpu_jobs, pid_alive
 from .compare import resolve_config
 from .sweep_report import best_trial, write_reports
 from .sweep_space import build_space

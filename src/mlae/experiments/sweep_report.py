@@ -6,8 +6,9 @@ import csv
 import json
 from pathlib import Path
 
+from ..files import atomic_write_text
 from ..rundir import RESULTS
-from ..utils import atomic_write_text, pyplot, save_png
+from ..utils import pyplot, save_png
 from .sweep_space import Param
 
 __all__ = ["best_trial", "trial_rows", "write_reports"]
