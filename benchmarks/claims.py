@@ -2,6 +2,7 @@
 
     python benchmarks/claims.py runs/repro            # prints the Markdown table
     python benchmarks/claims.py --regime docs/results/paper_regime.csv   # the paper-regime study's tables
+    python benchmarks/claims.py --regime docs/results/paper_regime.csv --update docs/REPRODUCTION.md
 
 Each claim compares two method labels of the compare run (mean ± std over seeds of last-epoch test top-1).
 Verdict: "holds" when the mean difference in the claimed direction exceeds twice its standard error
@@ -11,8 +12,11 @@ Claim 5 (expert similarity) is measured on the saved adapters with `mlae.expert_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, stdev
@@ -222,14 +226,50 @@ def regime_section(rows: list[dict]) -> None:
     print()
 
 
+# --update: the marked blocks of a Markdown file, "<!-- NAME: begin ... -->" up to "<!-- NAME: end -->", get the
+# table of the same name from the last study setting's section (the tables under these headings; for the
+# verdicts the pooled one, which comes last).
+UPDATABLE = {"trials": "## Trials", "selected": "## Selected hyperparameters", "test": "## Test top-1",
+             "verdicts": "## Verdicts"}
+
+
+def update_doc(csv_path: Path, doc: Path) -> list[str]:
+    """Rewrites the marked tables of ``doc`` from ``csv_path``; returns the names of the blocks it rewrote."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        from_regime(csv_path)
+    section = out.getvalue().split("\n# Backbone ")[-1]
+    text, done = doc.read_text(), []
+    for name, heading in UPDATABLE.items():
+        part = section.split("\n" + heading, 1)
+        if len(part) < 2 or f"<!-- {name}: begin" not in text:
+            continue
+        body = part[1].split("\n## ", 1)[0]
+        tables = re.findall(r"(?m)^(\|.*\|\n(?:\|.*\|\n?)+)", body)
+        if not tables:
+            continue
+        table = tables[-1].strip()
+        text = re.sub(rf"(<!-- {name}: begin[^\n]*-->\n).*?(<!-- {name}: end -->)",
+                      lambda m: m.group(1) + table + "\n" + m.group(2), text, flags=re.S)
+        done.append(name)
+    doc.write_text(text)
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("compare_dir", type=Path, nargs="?", help="an mlae compare output folder")
     ap.add_argument("--regime", type=Path, metavar="CSV", help="instead: docs/results/paper_regime.csv")
+    ap.add_argument("--update", type=Path, metavar="MD", help="with --regime: rewrite the marked tables of this "
+                    f"Markdown file ({', '.join(UPDATABLE)}) from the last study setting instead of printing")
     args = ap.parse_args()
     if (args.compare_dir is None) == (args.regime is None):
         ap.error("give a compare folder or --regime CSV (one of them)")
-    if args.regime:
+    if args.update and not args.regime:
+        ap.error("--update goes with --regime")
+    if args.update:
+        print(f"{args.update}: rewrote {', '.join(update_doc(args.regime, args.update)) or 'no block'}")
+    elif args.regime:
         from_regime(args.regime)
     else:
         from_compare(args.compare_dir)

@@ -74,6 +74,17 @@ def test_selection_on_val_rows_and_resumption(tmp_path):
     assert trials[0] == "| dataset | MLAE p = 0 | MLAE p = 0.5 | LoRA α = 8 | LoRA α = 16 |"
     assert trials[2].startswith("| suite:digits | ") and trials[2].count("**") >= 4  # a best per method
 
+    # --update rewrites the marked tables of a document (docs/REPRODUCTION.md) and leaves the rest as it was
+    doc = tmp_path / "report.md"
+    doc.write_text("intro\n<!-- test: begin (x) -->\nold\n<!-- test: end -->\nmiddle\n<!-- trials: begin -->\n"
+                   "<!-- trials: end -->\n<!-- unknown: begin -->\nkept\n<!-- unknown: end -->\n")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "claims.py"), "--regime",
+                           str(tmp_path / "rows.csv"), "--update", str(doc)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    text = doc.read_text()
+    assert "old" not in text and "| variant | suite:digits |" in text and "\n".join(trials) in text
+    assert text.startswith("intro\n") and "middle\n" in text and "\nkept\n" in text
+
 
 def test_a_table_with_an_older_header_is_rewritten_before_appending(tmp_path):
     spec = importlib.util.spec_from_file_location("paper_regime", SCRIPT)
