@@ -362,3 +362,62 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     for bug in (ValueError("a bug"), KeyError("k"), TypeError("t"), FileNotFoundError("no errno: ours")):
         with pytest.raises(type(bug)):
             _fail(bug)
+
+
+# --------------------------------------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--weight-decay", "inf"], "--weight-decay"),
+    (["--drop-path", "1.5"], "--drop-path"), (["--drop-path", "-0.5"], "--drop-path"),
+    (["--threads", "-3"], "--threads"), (["--img-size", "-32"], "--img-size"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--resume", "--overwrite"], "--overwrite"),
+])
+def test_a_bad_training_value_is_one_line_naming_its_flag(flags, named, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mlae: error: ") and named in err and len(err.splitlines()) == 1
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("value", ["nan", "abc"])
+def test_a_dropout_that_is_no_probability_is_refused_by_the_parser(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--dropout", value])
+    assert stop.value.code == 2
+    assert f"argument --dropout: invalid dropout value: '{value}'" in capsys.readouterr().err
+
+
+def test_resume_needs_an_interrupted_run(tmp_path, capsys):
+    """A typo in --out must not start a new run where the user meant to continue one."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for out in (tmp_path / "typo", tmp_path / "other"):
+        assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert "--resume: no interrupted run in" in err and "drop --resume" in err
+    assert not (tmp_path / "typo").exists()
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", [["eval", "--adapter"], ["predict", "a.png", "--adapter"]])
+def test_eval_and_predict_keep_an_existing_out_file(command, tmp_path, capsys):
+    """`--out` naming a run's results.json (or any existing file) is refused before the work starts: the adapter
+    here does not even exist, and the error is about --out."""
+    kept = tmp_path / "results.json"
+    kept.write_text('{"top1": 0.9}')
+    assert main([*command, str(tmp_path / "missing.safetensors"), "--out", str(kept)]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert kept.read_text() == '{"top1": 0.9}'
+    assert main([*command, str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    # with --overwrite the check passes and the next problem (the missing adapter) is reported instead
+    assert main([*command, str(tmp_path / "missing.safetensors"), "--out", str(kept), "--overwrite"]) == 1
+    assert "missing.safetensors" in capsys.readouterr().err and kept.read_text() == '{"top1": 0.9}'
+
+
+def test_predict_top_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "a.png", "--adapter", "x.safetensors", "--top", "0"])
+    assert "argument --top: must be an integer >= 1, not '0'" in capsys.readouterr().err

@@ -105,8 +105,25 @@ class TrainConfig:
                 raise InputError(f"{name} must be >= 1")
         if self.eval_every < 0:
             raise InputError("eval_every must be >= 1, or 0 for about four evaluations per run")
-        if self.warmup_epochs < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise InputError("warmup_epochs and weight_decay must be >= 0 and lr > 0")
+        # One check per value, naming it and its flag; `not x > 0` also refuses NaN (every comparison with NaN is
+        # False), which would otherwise reach the optimiser or train a run of NaN losses.
+        if not self.lr > 0 or math.isinf(self.lr):
+            raise InputError(f"lr (--lr) must be a positive number, not {self.lr!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise InputError(f"weight_decay (--weight-decay) must be a number >= 0, not {self.weight_decay!r}")
+        if self.warmup_epochs < 0:
+            raise InputError(f"warmup_epochs (--warmup-epochs) must be >= 0, not {self.warmup_epochs!r}")
+        if not 0 <= self.drop_path < 1:
+            raise InputError(f"drop_path (--drop-path, the stochastic depth rate) must be in [0, 1), not "
+                             f"{self.drop_path!r}")
+        if self.threads < 0:
+            raise InputError(f"threads (--threads) must be >= 1, or 0 for the cores other programs leave free, not "
+                             f"{self.threads!r}")
+        for name in ("img_size", "patch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"{name} (--{name.replace('_', '-')}) must be >= 1, not {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise InputError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
 
     @property
     def eval_interval(self) -> int:

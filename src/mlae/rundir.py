@@ -73,11 +73,11 @@ def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path
     if finished:
         raise RunDirError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
     if cfg.resume:
-        if not has_checkpoint:
-            print(f"note: no checkpoint in {out}; starting from scratch", file=sys.stderr)
-        else:
-            _check_resume(out, cfg)
-        return out, has_checkpoint
+        if not has_checkpoint:  # e.g. a typo in --out: starting a new run there would hide it
+            raise RunDirError(f"--resume: no interrupted run in {out} (no {CHECKPOINT}); check --out, or drop "
+                              "--resume to start a new run there")
+        _check_resume(out, cfg)
+        return out, True
     if has_checkpoint:
         raise RunDirError(f"{out} holds an unfinished run with a checkpoint; pass --resume to continue it "
                           "(or --overwrite to start over)")

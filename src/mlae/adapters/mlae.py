@@ -71,7 +71,13 @@ def _dropout(text: str | float) -> float | str:
     """The ``dropout`` option: a masking probability, or ``auto`` (learned while training)."""
     if isinstance(text, str) and text.strip().lower() == AUTO:
         return AUTO
-    return float(text)
+    value = float(text)
+    if math.isnan(value):  # NaN compares unequal to everything, the default included: refuse it here
+        raise ValueError(f"dropout must be a probability or auto, not {text!r}")
+    return value
+
+
+_dropout.__name__ = "dropout"  # argparse names the type in its error: "invalid dropout value: 'abc'"
 
 
 @dataclass
@@ -81,11 +87,12 @@ class MLAEConfig(AdapterConfig):
     """Number of experts E per layer (the fixed/mixed patterns scale their counts to mean E)."""
     expert_rank: int = option(1, "rank of each expert")
     """Rank k of each expert's sub-matrix (the paper's best: 1)."""
-    dropout: float | str = option(0.5, "expert dropout probability p of the stochastic masks, or auto: learned per "
-                                  "layer in the same run", type=_dropout)
+    dropout: float | str = option(0.5, "expert dropout probability p of the stochastic masks, or auto: learned in "
+                                  "the same run (see --dropout-learner)", type=_dropout)
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
-    per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p per layer while
-    training (see the module docstring)."""
+    per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p while
+    training: one p for all layers with the default heldout learner, one per layer (or expert) with the others
+    (see the module docstring)."""
     dropout_learner: str = option("heldout", "with --dropout auto: heldout (one p for all layers, set each epoch "
                                   "from the gap between training and held-out loss; holds out --dropout-holdout of "
                                   "the training images), variational (Gaussian noise) or concrete (binary masks, "

@@ -237,6 +237,16 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}")
+    return value
+
+
 def _fail(err: Exception) -> int:
     """Print a user error (an mlae.MLAEError, or the operating system refusing a file: full disk, read-only
     folder, no permission) as one line; anything else is a bug and keeps its traceback."""
@@ -272,17 +282,38 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention kernel (auto: math on a CPU under bf16, fused elsewhere)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--out", metavar="JSON", help="also write the result to this JSON file")
+    p.add_argument("--out", metavar="JSON", help="also write the result to this JSON file (a new one: see "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--experts", metavar="I,J,...", type=lambda t: [int(i) for i in t.split(",") if i.strip()],
                    help="MoLE only: keep these experts (0-based, in --experts-from order); the gate weights are "
                    "renormalised over them")
     p.set_defaults(func=run_eval)
 
 
+def _json_out(path: str | None, overwrite: bool) -> Path | None:
+    """``--out`` of eval and predict, checked before the work: an existing file (a run's results.json or
+    config.yaml, say) is replaced only with ``--overwrite``, and a folder never."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"--out {target} is a folder; name a JSON file to write, e.g. {target / 'eval.json'}")
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
+    return target
+
+
+def _write_json(target: Path, data) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_file
 
     try:
+        out = _json_out(args.out, args.overwrite)
         result = evaluate_file(args.adapter, dataset=args.dataset, data_root=args.data_root, split=args.split,
                                precision=args.precision, device=args.device, experts=args.experts,
                                attention=args.attention, cache=args.cache)
@@ -290,10 +321,9 @@ def run_eval(args: argparse.Namespace) -> int:
         return _fail(err)
     print(f"{result['dataset']} ({result['eval_split']}, {result['images']} images): top-1 "
           f"{100 * result['top1']:.2f}%")
-    if args.out:
+    if out is not None:
         try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            _write_json(out, result)
         except OSError as err:
             return _fail(err)
     return 0
@@ -307,9 +337,11 @@ def _register_predict(subparsers) -> None:
     p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors (or model.safetensors) "
                    "of a run")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--top", type=int, default=1, help="classes to list per image")
+    p.add_argument("--top", type=_positive_int, default=1, help="classes to list per image")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--out", metavar="JSON", help="also write the predictions to this JSON file")
+    p.add_argument("--out", metavar="JSON", help="also write the predictions to this JSON file (a new one: see "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run_predict)
 
 
@@ -317,14 +349,17 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..evaluation import predict_files
 
     try:
+        out = _json_out(args.out, args.overwrite)
         predictions = predict_files(args.adapter, args.images, top=args.top, device=args.device)
     except Exception as err:
         return _fail(err)
     for item in predictions:
         print(item["image"] + "\t" + "\t".join(f"{c['name']} {c['probability']:.3f}" for c in item["top"]))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(predictions, indent=2) + "\n")
+    if out is not None:
+        try:
+            _write_json(out, predictions)
+        except OSError as err:
+            return _fail(err)
     return 0
 
 
