@@ -421,3 +421,9 @@ def test_predict_top_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "a.png", "--adapter", "x.safetensors", "--top", "0"])
     assert "argument --top: must be an integer >= 1, not '0'" in capsys.readouterr().err
+
+
+def test_an_unknown_embedded_version_lists_the_known_ones(tmp_path, capsys):
+    assert main(["train", "--backbone", "embedded-v9", "--epochs", "1", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "unknown backbone 'embedded-v9'" in err and "embedded-v2, embedded-v3" in err

@@ -199,7 +199,8 @@ def _timm_model(name: str, pretrained: bool, num_classes: int, drop_path_rate: f
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise BackboneError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models()), "
-                                f"not an existing checkpoint file, and not {EMBEDDED!r}") from err
+                                f"not an existing checkpoint file, and not an embedded version "
+                                f"({', '.join([EMBEDDED, *EMBEDDED_VERSIONS])})") from err
         if pretrained:
             raise _download_error(name, err) from err
         raise
