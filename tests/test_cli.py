@@ -77,6 +77,10 @@ def test_train_each_method(method, vtab_root, mlae_run, tmp_path):
     assert main(["eval", "--adapter", str(weights), "--data-root", str(vtab_root), "--out",
                  str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["test_top1"] == results["test_top1"]
+    # the run folder itself names its weights file, as for `mlae analyze`
+    assert main(["eval", "--adapter", str(out), "--data-root", str(vtab_root), "--out",
+                 str(tmp_path / "eval-folder.json")]) == 0
+    assert json.loads((tmp_path / "eval-folder.json").read_text())["test_top1"] == results["test_top1"]
     if method in ("lora", "lora-dropout", "mlae"):
         assert 0 < results["params"]["adapter"] < results["params"]["total"] // 10
 
@@ -415,6 +419,11 @@ def test_eval_and_predict_keep_an_existing_out_file(command, tmp_path, capsys):
     # with --overwrite the check passes and the next problem (the missing adapter) is reported instead
     assert main([*command, str(tmp_path / "missing.safetensors"), "--out", str(kept), "--overwrite"]) == 1
     assert "missing.safetensors" in capsys.readouterr().err and kept.read_text() == '{"top1": 0.9}'
+
+
+def test_a_folder_without_weights_is_named(tmp_path, capsys):
+    assert main(["eval", "--adapter", str(tmp_path)]) == 1
+    assert f"{tmp_path} holds no adapter.safetensors or model.safetensors" in capsys.readouterr().err
 
 
 def test_predict_top_must_be_positive(capsys):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .backbones import (DEFAULT_ARCH, DEFAULT_EMBEDDED, EMBEDDED, EMBEDDED_ARCH, EMBEDDED_VERSIONS, _looks_like_path,
                         card_folder, create_backbone, embedded_card)
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .files import atomic_save_file, read_safetensors_header
 from .inject import adapter_layers
 from .io import load_adapter, read_adapter_metadata, save_adapter
@@ -19,7 +19,7 @@ from .io import load_adapter, read_adapter_metadata, save_adapter
 if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import Inputs, TrainConfig
 
-__all__ = ["load_trained", "read_weights_metadata", "weights_metadata", "save_weights", "timm_spec",
+__all__ = ["load_trained", "weights_file", "read_weights_metadata", "weights_metadata", "save_weights", "timm_spec",
            "merged_state_dict", "build_backbone", "backbone_kwargs", "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
 
 ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
@@ -93,10 +93,25 @@ def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a run folder the weights file in it (``adapter.safetensors``, else the full model's
+    ``model.safetensors``): `mlae eval`, `predict` and `export` take either, as `mlae analyze` does."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for name in (ADAPTER_FILE, MODEL_FILE):
+        if (p / name).is_file():
+            return p / name
+    raise MissingFileError(f"{p} holds no {ADAPTER_FILE} or {MODEL_FILE}: is it the folder of a finished "
+                           "`mlae train` run?")
+
+
 def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network a run saved (``adapter.safetensors`` or ``model.safetensors``), in eval mode."""
+    """Rebuild the network a run saved (``adapter.safetensors`` or ``model.safetensors``, or the run folder
+    holding it), in eval mode."""
     from safetensors.torch import load_file
 
+    path = weights_file(path)
     meta = read_weights_metadata(path)
     backbone = _saved_backbone(meta)
     model = build_backbone(backbone, int(meta["num_classes"]), int(meta.get("seed", 0)), **meta["backbone_kwargs"])

@@ -267,8 +267,8 @@ def _fail(err: Exception) -> int:
 
 def _register_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="top-1 accuracy of a trained adapter (or fully fine-tuned model)")
-    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors (or model.safetensors) "
-                   "of a run")
+    p.add_argument("--adapter", required=True, metavar="PATH", help="adapter.safetensors (or model.safetensors) "
+                   "of a run, or the run folder")
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the one the adapter was trained on)")
     p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default: the one the adapter "
                    "was trained with)")
@@ -334,8 +334,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _register_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="classify image files with a trained adapter, by class name")
-    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors (or model.safetensors) "
-                   "of a run")
+    p.add_argument("--adapter", required=True, metavar="PATH", help="adapter.safetensors (or model.safetensors) "
+                   "of a run, or the run folder")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--top", type=_positive_int, default=1, help="classes to list per image")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -369,7 +369,8 @@ def run_predict(args: argparse.Namespace) -> int:
 def _register_export(subparsers) -> None:
     p = subparsers.add_parser("export", help="fold an adapter into a plain timm checkpoint, or write a PEFT "
                               "LoRA adapter")
-    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors of a run")
+    p.add_argument("--adapter", required=True, metavar="PATH", help="adapter.safetensors of a run, or the run "
+                   "folder")
     p.add_argument("--format", choices=["merged", "peft"], default="merged",
                    help="merged: the merged model's state_dict, loadable by plain timm (a .safetensors file, or, "
                    "for any other --out, a folder that timm.create_model('local-dir:FOLDER') loads with its "
