@@ -436,3 +436,12 @@ def test_an_unknown_embedded_version_lists_the_known_ones(tmp_path, capsys):
     assert main(["train", "--backbone", "embedded-v9", "--epochs", "1", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "unknown backbone 'embedded-v9'" in err and "embedded-v2, embedded-v3" in err
+
+
+def test_an_option_of_another_method_names_who_takes_it(tmp_path, capsys):
+    assert main(["train", "--method", "lora", "--dropout", "0.3", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "--dropout do(es) not apply to method 'lora'; taken by mlae" in err
+    assert "--lora-dropout (lora-dropout)" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--method", "mlae", "--rank", "4", "--out", str(tmp_path / "run")]) == 1
+    assert "related: --expert-rank (mlae)" in capsys.readouterr().err

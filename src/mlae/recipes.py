@@ -280,7 +280,14 @@ def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
     bad = [k for k in options if k not in fields and k not in own]
     if bad:
         flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        raise RecipeError(f"{flags} do(es) not apply to method {method.name!r}")
+        # Name the methods that do take them, and the options of the same family (LoRA+Dropout's --lora-dropout
+        # and DMLoRA's --branch-dropout for --dropout), so that the fix is in the message.
+        takers = sorted(m.name for m in METHODS.values() if set(bad) <= set(m.defaults()))
+        related = sorted({f"--{o.replace('_', '-')} ({m.name})" for m in METHODS.values() for o in m.defaults()
+                          for k in bad if o.endswith("_" + k)})
+        hint = (f"; taken by {', '.join(takers)}" if takers else "") + (
+            f"; related: {', '.join(related)}" if related else "")
+        raise RecipeError(f"{flags} do(es) not apply to method {method.name!r}{hint}")
     if base.get("method", method.name) != method.name:
         # The recipe was written for another method: keep its general settings, drop its method options.
         base = {k: v for k, v in base.items() if k in fields or k in own}
