@@ -445,3 +445,12 @@ def test_an_option_of_another_method_names_who_takes_it(tmp_path, capsys):
     assert "--lora-dropout (lora-dropout)" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--method", "mlae", "--rank", "4", "--out", str(tmp_path / "run")]) == 1
     assert "related: --expert-rank (mlae)" in capsys.readouterr().err
+
+
+def test_predict_names_an_unreadable_image_without_a_flag_it_lacks(mlae_run, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    assert main(["predict", str(bad), "--adapter", str(mlae_run)]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 1 images cannot be read (fix or remove them):" in err and "broken.png" in err
+    assert "--skip-bad-images" not in err

@@ -59,7 +59,8 @@ def predict_files(path: str, images: list[str], *, top: int = 1, device: str | N
     dev = resolve_device(device)
     size, augment = int(meta["image_size"]), meta.get("augment", "none")
     names = meta.get("classes") or [str(k) for k in range(int(meta["num_classes"]))]
-    split = decode_entries([Entry(Path(p), 0, p) for p in images], cache_size(augment, size), desc="images")
+    split = decode_entries([Entry(Path(p), 0, p) for p in images], cache_size(augment, size), desc="images",
+                           skip_hint=None)
     inputs = Inputs(augment, size, dev, meta.get("input_mean"), meta.get("input_std"))
     model = model.to(dev)
     with torch.inference_mode():

@@ -155,8 +155,11 @@ def _decode_one(entry: Entry, size: int, resample: int) -> np.ndarray:
         raise DatasetError(f"{entry.source}: cannot decode image {entry.path}: {err}") from err
 
 
+SKIP_HINT = "folder datasets can leave them out with --skip-bad-images"
+
+
 def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicubic", desc: str = "decoding",
-                   skip_bad: bool = False) -> Split:
+                   skip_bad: bool = False, skip_hint: str | None = SKIP_HINT) -> Split:
     """Decode and resize every entry to `size`×`size` RGB with a thread pool (PIL releases the GIL).
 
     Every missing or undecodable image is named in one error (not one per run); `skip_bad` leaves them out
@@ -187,8 +190,9 @@ def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicu
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:MAX_LISTED]) + (f"\n  (and {len(problems) - MAX_LISTED} more)"
                                                      if len(problems) > MAX_LISTED else "")
-        raise DatasetError(f"{len(problems)} of {len(entries)} images cannot be read (fix or remove them; folder "
-                           f"datasets can leave them out with --skip-bad-images):\n  {shown}")
+        hint = f"; {skip_hint}" if skip_hint else ""  # only where the command has --skip-bad-images
+        raise DatasetError(f"{len(problems)} of {len(entries)} images cannot be read (fix or remove them{hint}):"
+                           f"\n  {shown}")
     keep = [i for i in range(len(entries)) if i not in bad]
     if not keep:
         raise DatasetError(f"{desc}: no readable images (all {len(entries)} failed, e.g. {problems[0]})")
