@@ -305,8 +305,10 @@ def _json_out(path: str | None, overwrite: bool) -> Path | None:
 
 
 def _write_json(target: Path, data) -> None:
+    from ..files import atomic_write_text
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(target, json.dumps(data, indent=2) + "\n")
 
 
 def run_eval(args: argparse.Namespace) -> int:
