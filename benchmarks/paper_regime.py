@@ -44,7 +44,7 @@ from mlae.experiments.variants import parse_methods
 from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
 from mlae.files import atomic_write_text
-from mlae.hardware import resolve_precision
+from mlae.hardware import cpu_cores, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "docs" / "results" / "paper_regime.csv"
@@ -234,11 +234,11 @@ class Study:
         self.execute([(label, d, 0, "val", label, "trial") for d in self.datasets
                       for family in ("mlae", "lora") for label in self.grid(family)])
 
-    def part_test(self) -> None:
+    def part_test(self, selected_by: str | None = None) -> None:
         # --selected-by val: only the honest protocol's retrains (3 seeds of the val200 choice), so that its
         # verdicts come before the 12 candidates per task that "selected on test" needs; a later full test part
         # trains those and reuses every run already in the table.
-        selections = ("val",) if self.args.selected_by == "val" else ("val", "test")
+        selections = ("val",) if (selected_by or self.args.selected_by) == "val" else ("val", "test")
         if "test" in selections:
             self.execute([(label, d, 0, "test", label, "candidate") for d in self.datasets
                           for family in ("mlae", "lora") for label in self.grid(family)])
@@ -286,16 +286,12 @@ class Study:
         # needs the candidates) are not counted until those exist.
         seconds = sorted(float(r["seconds"]) for r in mine if r["cpu"] == CPU and r["seconds"])
         left = {}
-        jobs = self.args.jobs or 2
-        for name, part, selected_by in (("select", self.part_select, None), ("test --selected-by val", self.part_test,
-                                        "val"), ("claims", self.part_claims, None), ("test", self.part_test, "both")):
-            self.counting, keep = set(), self.args.selected_by
-            self.args.selected_by = selected_by or keep
-            try:
-                with contextlib.redirect_stderr(io.StringIO()):  # "run the select part first" notes
-                    part()
-            finally:
-                self.args.selected_by = keep
+        jobs = self.args.jobs or cpu_cores()  # the parts' default: one job per core
+        for name, part in (("select", self.part_select), ("test --selected-by val", lambda: self.part_test("val")),
+                           ("claims", self.part_claims), ("test", lambda: self.part_test("both"))):
+            self.counting = set()
+            with contextlib.redirect_stderr(io.StringIO()):  # "run the select part first" notes
+                part()
             left[name], self.counting = self.counting, None
         seen: set = set()
         for name, keys in left.items():  # a run counts in the first part that trains it
