@@ -32,7 +32,6 @@ import csv
 import io
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from mlae.experiments.variants import parse_methods
 from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
 from mlae.files import atomic_write_text
-from mlae.hardware import cpu_cores, resolve_precision
+from mlae.hardware import cpu_cores, cpu_name, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "docs" / "results" / "paper_regime.csv"
@@ -65,19 +64,7 @@ CLAIM_VARIANTS = ("mlae-p0=mlae[dropout=0],lora-dropout,mlae-frozen-c=mlae[dropo
                   "mlae-p0.5=mlae[dropout=0.5],mlae-auto=mlae[dropout=auto]")
 
 
-def _cpu_name() -> str:
-    """The CPU model (timings in ``seconds`` are only comparable between rows of one CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-CPU = _cpu_name()
+CPU = cpu_name()  # timings in ``seconds`` compare only between rows of one CPU
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -76,6 +76,15 @@ def test_similarity_command_writes_figures_and_tables(runs, tmp_path, capsys):
         assert r["matrix_layer"] == "mean" and torch.tensor(r["matrix"]).shape == (experts, experts)
         torch.testing.assert_close(torch.tensor(r["matrix"]).diagonal(), torch.ones(experts))
 
+    # a second analysis into the same folder would replace these figures: refused, unless --overwrite
+    before = (out / "similarity.json").read_text()
+    assert main(["analyze", "similarity", str(runs["lora"]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds similarity.png, similarity.json, similarity.md" in err and "--overwrite" in err
+    assert (out / "similarity.json").read_text() == before
+    assert main(["analyze", "similarity", str(runs["lora"]), "--out", str(out), "--overwrite"]) == 0
+    assert list(json.loads((out / "similarity.json").read_text())) == ["lora"]
+
 
 def test_similarity_plot_has_one_series_per_run(runs):
     from mlae.trained import load_trained
@@ -188,6 +197,11 @@ def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path
 
     assert main(["analyze", "dropout", str(runs["mlae"]), "--out", str(out)]) == 1
     assert "--dropout auto" in capsys.readouterr().err
+    # the figures are there now: a second analysis into the folder needs --overwrite
+    assert main(["analyze", "dropout", str(heldout), "--out", str(out)]) == 1
+    assert "already holds dropout.png" in capsys.readouterr().err
+    assert main(["analyze", "dropout", str(heldout), "--out", str(out), "--overwrite"]) == 0
+    assert list(json.loads((out / "dropout.json").read_text())) == ["heldout"]
 
 
 # --------------------------------------------------------------------------------------------- attention
@@ -262,6 +276,12 @@ def test_attention_command_writes_the_grid(runs, tmp_path):
     assert main(["analyze", "attention", str(runs["lora"]), "--block", "0", "--images", "2",
                  "--out", str(out)]) == 0
     assert torch.tensor(json.loads((out / "attention_block0.json").read_text())["maps"]).shape == (2, 6, 8, 8)
+    # another block's maps go next to them; the same block's again only with --overwrite (-1 is block 5)
+    assert main(["analyze", "attention", str(runs["lora"]), "--block", "-1", "--out", str(out)]) == 1
+    assert saved == json.loads((out / "attention_block5.json").read_text())
+    assert main(["analyze", "attention", str(runs["lora"]), "--block", "-1", "--images", "2", "--out", str(out),
+                 "--overwrite"]) == 0
+    assert len(json.loads((out / "attention_block5.json").read_text())["columns"]) == 6
 
 
 def test_attention_plot_panels():

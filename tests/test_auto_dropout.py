@@ -388,8 +388,8 @@ def test_heldout_needs_no_train_size_and_adds_no_aux_loss(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"dropout_holdout": 0.0}, r"dropout_holdout must be in \(0, 0.5\]"),
-    ({"dropout_holdout": 0.6}, r"dropout_holdout must be in \(0, 0.5\]"),
+    ({"dropout_holdout": 0.0}, r"dropout_holdout \(--dropout-holdout\) must be in \(0, 0.5\]"),
+    ({"dropout_holdout": 0.6}, r"dropout_holdout \(--dropout-holdout\) must be in \(0, 0.5\]"),
     ({"dropout_per_expert": True}, "one p for all layers"),
 ])
 def test_bad_heldout_config(kwargs, match):

@@ -454,3 +454,54 @@ def test_predict_names_an_unreadable_image_without_a_flag_it_lacks(mlae_run, tmp
     err = capsys.readouterr().err
     assert "1 of 1 images cannot be read (fix or remove them):" in err and "broken.png" in err
     assert "--skip-bad-images" not in err
+
+
+@pytest.mark.parametrize("command", [["compare", "--methods", "lora", "--out", "o"], ["sweep", "--out", "o"],
+                                     ["analyze", "ablation", "rank", "--datasets", "digits", "--out", "o"]])
+def test_jobs_must_be_positive(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--jobs", "0"])
+    assert "argument --jobs: must be an integer >= 1, not '0'" in capsys.readouterr().err
+
+
+def test_a_misspelt_task_is_named_before_any_run_starts(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "lora", "--datasets", "suite:digits,suite:digitz", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown suite task 'digitz'; known: " in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main(["compare", "--methods", "lora", "--datasets", "vtab:cifar10", "--out", str(out)]) == 1
+    assert "unknown VTAB-1k dataset 'cifar10'" in capsys.readouterr().err
+
+
+def test_ablation_refuses_dropout_next_to_its_p(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "ablation", "masking", "--dropout", "0.3", "--datasets", "digits", "--out", "o", "--dry-run"])
+    assert "--dropout does not apply here; the preset's variants set the masking probability from --p" in (
+        capsys.readouterr().err)
+
+
+def test_peft_export_to_a_file_name_is_refused(mlae_run, tmp_path, capsys):
+    target = tmp_path / "adapter.safetensors"
+    assert main(["export", "--adapter", str(mlae_run), "--format", "peft", "--out", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert "--format peft writes a folder" in err and f"such as {tmp_path / 'adapter'}" in err
+    assert not target.exists()
+
+
+def test_eval_threads_sets_torch_threads(mlae_run, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["eval", "--adapter", str(mlae_run), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_a_learned_p_over_one_epoch_warns(vtab_root, tmp_path, capsys):
+    """The heldout controller moves p after every epoch but the last: one epoch never moves it, and says so."""
+    assert _train(vtab_root, tmp_path / "auto", "--method", "mlae", "--dropout", "auto") == 0
+    assert "with --epochs 1 it never does" in capsys.readouterr().err
+    assert _train(vtab_root, tmp_path / "two", "--method", "mlae", "--dropout", "auto", "--epochs", "2") == 0
+    assert "never does" not in capsys.readouterr().err

@@ -417,6 +417,10 @@ def _setup(cfg: TrainConfig, stack: contextlib.ExitStack) -> _Run:
             raise InputError(f"a method may hold out at most half the training images, not {fraction}")
         train_split, held_out, probe = hold_out(task.train, fraction, cfg.seed)
         task = dataclasses.replace(task, train=train_split)
+        if cfg.epochs < 2 and dist_info.is_main:  # end_epoch runs after every epoch but the last: never here
+            print(f"mlae: warning: {cfg.method} updates its held-out controller after each epoch but the last, so "
+                  "with --epochs 1 it never does: use more epochs, or a fixed setting instead of the learned one",
+                  file=sys.stderr)
     set_train_size(model, len(task.train))  # N of per-example regularisers (MLAE's learned p: KL / N)
     attention = set_attention(model, cfg.attention, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]

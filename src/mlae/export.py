@@ -42,6 +42,9 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
     from .files import atomic_save_file, atomic_write_text
 
     target = Path(out)
+    if fmt == "peft" and target.suffix == ".safetensors":  # a PEFT adapter is a folder, never one file
+        raise InputError(f"--format peft writes a folder (adapter_config.json + adapter_model.safetensors), not "
+                         f"{target.name}; give --out a folder name such as {target.with_suffix('')}")
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
         raise InputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
     model, meta = load_trained(adapter)

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import platform
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ __all__ = [
     "busy_cores",
     "cpu_bf16_speedup",
     "cpu_cores",
+    "cpu_name",
     "cpu_jobs",
     "cpu_supports_bf16",
     "init_distributed",
@@ -101,6 +103,15 @@ def _measure_bf16_speedup(rounds: int = 15) -> float:
         return ratios[len(ratios) // 2]
     finally:
         torch.set_num_threads(threads)
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (else what the platform module knows): the label that
+    timings are tagged with, since they compare only between runs on one kind of CPU."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _cpu_identity() -> str:

@@ -142,16 +142,16 @@ class MLAEConfig(AdapterConfig):
         self._require_positive_int("experts", "expert_rank")
         if self.dropout == AUTO:
             if self.dropout_learner not in LEARNERS:
-                raise InputError(f"dropout_learner must be one of {LEARNERS}, got {self.dropout_learner!r}")
+                raise InputError(f"dropout_learner (--dropout-learner) must be one of {LEARNERS}, got {self.dropout_learner!r}")
             if not 0 < self.dropout_init < P_MAX:
-                raise InputError(f"dropout_init must be in (0, {P_MAX}), got {self.dropout_init!r}")
+                raise InputError(f"dropout_init (--dropout-init) must be in (0, {P_MAX}), got {self.dropout_init!r}")
             if self.dropout_learner == HELDOUT:
                 if self.dropout_per_expert:
                     raise InputError("dropout_learner='heldout' (the default) sets one p for all layers from a "
                                      "whole-model signal: drop dropout_per_expert, or use dropout_learner='variational' "
                                      "or 'concrete'")
                 if not isinstance(self.dropout_holdout, (int, float)) or not 0 < self.dropout_holdout <= HOLDOUT_MAX:
-                    raise InputError(f"dropout_holdout must be in (0, {HOLDOUT_MAX}], got {self.dropout_holdout!r}")
+                    raise InputError(f"dropout_holdout (--dropout-holdout) must be in (0, {HOLDOUT_MAX}], got {self.dropout_holdout!r}")
             elif self.dropout_holdout != HOLDOUT:
                 raise InputError("dropout_holdout applies to dropout_learner='heldout' only: add --dropout-learner "
                                  "heldout, or drop --dropout-holdout")

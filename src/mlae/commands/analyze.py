@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train import _fail, add_train_options, train_argv, train_options
+from .train import _fail, add_train_options, positive_int, train_argv, train_options
 
 __all__ = ["register"]
 
@@ -57,6 +57,7 @@ def _register_similarity(sub) -> None:
     p.add_argument("--labels", metavar="A,B,...", help="series names, one per run (default: the run folder names)")
     p.add_argument("--abs", dest="absolute", action="store_true", help="plot mean |cosine| instead of the signed "
                    "mean (the tables always hold both)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier analysis in --out")
     p.set_defaults(func=run_similarity)
 
 
@@ -64,7 +65,8 @@ def run_similarity(args: argparse.Namespace) -> int:
     from ..experiments.analysis import analyze_similarity
 
     try:
-        found = analyze_similarity(args.runs, args.out, layer=args.layer, labels=args.labels, absolute=args.absolute)
+        found = analyze_similarity(args.runs, args.out, layer=args.layer, labels=args.labels, absolute=args.absolute,
+                                    overwrite=args.overwrite)
     except Exception as err:
         return _fail(err)
     print(found.markdown)
@@ -99,6 +101,7 @@ def _register_attention(sub) -> None:
     p.add_argument("--split", choices=["test", "val"], default="test", help="split to take the images from")
     p.add_argument("--relative", action="store_true", help="show every map after 'base' as its difference to the "
                    "base map (red: more attention, blue: less); the saved maps stay absolute")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier analysis in --out")
     p.set_defaults(func=run_attention)
 
 
@@ -110,7 +113,7 @@ def run_attention(args: argparse.Namespace) -> int:
     try:
         found = analyze_attention(args.run, args.block, args.out, images=args.images, other_blocks=args.other_blocks,
                                   dataset=args.dataset, data_root=args.data_root, split=args.split,
-                                  relative=args.relative)
+                                  relative=args.relative, overwrite=args.overwrite)
     except Exception as err:
         return _fail(err)
     stem = f"attention_block{found['block']}"
@@ -138,6 +141,7 @@ def _register_dropout(sub) -> None:
                    "`mlae compare` output folders (all their finished adapter runs)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and tables")
     p.add_argument("--labels", metavar="A,B,...", help="panel names, one per run (default: the run folder names)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier analysis in --out")
     p.set_defaults(func=run_dropout)
 
 
@@ -145,7 +149,7 @@ def run_dropout(args: argparse.Namespace) -> int:
     from ..experiments.analysis import analyze_dropout
 
     try:
-        found = analyze_dropout(args.runs, args.out, labels=args.labels)
+        found = analyze_dropout(args.runs, args.out, labels=args.labels, overwrite=args.overwrite)
     except Exception as err:
         return _fail(err)
     print(found.markdown)
@@ -159,7 +163,8 @@ def run_dropout(args: argparse.Namespace) -> int:
 # Train options the preset or the comparison replaces (flag -> what to use instead).
 REFUSED = {"--dataset": "; use --datasets", "--method": "; the preset chooses the methods", "--seed": "; use --seeds",
            "--resume": " (mlae compare resumes by itself)", "--overwrite": " (delete a run folder to redo it)",
-           "--quiet": " (each run's output goes to its train.log)"}
+           "--quiet": " (each run's output goes to its train.log)",
+           "--dropout": "; the preset's variants set the masking probability from --p"}
 LEAVE_OUT = ("--out", "--config")  # the ablation's own
 
 
@@ -186,7 +191,7 @@ def _register_ablation(sub) -> None:
     g.add_argument("--datasets", metavar="SPECS", help="comma-separated dataset specs (e.g. suite:all)")
     g.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds (default 0)")
     g.add_argument("--out", dest="compare_out", metavar="DIR", help="output folder of the comparison")
-    g.add_argument("--jobs", type=int, metavar="N", help="runs in parallel (see mlae compare --help)")
+    g.add_argument("--jobs", type=positive_int, metavar="N", help="runs in parallel (see mlae compare --help)")
     g.add_argument("--config", metavar="FILE", help="YAML recipe for every run")
     g.add_argument("--dry-run", action="store_true", help="print the mlae compare command instead of running it")
     p.set_defaults(func=run_ablation)

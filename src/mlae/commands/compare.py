@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .train import _fail, add_train_options, train_options
+from .train import _fail, add_train_options, positive_int, train_options
 
 __all__ = ["register", "run_compare", "report"]
 
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     g.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds (default 0; the paper: 0,1,42)")
     g.add_argument("--out", dest="compare_out", required=True, metavar="DIR",
                    help="output folder: runs/<method>/<dataset>/s<seed>, results.csv, summary.md, ...")
-    g.add_argument("--jobs", type=int, default=None, metavar="N",
+    g.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                    help="runs in parallel (default: one per GPU with CUDA_VISIBLE_DEVICES; on CPU one 1-thread "
                    "job per free core, which beat one many-thread job on small ViTs)")
     g.add_argument("--config", metavar="FILE", help="YAML recipe for every run (its per_dataset entries apply); "

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from .train import _fail, add_train_options, train_options
+from .train import _fail, add_train_options, positive_int, train_options
 
 __all__ = ["register", "run_sweep", "sweep_settings", "sweep_from_args"]
 
@@ -61,7 +61,7 @@ def register(subparsers) -> None:
                    "journal file, safe for many processes and NFS); default sqlite:///<out>/study.db")
     g.add_argument("--study-name", metavar="NAME", help="study name in the storage (default: the --out folder's "
                    "name)")
-    g.add_argument("--jobs", type=int, default=None, metavar="N",
+    g.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                    help="workers this command starts on this machine, each taking trials of the shared study "
                    "(default: on a CPU one 1-thread worker per free core, which beat one many-thread worker on small "
                    "ViTs; 1 with a GPU); --threads sets each worker's torch threads")

@@ -237,7 +237,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -288,6 +288,8 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--experts", metavar="I,J,...", type=lambda t: [int(i) for i in t.split(",") if i.strip()],
                    help="MoLE only: keep these experts (0-based, in --experts-from order); the gate weights are "
                    "renormalised over them")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch (default: the cores not "
+                   "kept busy by other programs)")
     p.set_defaults(func=run_eval)
 
 
@@ -304,6 +306,14 @@ def _json_out(path: str | None, overwrite: bool) -> Path | None:
     return target
 
 
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    from ..hardware import auto_threads
+
+    torch.set_num_threads(threads or auto_threads())
+
+
 def _write_json(target: Path, data) -> None:
     from ..files import atomic_write_text
 
@@ -316,6 +326,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     try:
         out = _json_out(args.out, args.overwrite)
+        _set_threads(args.threads)
         result = evaluate_file(args.adapter, dataset=args.dataset, data_root=args.data_root, split=args.split,
                                precision=args.precision, device=args.device, experts=args.experts,
                                attention=args.attention, cache=args.cache)
@@ -339,11 +350,13 @@ def _register_predict(subparsers) -> None:
     p.add_argument("--adapter", required=True, metavar="PATH", help="adapter.safetensors (or model.safetensors) "
                    "of a run, or the run folder")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--top", type=_positive_int, default=1, help="classes to list per image")
+    p.add_argument("--top", type=positive_int, default=1, help="classes to list per image")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", metavar="JSON", help="also write the predictions to this JSON file (a new one: see "
                    "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch (default: the cores not "
+                   "kept busy by other programs)")
     p.set_defaults(func=run_predict)
 
 
@@ -352,6 +365,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     try:
         out = _json_out(args.out, args.overwrite)
+        _set_threads(args.threads)
         predictions = predict_files(args.adapter, args.images, top=args.top, device=args.device)
     except Exception as err:
         return _fail(err)

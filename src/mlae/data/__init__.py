@@ -83,14 +83,27 @@ def expand_specs(specs: str | list[str]) -> list[str]:
         if rest == "all" and prefix in _FAMILIES:
             out += [f"{prefix}:{name}" for name in _FAMILIES[prefix]]
         else:
+            _check_name(prefix, rest)
             out.append(f"{prefix}:{rest}")  # "digits" -> "suite:digits"
     return out
+
+
+def _check_name(prefix: str, name: str) -> None:
+    """A typo in a task name is an error when the specs are read, not in the log of a run started later (compare
+    and sweep expand their specs before starting any). Folders are checked when they are loaded."""
+    if prefix == "suite" and name not in SUITE_TASKS:
+        raise DatasetError(f"unknown suite task {name!r}; known: {', '.join(SUITE_TASKS)} (or suite:all)")
+    if prefix == "vtab" and name not in VTAB_TASKS:
+        raise DatasetError(f"unknown VTAB-1k dataset {name!r}; known: {', '.join(VTAB_TASKS)} (or vtab:all)")
+    if prefix == "fgvc":
+        canonical_name(name)
 
 
 def _root(data_root: str | Path | None, prefix: str) -> Path:
     root = data_root or os.environ.get("MLAE_DATA_ROOT")
     if not root:
-        raise DatasetError(f"'{prefix}:' datasets need data_root (or the MLAE_DATA_ROOT environment variable)")
+        raise DatasetError(f"'{prefix}:' datasets need data_root (--data-root <folder holding them>) or the MLAE_DATA_ROOT "
+                           "environment variable")
     return Path(root).expanduser()
 
 
@@ -117,7 +130,6 @@ def load_task(spec: str, *, data_root: str | Path | None = None, image_size: int
         return load_folder(rest, image_size=image_size, split=split, holdout=holdout, seed=seed, cache=cache,
                            skip_bad=skip_bad)
     if prefix == "vtab":
-        if rest not in VTAB_TASKS:  # before asking for data_root: a typo should be named as such
-            raise DatasetError(f"unknown VTAB-1k dataset {rest!r}; known: {', '.join(VTAB_TASKS)}")
+        _check_name(prefix, rest)  # before asking for data_root: a typo should be named as such
         return load_vtab(rest, _root(data_root, prefix), image_size=image_size, split=split, cache=cache)
     return load_fgvc(rest, _root(data_root, prefix), image_size=image_size, split=split, cache=cache)

@@ -402,12 +402,27 @@ def _dropout_markdown(histories: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------------------------- analyses
 
 
+def _claim(out: str | Path, names: list[str], overwrite: bool) -> Path:
+    """The output folder, after checking that none of the files an analysis writes there exists yet (unless
+    ``overwrite``): figures of an earlier analysis are not replaced silently. Checked before any work."""
+    out = Path(out)
+    taken = [n for n in names if (out / n).exists()]
+    if taken and not overwrite:
+        raise InputError(f"{out} already holds {', '.join(taken)}; pass --overwrite to replace them or choose "
+                         "another --out")
+    return out
+
+
 def analyze_similarity(runs: list[str | Path], out: str | Path, *, layer: str | int | None = MEAN,
-                       labels: str | list[str] | None = None, absolute: bool = False) -> Analysis:
+                       labels: str | list[str] | None = None, absolute: bool = False,
+                       overwrite: bool = False) -> Analysis:
     """Expert similarity of ``runs`` (run folders, adapter files or `mlae compare` folders), one series each
     (``labels``, default the folder names); writes similarity.png / .json / .md and one similarity_matrix_<run>.png
-    per run (of ``layer``: an index, a name (suffix) or "mean") into ``out``. ``absolute``: plot mean |cosine|."""
+    per run (of ``layer``: an index, a name (suffix) or "mean") into ``out``. ``absolute``: plot mean |cosine|.
+    Files of an earlier analysis in ``out`` are an error unless ``overwrite``."""
     runs, names = _runs_and_labels(runs, labels)
+    out = _claim(out, ["similarity.png", "similarity.json", "similarity.md", "similarity_by_dataset.png"]
+                 + [f"similarity_matrix_{_filename(n)}.png" for n in names], overwrite)
     reports = {}
     for label, run in zip(names, runs):
         path = resolve_run(run)
@@ -418,41 +433,44 @@ def analyze_similarity(runs: list[str | Path], out: str | Path, *, layer: str | 
                               **similarity_report(model, layer)}
         except ValueError as err:
             raise InputError(f"{run}: {err}") from None
-    write_similarity(reports, Path(out), absolute=absolute)
+    write_similarity(reports, out, absolute=absolute)
     return Analysis(reports, _markdown(reports))
 
 
 def analyze_attention(run: str | Path, block: int, out: str | Path, *, images: int = 4,
                       other_blocks: str = "adapted", dataset: str | None = None, data_root: str | None = None,
-                      split: str = "test", relative: bool = False) -> dict:
+                      split: str = "test", relative: bool = False, overwrite: bool = False) -> dict:
     """CLS attention maps of ``block`` (0-based, negative from the end) for ``images`` evaluation images of the
     run's task; writes attention_block<B>.png and .json into ``out`` and returns the JSON's content, with
     ``maps`` as a tensor ``[images, columns, *patch grid]``. See :func:`attention_maps` for ``other_blocks`` and
-    :func:`plot_attention` for ``relative``."""
+    :func:`plot_attention` for ``relative``. Files of an earlier analysis of that block in ``out`` are an error
+    unless ``overwrite``."""
     path = resolve_run(run)
     model, meta = _load(path)
-    x, shown = sample_images(meta, images, dataset, data_root, split)
     depth = len(getattr(model, "blocks", ()))
     block = block + depth if -depth <= block < 0 else block
+    stem = f"attention_block{block}"
+    out = _claim(out, [f"{stem}.png", f"{stem}.json"], overwrite)
+    x, shown = sample_images(meta, images, dataset, data_root, split)
     columns, maps = attention_maps(model, x, block, other_blocks)
     label = run_labels([run])[0]
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fig = plot_attention(shown, columns, maps, f"{label} ({meta.get('method')}): CLS attention, block {block}, "
                          f"other blocks {other_blocks}", relative=relative)
-    stem = f"attention_block{block}"
     save_png(fig, out / f"{stem}.png", dpi=120)
     data = {"adapter": str(path), "block": block, "other_blocks": other_blocks, "columns": columns, "maps": maps}
     (out / f"{stem}.json").write_text(json.dumps({**data, "maps": maps.tolist()}) + "\n")
     return data
 
 
-def analyze_dropout(runs: list[str | Path], out: str | Path, *, labels: str | list[str] | None = None) -> Analysis:
+def analyze_dropout(runs: list[str | Path], out: str | Path, *, labels: str | list[str] | None = None,
+                    overwrite: bool = False) -> Analysis:
     """The masking probability that ``--dropout auto`` runs learned (:func:`dropout_history`), one panel each;
-    writes dropout.png, dropout_profile.png, dropout.json and dropout.md into ``out``."""
+    writes dropout.png, dropout_profile.png, dropout.json and dropout.md into ``out`` (files of an earlier analysis
+    there are an error unless ``overwrite``)."""
     runs, names = _runs_and_labels(runs, labels)
     histories = {label: dropout_history(run) for label, run in zip(names, runs)}
-    out = Path(out)
+    out = _claim(out, ["dropout.png", "dropout_profile.png", "dropout.json", "dropout.md"], overwrite)
     out.mkdir(parents=True, exist_ok=True)
     for name, fig in (("dropout.png", plot_dropout_history(histories)),
                       ("dropout_profile.png", plot_dropout_profile(histories))):
