@@ -167,6 +167,25 @@ def trials_section(rows: list[dict]) -> None:
         print(f"| {d} | " + " | ".join(cells) + " |")
 
 
+def learned_section(rows: list[dict]) -> None:
+    """MLAE-auto's learned p per task and seed, next to the p the val200 sweep chose. One number where every
+    layer learned the same p (the heldout learner sets one p for all layers), else the profile, first block
+    first."""
+    learned = [r for r in rows if r["variant"] == "mlae-auto" and r.get("learned_p")]
+    if learned:
+        print("\n## MLAE-auto: the learned p against the p chosen on val200\n")
+        seeds = sorted({int(r["seed"]) for r in learned})
+        print("| dataset | p chosen on val200 | " + " | ".join(f"learned p, seed {s}" for s in seeds) + " |")
+        print("|---|---|" + "---|" * len(seeds))
+        for d in sorted({r["dataset"] for r in learned}):
+            chosen = next((x["p"] for x in rows if x["dataset"] == d and x["variant"] == "mlae"
+                           and x["selected_by"] == "val"), "–")
+            by_seed = {int(r["seed"]): r["learned_p"].split() for r in learned if r["dataset"] == d}
+            cells = ["–" if s not in by_seed else by_seed[s][0] + f" (all {len(by_seed[s])} layers)"
+                     if len(set(by_seed[s])) == 1 else " ".join(by_seed[s]) for s in seeds]
+            print(f"| {d} | {chosen} | " + " | ".join(cells) + " |")
+
+
 def regime_section(rows: list[dict]) -> None:
     from mlae.data import SUITE_TASKS
 
@@ -197,14 +216,7 @@ def regime_section(rows: list[dict]) -> None:
         cells = [pick.get((m, by), {}).get(col, "–") for m, col in (("mlae", "p"), ("lora", "alpha"))
                  for by in ("val", "test")]
         print(f"| {d} | " + " | ".join(cells[i] for i in (0, 1, 2, 3)) + " |")
-    learned = [r for r in rows if r["variant"] == "mlae-auto" and r.get("learned_p")]
-    if learned:
-        print("\n## MLAE-auto: the learned p per layer (first block first), seed by seed\n")
-        print("| dataset | seed | learned p per layer | p chosen on val200 |\n|---|---|---|---|")
-        for r in learned:
-            chosen = next((x["p"] for x in rows if x["dataset"] == r["dataset"] and x["variant"] == "mlae"
-                           and x["selected_by"] == "val"), "–")
-            print(f"| {r['dataset']} | {r['seed']} | {r['learned_p']} | {chosen} |")
+    learned_section(rows)
     print("\n## Test top-1 (%), mean over seeds\n")
     labels = sorted({label for label, _ in acc}, key=lambda x: (x not in ("lora", "mlae"), x))
     print("| variant | " + " | ".join(datasets) + " | mean over tasks | mean of domain means |")
@@ -229,8 +241,8 @@ def regime_section(rows: list[dict]) -> None:
 # --update: the marked blocks of a Markdown file, "<!-- NAME: begin ... -->" up to "<!-- NAME: end -->", get the
 # table of the same name from the last study setting's section (the tables under these headings; for the
 # verdicts the pooled one, which comes last).
-UPDATABLE = {"trials": "## Trials", "selected": "## Selected hyperparameters", "test": "## Test top-1",
-             "verdicts": "## Verdicts"}
+UPDATABLE = {"trials": "## Trials", "selected": "## Selected hyperparameters", "learned": "## MLAE-auto",
+             "test": "## Test top-1", "verdicts": "## Verdicts"}
 
 
 def update_doc(csv_path: Path, doc: Path) -> list[str]:
