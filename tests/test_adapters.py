@@ -367,6 +367,56 @@ def test_bad_mlae_config(kwargs, match):
         mlae.MLAEConfig(**kwargs)
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: mlae.MLAEConfig(coeff_init="1"), r"coeff_init \(--coeff-init\) must be a number, got '1'"),
+    (lambda: mlae.MLAEConfig(adaptive="no"), r"adaptive \(--no-adaptive\) must be True or False, got 'no'"),
+    (lambda: mlae.MLAEConfig(dropout=None), r"dropout \(--dropout\) must be a number or a string, got None"),
+    (lambda: mlae.MLAEConfig(dropout=torch.tensor(0.5)), "dropout .* got tensor"),
+    (lambda: mlae.MLAEConfig(seed="x"), "seed must be an integer, got 'x'"),
+    (lambda: mlae.MLAEConfig(pattern=[0.5, "a"]), "pattern .* a string or a list of numbers"),
+    (lambda: mlae.MLAEConfig(dropout="auto", dropout_init="0.1"), "dropout_init .* must be a number"),
+    (lambda: mlae.LoRAConfig(alpha="8"), r"alpha \(--alpha\) must be a number"),
+    (lambda: mlae.LoRAConfig(dropout="0.1"), r"dropout \(--lora-dropout\) must be a number"),
+    (lambda: mlae.DMLoRAConfig(branch_dropout="0.5"), "branch_dropout .* must be a number"),
+    (lambda: mlae.MoLEConfig(temperature="1"), "temperature .* must be a number"),
+    (lambda: mlae.MoLEConfig(expert_ranks=8), "expert_ranks must be a list of integers, got 8"),
+    (lambda: mlae.MoLEConfig(expert_ranks=["a"]), "expert_ranks must be a list of integers"),
+    (lambda: mlae.LoRAConfig(train_head=False, modules_to_save=["norm"]), "train_head=False freezes them"),
+])
+def test_config_values_of_the_wrong_type_name_their_field(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_numpy_scalars_are_numbers_and_stay_json():
+    np = pytest.importorskip("numpy")
+    cfg = mlae.MLAEConfig(experts=np.int64(4), coeff_init=np.float32(2.0), dropout=np.float64(0.3))
+    assert (type(cfg.experts), type(cfg.coeff_init)) == (int, float)
+    assert json.loads(cfg.to_json())["experts"] == 4
+    assert mlae.LoRAConfig(rank=8.0, alpha=8).rank == 8  # a whole float is an integer, an int a number
+
+
+@pytest.mark.parametrize("case", ["lora", "mlae-stochastic", "dmlora", "mlae-auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapters_on_a_model_already_in_half_precision(case, dtype):
+    """apply() on a bf16/fp16 model: the new factors are fp32 (Adam's small steps survive), and outside autocast
+    the update runs in fp32 and is cast back to the layer's dtype. The output follows the fp32 model's."""
+    reference, x = build(case)
+    model = randomize(mlae.apply(make_tiny_vit(depth=3).to(dtype), CASES[case]())).eval()
+    assert model.blocks[0].attn.qkv.lora_A.dtype == torch.float32
+    with torch.no_grad():
+        out = model(x.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), reference(x), atol=0.05, rtol=0.05)
+        if mlae.adapter_layers(model) and all(l.mergeable for _, l in mlae.adapter_layers(model)):
+            mlae.merge(model)
+            torch.testing.assert_close(model(x.to(dtype)).float(), out.float(), atol=0.05, rtol=0.05)
+            mlae.unmerge(model)
+    model.train()
+    model(x.to(dtype)).float().sum().backward()
+    assert model.blocks[0].attn.qkv.lora_A.grad is not None
+
+
 def test_bad_lora_config_and_pattern_length():
     with pytest.raises(ValueError, match="rank"):
         mlae.LoRAConfig(rank=0)
@@ -395,6 +445,35 @@ def test_load_rejects_corrupt_foreign_and_mismatched_files(tmp_path):
         mlae.load_adapter(make_tiny_vit(depth=3, num_classes=7), good)
     with pytest.raises(ValueError, match="same architecture"):
         mlae.load_adapter(make_tiny_vit(depth=2), good)
+    # damaged metadata: not JSON, or a key missing
+    with safe_open(str(good), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name, meta in (("badjson", {**header, "config": "{not json"}),
+                       ("nokey", {k: v for k, v in header.items() if k != "config"})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="'config' metadata is not valid JSON: the file is damaged"):
+        mlae.load_adapter(make_tiny_vit(depth=3), tmp_path / "badjson.safetensors")
+    with pytest.raises(ValueError, match="lacks config: the file is damaged"):
+        mlae.read_adapter_metadata(tmp_path / "nokey.safetensors")
+    # damaged tensor bytes read as NaN: refused, and no weight of the model is changed
+    key = next(k for k in tensors if k.endswith("lora_B"))
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, str(tmp_path / "nan.safetensors"),
+              metadata=header)
+    fresh = make_tiny_vit(depth=3)
+    with pytest.raises(ValueError, match=f"{key} hold NaN/inf values; the file is damaged"):
+        mlae.load_adapter(fresh, tmp_path / "nan.safetensors")
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_save_adapter_names_a_folder_and_metadata_that_is_no_json(tmp_path):
+    model, _ = build("lora")
+    with pytest.raises(ValueError, match="is a folder; name the adapter file to write"):
+        mlae.save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="metadata must be JSON-serialisable"):
+        mlae.save_adapter(model, tmp_path / "a.safetensors", metadata={"root": tmp_path})
+    with pytest.raises(ValueError, match="metadata must be a dict"):
+        mlae.save_adapter(model, tmp_path / "a.safetensors", metadata="toy")
+    assert not (tmp_path / "a.safetensors").exists()
 
 
 def test_linear_probe_head_only_round_trip(tmp_path):
@@ -414,6 +493,8 @@ def test_set_progress_validates_and_aux_losses_empty_for_lora_mlae():
     mlae.set_progress(model, 0.5)
     with pytest.raises(ValueError, match="progress"):
         mlae.set_progress(model, 1.5)
+    with pytest.raises(ValueError, match="a number in \\[0, 1\\], got '0.5'"):
+        mlae.set_progress(model, "0.5")
     model(x)
     assert mlae.aux_losses(model) == {}
 

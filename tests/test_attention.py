@@ -58,3 +58,11 @@ def test_auto_is_math_only_on_cpu_bf16():
 def test_a_model_without_timm_attention_is_left_alone():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert set_attention(model, "math") is None
+
+
+def test_a_precision_name_it_does_not_know_is_refused():
+    """"bfloat16" for "bf16" would otherwise pick the fused path, the slow one on a CPU in bf16 training."""
+    import pytest
+
+    with pytest.raises(ValueError, match="precision must be bf16 or fp32.*'bfloat16'"):
+        resolve_attention("auto", "cpu", "bfloat16")

@@ -285,3 +285,16 @@ def test_train_and_eval_commands(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("mlae: error:") and "mole adapter" in err and "no merged or single-LoRA form" in err
         assert "Traceback" not in err and not (tmp_path / f"export_{fmt}").exists()
+
+
+def test_a_model_evaluated_with_gradients_on_can_be_deep_copied(experts):
+    """Only training's balance loss needs the gate weights' graph: after an eval forward the layer holds none."""
+    import copy
+
+    model = mole(experts[1]).eval()
+    model(X)
+    assert all(not layer.last_weights.requires_grad for layer in mole_layers(model))
+    torch.testing.assert_close(copy.deepcopy(model)(X), model(X))
+    model.train()
+    model(X)
+    assert mlae.aux_losses(model)["balance"].requires_grad

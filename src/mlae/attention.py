@@ -24,6 +24,8 @@ def resolve_attention(choice: str, device: torch.device | str, precision: str) -
     """``auto`` -> ``math`` on the CPU under bf16 autocast (the fused CPU backward is slow there), else ``fused``."""
     if choice not in ATTENTION_CHOICES:
         raise InputError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {choice!r}")
+    if precision not in ("bf16", "fp32"):  # "bfloat16" would otherwise quietly pick the slow fused path
+        raise InputError(f"precision must be bf16 or fp32 (what the model trains or runs under), not {precision!r}")
     if choice != "auto":
         return choice
     return "math" if torch.device(device).type == "cpu" and precision == "bf16" else "fused"

@@ -133,7 +133,9 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
 def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
     """Fold every adapter into its base weight (``W ← W + ΔW``): inference then costs exactly the plain
     backbone's. Idempotent. Checks every merged weight is finite before writing any. ``keep_original=False``
-    frees the copy of the original weights (unmerge then subtracts ΔW, exact up to rounding)."""
+    frees the copy of the original weights (unmerge then subtracts ΔW, exact up to rounding). A merged model's
+    ``state_dict()`` holds ``W + ΔW`` and the factors: load it only into a model merged the same way (or save
+    with :func:`mlae.save_adapter`, right in either state)."""
     todo = [(layer, layer.merged_weight()) for _, layer in adapter_layers(model) if not layer.merged]
     for layer, new in todo:
         layer.merge(new, keep_original=keep_original)
@@ -201,8 +203,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 def set_progress(model: nn.Module, t: float) -> None:
     """Tell the adapters how far training is (``t`` in [0, 1]); methods with schedules (DMLoRA's gradual
     branch dropout) read it, the others ignore it. Call once per training step."""
-    if not 0.0 <= t <= 1.0:
-        raise InputError(f"training progress must be in [0, 1], got {t}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise InputError(f"training progress must be a number in [0, 1], got {t!r}")
     for _, layer in adapter_layers(model):
         if hasattr(layer, "set_progress"):
             layer.set_progress(t)

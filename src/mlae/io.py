@@ -46,13 +46,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     config: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
     if config is None and not getattr(model, HEADS_ATTR, None):
         raise InputError("the model has no adapters and no trained head to save; call mlae.apply first")
+    if Path(path).is_dir():
+        raise InputError(f"{path} is a folder; name the adapter file to write, e.g. {Path(path) / 'adapter.safetensors'}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InputError(f"metadata must be a dict of JSON-serialisable facts, got {type(metadata).__name__}")
+    try:
+        metadata_json = json.dumps(metadata or {}, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"metadata must be JSON-serialisable (str, numbers, lists, dicts): {err}") from None
     fingerprint = backbone_fingerprint(model)
     header = {
         "format": FORMAT,
         "config": config.to_json() if config is not None else "null",
         "adapted_modules": json.dumps([n for n, _ in adapter_layers(model)]),
         "modules_to_save": json.dumps(getattr(model, HEADS_ATTR, [])),
-        "metadata": json.dumps(metadata or {}, sort_keys=True),
+        "metadata": metadata_json,
         **({"backbone_sha256": fingerprint} if fingerprint else {}),
         # e.g. MLAE's learned masking probability per layer: training-only, so kept as facts, not tensors
         "learned": json.dumps(learned_values(model), sort_keys=True),
@@ -68,6 +76,14 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
     if header.get("format") != FORMAT:
         raise InputError(f"{path} is a safetensors file but not an mlae adapter (metadata format is "
                          f"{header.get('format')!r}, expected {FORMAT!r})")
+    for key in ("config", "adapted_modules", "modules_to_save", "metadata", "learned"):
+        try:
+            json.loads(header[key]) if key in header else None
+        except ValueError:
+            raise InputError(f"{path}: its {key!r} metadata is not valid JSON: the file is damaged") from None
+    missing = [k for k in ("config", "adapted_modules", "modules_to_save") if k not in header]
+    if missing:
+        raise InputError(f"{path}: the adapter metadata lacks {', '.join(missing)}: the file is damaged")
     return header
 
 
@@ -134,12 +150,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str 
             message = (f"{path} was trained on other backbone weights than this model's (fingerprint "
                        f"{saved_fp[:12]} in the file, {(own_fp or 'none')[:12]} here): was the backbone "
                        "checkpoint replaced or a different one passed? Its accuracy would be meaningless")
+            half = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+            if half:  # the fingerprint hashes exact values: the same weights cast to bf16 hash differently
+                message += (f" (or only cast: this model has {', '.join(half)} weights; load the adapter into the "
+                            "fp32 model and cast afterwards)")
             if check_backbone == "error":
                 raise InputError(message)
             warnings.warn(message, UserWarning, stacklevel=2)
-        with torch.no_grad():
-            for k in keys:
-                expected[k].copy_(f.get_tensor(k))
+        tensors = {k: f.get_tensor(k) for k in keys}
+    # safetensors has no checksum: damaged bytes read as numbers, often NaN. Refuse them before copying any.
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise InputError(f"{path}: {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} hold NaN/inf values; "
+                         "the file is damaged, or was saved from a diverged run")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)
     learned = json.loads(header.get("learned", "{}"))
     for name, layer in adapter_layers(model):
         if name in learned:

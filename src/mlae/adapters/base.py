@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -46,6 +47,46 @@ def option(default: Any, help: str, *, choices: tuple | None = None, type: Calla
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
+_KIND_NAMES = {"bool": ("True or False", ""), "int": ("an integer", "integers"), "float": ("a number", "numbers"),
+               "str": ("a string", "strings"), "list": ("a list", "lists"), "dict": ("a dict", "dicts"),
+               "None": ("None", "")}
+
+
+def _kind_name(kind: str) -> str:
+    base, _, item = kind.partition("[")
+    if base == "list" and item:
+        return f"a list of {_KIND_NAMES.get(item.rstrip(']'), ('', item))[1]}"
+    return _KIND_NAMES.get(base, (kind,))[0]
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """`` (--flag)`` of an option field as `mlae train` spells it (a switch for a boolean), else empty."""
+    if not f.metadata:
+        return ""
+    name = (f.metadata.get("name") or f.name).replace("_", "-")
+    return f" (--no-{name})" if f.default is True else f" (--{name})"
+
+
+def _has_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` fits one alternative of a field annotation (``float``, ``list[int]``, ...). An int is a
+    float (``alpha=8``), a whole float an int (``rank=8.0``: the integer checks store it as 8), a bool neither."""
+    base, _, item = kind.partition("[")
+    if base == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if base == "int":
+        return isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    if base == "float":
+        return isinstance(value, (int, float))
+    if base == "str":
+        return isinstance(value, str)
+    if base == "list":
+        return isinstance(value, (list, tuple)) and all(_has_kind(v, item.rstrip("]")) for v in value)
+    if base == "dict":
+        return isinstance(value, dict)
+    return True  # an annotation this check does not know: the method's own validation decides
+
 # method name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 CONFIGS: dict[str, type["AdapterConfig"]] = {}
 
@@ -74,6 +115,10 @@ class AdapterConfig:
             CONFIGS[cls.method] = cls
 
     def __post_init__(self):
+        self._check_types()
+        if not self.train_head and self.modules_to_save:
+            raise InputError(f"modules_to_save {self.modules_to_save} names modules to train in full, but "
+                             "train_head=False freezes them: drop one of the two")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
@@ -81,6 +126,22 @@ class AdapterConfig:
         self.target_modules = list(self.target_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
+
+    def _check_types(self) -> None:
+        """Every field's value has a type its annotation allows, so that a string where a number belongs
+        (``coeff_init="1"``, ``adaptive="no"``) is an error naming the field, not a TypeError deep inside, nor a
+        truthy string taken as True. NumPy scalars become Python numbers (they must go into JSON headers)."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                value = int(value)
+            elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+                value = float(value)
+            if not any(_has_kind(value, k) for k in kinds):
+                raise InputError(f"{f.name}{_flag(f)} must be {' or '.join(map(_kind_name, kinds))}, got {value!r}")
+            setattr(self, f.name, value)
 
     def _require_positive_int(self, *names: str) -> None:
         """Validate integer-valued fields (a float like 2.0 is accepted and stored as 2; True is not)."""
@@ -185,6 +246,12 @@ class AdapterLayer(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
+        # A model cast to bf16/fp16 after nothing but apply() keeps its new factors in fp32 (training them in
+        # half precision loses Adam's small steps), so outside autocast the update runs in the factors' dtype
+        # and is cast back to the layer's, as PEFT does.
+        dtype = self.lora_A.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            return y + self.delta(x.to(dtype)).to(y.dtype)
         return y + self.delta(x)
 
     @torch.no_grad()

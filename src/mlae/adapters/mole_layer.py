@@ -141,7 +141,10 @@ class MoLELinear(AdapterLayer):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         e = self.expert_outputs(x)
         g = self.gate_weights(e)
-        self.last_weights = g.reshape(-1, self.experts).mean(0)
+        mean = g.reshape(-1, self.experts).mean(0)
+        # Only training's balance loss needs the graph; held in eval it would keep the graph alive and make the
+        # model impossible to deepcopy.
+        self.last_weights = mean if self.training else mean.detach()
         return (g.to(e.dtype).unsqueeze(-1) * e).sum(-2)
 
     def factors(self):
