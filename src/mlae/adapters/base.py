@@ -47,6 +47,7 @@ def option(default: Any, help: str, *, choices: tuple | None = None, type: Calla
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
+
 _KIND_NAMES = {"bool": ("True or False", ""), "int": ("an integer", "integers"), "float": ("a number", "numbers"),
                "str": ("a string", "strings"), "list": ("a list", "lists"), "dict": ("a dict", "dicts"),
                "None": ("None", "")}
@@ -246,9 +247,9 @@ class AdapterLayer(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        # A model cast to bf16/fp16 after nothing but apply() keeps its new factors in fp32 (training them in
-        # half precision loses Adam's small steps), so outside autocast the update runs in the factors' dtype
-        # and is cast back to the layer's, as PEFT does.
+        # apply() on a model already in bf16/fp16 creates fp32 factors (training them in half precision loses
+        # Adam's small steps), so outside autocast the update runs in the factors' dtype and is cast back to the
+        # layer's, as PEFT does.
         dtype = self.lora_A.dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             return y + self.delta(x.to(dtype)).to(y.dtype)
