@@ -388,6 +388,13 @@ def test_config_values_of_the_wrong_type_name_their_field(make, match):
         make()
 
 
+def test_one_target_name_is_a_list_of_one_and_optional_fields_are_checked():
+    assert mlae.LoRAConfig(target_modules="qkv").target_modules == ["qkv"]
+    assert mlae.LoRAConfig(modules_to_save="head").modules_to_save == ["head"]
+    with pytest.raises(ValueError, match="modules_to_save must be a list of strings or None, got 5"):
+        mlae.LoRAConfig(modules_to_save=5)
+
+
 def test_numpy_scalars_are_numbers_and_stay_json():
     np = pytest.importorskip("numpy")
     cfg = mlae.MLAEConfig(experts=np.int64(4), coeff_init=np.float32(2.0), dropout=np.float64(0.3))

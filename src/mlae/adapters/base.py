@@ -72,6 +72,8 @@ def _has_kind(value: Any, kind: str) -> bool:
     """Whether ``value`` fits one alternative of a field annotation (``float``, ``list[int]``, ...). An int is a
     float (``alpha=8``), a whole float an int (``rank=8.0``: the integer checks store it as 8), a bool neither."""
     base, _, item = kind.partition("[")
+    if base == "None":
+        return value is None
     if base == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool):
@@ -132,6 +134,9 @@ class AdapterConfig:
         """Every field's value has a type its annotation allows, so that a string where a number belongs
         (``coeff_init="1"``, ``adaptive="no"``) is an error naming the field, not a TypeError deep inside, nor a
         truthy string taken as True. NumPy scalars become Python numbers (they must go into JSON headers)."""
+        for name in ("target_modules", "modules_to_save"):  # one name stands for a list of one
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         for f in dataclasses.fields(self):
             value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
             if value is None and "None" in kinds:
