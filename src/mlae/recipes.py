@@ -25,7 +25,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .adapters import AdapterConfig, DMLoRAConfig, LoRAConfig, MLAEConfig, MoLEConfig
-from .adapters.base import TrainingHooks
+from .adapters.base import TrainingHooks, option_flag
 from .adapters.dmlora import DMLoRATraining
 from .adapters.mlae import MLAETraining
 from .adapters.mole import MoLETraining, from_adapters
@@ -153,9 +153,7 @@ def config_options(cls: type[AdapterConfig], *, exclude: tuple[str, ...] = (), *
         if name in exclude:
             continue
         default = defaults.get(name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
-        flag = None
-        if isinstance(default, bool):  # a switch to the other value
-            flag = ("--no-" if default else "--") + name.replace("_", "-")
+        flag = option_flag(name, default) if isinstance(default, bool) else None  # a switch to the other value
         options.append(Option(name, f.metadata["type"], default, f.metadata["help"], f.metadata["choices"], flag))
     return tuple(options)
 

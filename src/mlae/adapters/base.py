@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import InputError, NotMergeableError
 from ..utils import parse_bool, parse_list
 
-__all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict", "adapter_layers", "option", "Phase",
+__all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict", "adapter_layers", "option", "option_flag", "Phase",
            "TrainingHooks"]
 
 # A field's parser from the command line or a recipe, by the type of its default (option() may name another).
@@ -60,12 +60,15 @@ def _kind_name(kind: str) -> str:
     return _KIND_NAMES.get(base, (kind,))[0]
 
 
+def option_flag(name: str, default: Any) -> str:
+    """The command-line flag of option ``name``: a boolean's flag switches it away from its ``default``
+    (``--no-adaptive``), any other option's flag takes a value (``--coeff-init``)."""
+    return ("--no-" if default is True else "--") + name.replace("_", "-")
+
+
 def _flag(f: dataclasses.Field) -> str:
-    """`` (--flag)`` of an option field as `mlae train` spells it (a switch for a boolean), else empty."""
-    if not f.metadata:
-        return ""
-    name = (f.metadata.get("name") or f.name).replace("_", "-")
-    return f" (--no-{name})" if f.default is True else f" (--{name})"
+    """`` (--flag)`` of an option field, else empty (error messages name both the field and the flag)."""
+    return f" ({option_flag(f.metadata.get('name') or f.name, f.default)})" if f.metadata else ""
 
 
 def _has_kind(value: Any, kind: str) -> bool:
@@ -122,13 +125,11 @@ class AdapterConfig:
         if not self.train_head and self.modules_to_save:
             raise InputError(f"modules_to_save {self.modules_to_save} names modules to train in full, but "
                              "train_head=False freezes them: drop one of the two")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
         if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
             raise InputError(f"target_modules must be a non-empty list of names/patterns, got {self.target_modules!r}")
         self.target_modules = list(self.target_modules)
         if self.modules_to_save is not None:
-            self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
+            self.modules_to_save = list(self.modules_to_save)
 
     def _check_types(self) -> None:
         """Every field's value has a type its annotation allows, so that a string where a number belongs
@@ -139,8 +140,6 @@ class AdapterConfig:
                 setattr(self, name, [getattr(self, name)])
         for f in dataclasses.fields(self):
             value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
-            if value is None and "None" in kinds:
-                continue
             if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
                 value = int(value)
             elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):

@@ -15,9 +15,9 @@ from pathlib import Path
 from .base import DatasetError, Split, Task, check_split, clear_cache
 from .fgvc import FGVC_TASKS, canonical_name, load_fgvc
 from .folder import load_folder
-from .suite import SUITE_TASKS, make_suite_task
+from .suite import SUITE_TASKS, check_suite_name, make_suite_task
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, cache_size, prepare_batch
-from .vtab import VTAB_TASKS, load_vtab
+from .vtab import VTAB_TASKS, check_vtab_name, load_vtab
 
 __all__ = ["load_task", "expand_specs", "Task", "Split", "prepare_batch", "cache_size", "DatasetError",
            "VTAB_TASKS", "FGVC_TASKS", "SUITE_TASKS", "SPEC_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD",
@@ -88,15 +88,14 @@ def expand_specs(specs: str | list[str]) -> list[str]:
     return out
 
 
+_CHECK_NAME = {"suite": check_suite_name, "vtab": check_vtab_name, "fgvc": canonical_name}
+
+
 def _check_name(prefix: str, name: str) -> None:
     """A typo in a task name is an error when the specs are read, not in the log of a run started later (compare
     and sweep expand their specs before starting any). Folders are checked when they are loaded."""
-    if prefix == "suite" and name not in SUITE_TASKS:
-        raise DatasetError(f"unknown suite task {name!r}; known: {', '.join(SUITE_TASKS)} (or suite:all)")
-    if prefix == "vtab" and name not in VTAB_TASKS:
-        raise DatasetError(f"unknown VTAB-1k dataset {name!r}; known: {', '.join(VTAB_TASKS)} (or vtab:all)")
-    if prefix == "fgvc":
-        canonical_name(name)
+    if prefix in _CHECK_NAME:
+        _CHECK_NAME[prefix](name)
 
 
 def _root(data_root: str | Path | None, prefix: str) -> Path:
@@ -130,6 +129,6 @@ def load_task(spec: str, *, data_root: str | Path | None = None, image_size: int
         return load_folder(rest, image_size=image_size, split=split, holdout=holdout, seed=seed, cache=cache,
                            skip_bad=skip_bad)
     if prefix == "vtab":
-        _check_name(prefix, rest)  # before asking for data_root: a typo should be named as such
+        check_vtab_name(rest)  # before asking for data_root: a typo should be named as such
         return load_vtab(rest, _root(data_root, prefix), image_size=image_size, split=split, cache=cache)
     return load_fgvc(rest, _root(data_root, prefix), image_size=image_size, split=split, cache=cache)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .base import DatasetError, Entry, Task, cached_split, check_split
 
-__all__ = ["VTAB_TASKS", "VTAB_GROUPS", "load_vtab", "read_list", "read_class_names"]
+__all__ = ["VTAB_TASKS", "VTAB_GROUPS", "check_vtab_name", "load_vtab", "read_list", "read_class_names"]
 
 # name -> (number of classes, VTAB group)
 VTAB_TASKS: dict[str, tuple[int, str]] = {
@@ -80,10 +80,14 @@ def read_class_names(path: Path, num_classes: int) -> list[str] | None:
     return names
 
 
+def check_vtab_name(name: str) -> None:
+    if name not in VTAB_TASKS:
+        raise DatasetError(f"unknown VTAB-1k dataset {name!r}; known: {', '.join(VTAB_TASKS)} (or vtab:all)")
+
+
 def load_vtab(name: str, data_root: str | Path, *, image_size: int = 32, split: str = "test",
               cache: bool = True) -> Task:
-    if name not in VTAB_TASKS:
-        raise DatasetError(f"unknown VTAB-1k dataset {name!r}; known: {', '.join(VTAB_TASKS)}")
+    check_vtab_name(name)
     check_split(split)
     num_classes, domain = VTAB_TASKS[name]
     root = Path(data_root) / name

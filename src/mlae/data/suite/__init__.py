@@ -16,6 +16,6 @@ Each generator documents how its labels are defined; `SUITE_TASKS` repeats the d
     raycast   the ray caster behind clevr and norb; canvas: the pixel grid and helpers all renderers share
 """
 from .canvas import SUITE_SIZE
-from .tasks import SUITE_TASKS, generate_split, make_suite_task, split_sizes, suite_class_names
+from .tasks import SUITE_TASKS, check_suite_name, generate_split, make_suite_task, split_sizes, suite_class_names
 
-__all__ = ["SUITE_TASKS", "SUITE_SIZE", "make_suite_task", "generate_split", "split_sizes", "suite_class_names"]
+__all__ = ["SUITE_TASKS", "SUITE_SIZE", "check_suite_name", "make_suite_task", "generate_split", "split_sizes", "suite_class_names"]

@@ -128,10 +128,14 @@ def _splits(name: str, seed: int, image_size: int) -> tuple[Split, Split, Split]
     return _generated[key]
 
 
-def make_suite_task(name: str, *, image_size: int = 32, split: str = "test", seed: int = 0) -> Task:
-    """An embedded task; split="test": train on train+val (1,000 images), evaluate on test; "val": 800 / 200."""
+def check_suite_name(name: str) -> None:
     if name not in _TASKS:
         raise DatasetError(f"unknown suite task {name!r}; known: {', '.join(_TASKS)} (or suite:all)")
+
+
+def make_suite_task(name: str, *, image_size: int = 32, split: str = "test", seed: int = 0) -> Task:
+    """An embedded task; split="test": train on train+val (1,000 images), evaluate on test; "val": 800 / 200."""
+    check_suite_name(name)
     check_split(split)
     task = _TASKS[name]
     train, val, test = _splits(name, seed, image_size)
