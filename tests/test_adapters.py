@@ -1,7 +1,9 @@
 """One generic matrix over every method and masking mode (merge, masks, gradients, save/load, PEFT export),
 then method-specific checks. A new method joins the matrix by adding a case to CASES."""
+import dataclasses
 import json
 import math
+import typing
 import warnings
 
 import pytest
@@ -370,7 +372,9 @@ def test_bad_mlae_config(kwargs, match):
 @pytest.mark.parametrize("make, match", [
     (lambda: mlae.MLAEConfig(coeff_init="1"), r"coeff_init \(--coeff-init\) must be a number, got '1'"),
     (lambda: mlae.MLAEConfig(adaptive="no"), r"adaptive \(--no-adaptive\) must be True or False, got 'no'"),
-    (lambda: mlae.MLAEConfig(dropout=None), r"dropout \(--dropout\) must be a number or a string, got None"),
+    (lambda: mlae.MLAEConfig(dropout=None), r"dropout \(--dropout\) must be a number or 'auto', got None"),
+    (lambda: mlae.MLAEConfig(dropout="Auto"), r"dropout \(--dropout\) must be a number or 'auto', got 'Auto'"),
+    (lambda: mlae.MLAEConfig(seed=2.5), "seed must be an integer, got 2.5"),
     (lambda: mlae.MLAEConfig(dropout=torch.tensor(0.5)), "dropout .* got tensor"),
     (lambda: mlae.MLAEConfig(seed="x"), "seed must be an integer, got 'x'"),
     (lambda: mlae.MLAEConfig(pattern=[0.5, "a"]), "pattern .* a string or a list of numbers"),
@@ -401,6 +405,33 @@ def test_numpy_scalars_are_numbers_and_stay_json():
     assert (type(cfg.experts), type(cfg.coeff_init)) == (int, float)
     assert json.loads(cfg.to_json())["experts"] == 4
     assert mlae.LoRAConfig(rank=8.0, alpha=8).rank == 8  # a whole float is an integer, an int a number
+    cfg = mlae.MLAEConfig(seed=2.0, adaptive=np.bool_(False), pattern=[np.float32(0.5)] * 3,
+                          target_modules=[np.str_("qkv")])
+    assert (cfg.seed, type(cfg.seed), cfg.adaptive, type(cfg.adaptive)) == (2, int, False, bool)
+    assert [type(v) for v in cfg.pattern] == [float] * 3
+    assert json.loads(cfg.to_json())["seed"] == 2
+
+
+@dataclasses.dataclass
+class _PlainAnnotations(mlae.LoRAConfig):
+    """A user's config subclass in a module without ``from __future__ import annotations`` (this file has none):
+    its annotations are types, not strings, and are checked all the same."""
+    gain: float = 1.0
+    mode: typing.Literal["a", "b"] = "a"
+    extra: typing.Optional[int] = None
+    names: list[str] = dataclasses.field(default_factory=list)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"gain": "1"}, "gain must be a number, got '1'"), ({"mode": "c"}, "mode must be 'a' or 'b', got 'c'"),
+    ({"extra": 1.5}, "extra must be an integer or None, got 1.5"), ({"names": [1]}, "names must be a list of strings"),
+])
+def test_config_subclasses_without_string_annotations_are_checked(kwargs, match):
+    assert "annotations" not in globals()  # the premise: this module's annotations are evaluated
+    with pytest.raises(ValueError, match=match):
+        _PlainAnnotations(**kwargs)
+    ok = _PlainAnnotations(gain=2, mode="b", extra=3, names=["x"])
+    assert (ok.gain, ok.mode, ok.extra, ok.names) == (2, "b", 3, ["x"])
 
 
 @pytest.mark.parametrize("case", ["lora", "mlae-stochastic", "dmlora", "mlae-auto"])
@@ -470,6 +501,36 @@ def test_load_rejects_corrupt_foreign_and_mismatched_files(tmp_path):
     with pytest.raises(ValueError, match=f"{key} hold NaN/inf values; the file is damaged"):
         mlae.load_adapter(fresh, tmp_path / "nan.safetensors")
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_a_file_saved_with_train_head_false_and_modules_to_save_still_loads(tmp_path):
+    """Earlier versions accepted train_head=False with modules_to_save (the modules stayed frozen and were saved
+    as they were); such a file loads, with a warning, and gives the saved model's outputs."""
+    model, x = build("lora")
+    mlae.save_adapter(model, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(header["modules_to_save"]) == ["head"]
+    config = {**json.loads(header["config"]), "train_head": False, "modules_to_save": ["head"]}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**header, "config": json.dumps(config)})
+    with pytest.warns(UserWarning, match="train_head=False and modules_to_save=\\['head'\\], a pair mlae now refuses"):
+        loaded = mlae.load_adapter(make_tiny_vit(depth=3), tmp_path / "old.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+def test_training_a_merged_model_warns_that_the_adapter_gets_no_gradient():
+    model, x = build("lora")
+    mlae.merge(model)
+    with pytest.warns(UserWarning, match="is merged, so training gets no gradient for it; call mlae.unmerge"):
+        model.train()(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inference on a merged model is what merging is for: no warning
+        with torch.no_grad():
+            model.eval()(x)
+        model.train()
+        with torch.no_grad():
+            model(x)
 
 
 def test_save_adapter_names_a_folder_and_metadata_that_is_no_json(tmp_path):

@@ -86,6 +86,21 @@ def test_similarity_command_writes_figures_and_tables(runs, tmp_path, capsys):
     assert list(json.loads((out / "similarity.json").read_text())) == ["lora"]
 
 
+def test_similarity_overwrite_leaves_no_figure_of_the_earlier_analysis(runs, tmp_path):
+    """similarity_by_dataset.png exists only for runs of several datasets: an analysis of one dataset written over
+    one of two removes it instead of leaving the old figure beside the new files."""
+    from mlae.trained import load_trained
+
+    reports = {name: {**analyze.similarity_report(load_trained(path / "adapter.safetensors")[0]), "series": name,
+                      "dataset": dataset, "method": name}
+               for (name, path), dataset in zip(runs.items(), ("cifar", "dtd"))}
+    analyze.write_similarity(reports, tmp_path)
+    _png(tmp_path / "similarity_by_dataset.png")
+    analyze.write_similarity({"mlae": reports["mlae"]}, tmp_path)
+    assert not (tmp_path / "similarity_by_dataset.png").exists() and list(json.loads(
+        (tmp_path / "similarity.json").read_text())) == ["mlae"]
+
+
 def test_similarity_plot_has_one_series_per_run(runs):
     from mlae.trained import load_trained
 
@@ -195,11 +210,12 @@ def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path
     fig = analyze.plot_dropout_history({"auto": analyze.dropout_history(auto)})
     assert len(fig.axes[0].lines) == 6  # one line per adapted layer
 
-    assert main(["analyze", "dropout", str(runs["mlae"]), "--out", str(out)]) == 1
+    assert main(["analyze", "dropout", str(runs["mlae"]), "--out", str(tmp_path / "fixed_p")]) == 1
     assert "--dropout auto" in capsys.readouterr().err
-    # the figures are there now: a second analysis into the folder needs --overwrite
-    assert main(["analyze", "dropout", str(heldout), "--out", str(out)]) == 1
-    assert "already holds dropout.png" in capsys.readouterr().err
+    # the figures are there now: a second analysis into the folder needs --overwrite (checked before any run is read)
+    for run in (heldout, runs["mlae"]):
+        assert main(["analyze", "dropout", str(run), "--out", str(out)]) == 1
+        assert "already holds dropout.png" in capsys.readouterr().err
     assert main(["analyze", "dropout", str(heldout), "--out", str(out), "--overwrite"]) == 0
     assert list(json.loads((out / "dropout.json").read_text())) == ["heldout"]
 
@@ -264,7 +280,7 @@ def test_attention_columns_match_the_models_themselves(runs, name):
     torch.testing.assert_close(only[:, 0], maps[:, 0])
 
 
-def test_attention_command_writes_the_grid(runs, tmp_path):
+def test_attention_command_writes_the_grid(runs, tmp_path, capsys):
     out = tmp_path / "att"
     assert main(["analyze", "attention", str(runs["mlae"]), "--block", "-1", "--images", "3",
                  "--out", str(out)]) == 0
@@ -277,7 +293,9 @@ def test_attention_command_writes_the_grid(runs, tmp_path):
                  "--out", str(out)]) == 0
     assert torch.tensor(json.loads((out / "attention_block0.json").read_text())["maps"]).shape == (2, 6, 8, 8)
     # another block's maps go next to them; the same block's again only with --overwrite (-1 is block 5)
+    capsys.readouterr()
     assert main(["analyze", "attention", str(runs["lora"]), "--block", "-1", "--out", str(out)]) == 1
+    assert "already holds attention_block5.png, attention_block5.json; pass --overwrite" in capsys.readouterr().err
     assert saved == json.loads((out / "attention_block5.json").read_text())
     assert main(["analyze", "attention", str(runs["lora"]), "--block", "-1", "--images", "2", "--out", str(out),
                  "--overwrite"]) == 0

@@ -490,13 +490,22 @@ def test_peft_export_to_a_file_name_is_refused(mlae_run, tmp_path, capsys):
 
 
 def test_eval_threads_sets_torch_threads(mlae_run, capsys):
+    from mlae.hardware import cpu_cores
+
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
         assert main(["eval", "--adapter", str(mlae_run), "--threads", "1"]) == 0
         assert torch.get_num_threads() == 1
+        torch.set_num_threads(cpu_cores() + 3)
+        assert main(["eval", "--adapter", str(mlae_run), "--threads", "0"]) == 0  # 0 = auto, as for train
+        assert 1 <= torch.get_num_threads() <= cpu_cores()
     finally:
         torch.set_num_threads(before)
     assert "top-1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--adapter", str(mlae_run), "--threads", "-1"])
+    assert "must be an integer >= 1, or 0 for the cores other programs leave free, not '-1'" in capsys.readouterr().err
 
 
 def test_a_learned_p_over_one_epoch_warns(vtab_root, tmp_path, capsys):

@@ -13,6 +13,7 @@ from PIL import Image
 from mlae.data import (FGVC_TASKS, SUITE_TASKS, VTAB_TASKS, DatasetError, Split, clear_cache, expand_specs,
                        load_task, prepare_batch)
 from mlae.data.base import CACHE_DIR_NAME, to_rgb
+from mlae.data.fgvc import canonical_name
 from mlae.data.suite import generate_split, split_sizes
 from mlae.data.testing import make_fgvc_folder, make_image_folder, make_vtab_folder
 from mlae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -262,6 +263,9 @@ def test_fgvc_folder_aliases_and_paths_relative_to_dataset(tmp_path):
     test_json.write_text(json.dumps(mapping))
     task = load_task("fgvc:CUB", data_root=tmp_path, image_size=16)
     assert len(task.train) == 6 and len(task.eval) == 2
+    # a dataset is named by its name or a folder alias, in any case
+    assert [canonical_name(n) for n in ("cub", "cub_200_2011", "Stanford-Dogs", "FLOWERS102")] == [
+        "CUB", "CUB", "StanfordDogs", "OxfordFlowers"]
 
 
 @pytest.mark.parametrize("content, pattern", [

@@ -84,6 +84,14 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
     missing = [k for k in ("config", "adapted_modules", "modules_to_save") if k not in header]
     if missing:
         raise InputError(f"{path}: the adapter metadata lacks {', '.join(missing)}: the file is damaged")
+    config = json.loads(header["config"])
+    if isinstance(config, dict) and config.get("train_head") is False and config.get("modules_to_save"):
+        # Saved before this pair was refused (earlier mlae froze the named modules and saved them untrained):
+        # read as train_head=True, which loads exactly the saved weights and keeps the file usable.
+        warnings.warn(f"{path} was saved with train_head=False and modules_to_save={config['modules_to_save']}, "
+                      "a pair mlae now refuses; it is read with train_head=True (the saved modules hold the "
+                      "weights they were saved with)", UserWarning, stacklevel=3)
+        header["config"] = json.dumps({**config, "train_head": True}, sort_keys=True)
     return header
 
 

@@ -12,11 +12,15 @@ A method's file also declares, next to its config fields, what ``mlae train`` sh
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import json
 import math
 import numbers
+import types
+import typing
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -55,6 +59,8 @@ _KIND_NAMES = {"bool": ("True or False", ""), "int": ("an integer", "integers"),
 
 def _kind_name(kind: str) -> str:
     base, _, item = kind.partition("[")
+    if base == "Literal":
+        return " or ".join(map(repr, ast.literal_eval(f"[{item[:-1]}]")))
     if base == "list" and item:
         return f"a list of {_KIND_NAMES.get(item.rstrip(']'), ('', item))[1]}"
     return _KIND_NAMES.get(base, (kind,))[0]
@@ -71,12 +77,47 @@ def _flag(f: dataclasses.Field) -> str:
     return f" ({option_flag(f.metadata.get('name') or f.name, f.default)})" if f.metadata else ""
 
 
+def _kinds(annotation: Any) -> list[str]:
+    """The alternatives of a field annotation as text (``"float | None"`` -> ``["float", "None"]``), whether the
+    config's module wrote ``from __future__ import annotations`` (a string) or not (a type or typing object)."""
+    if isinstance(annotation, str):
+        return annotation.replace(" ", "").split("|")
+    if annotation is type(None):
+        return ["None"]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return [k for a in args for k in _kinds(a)]
+    if origin is typing.Literal:
+        return [f"Literal[{','.join(map(repr, args))}]"]
+    if origin in (list, tuple) and args:
+        return [f"list[{_kinds(args[0])[0]}]"]
+    if isinstance(annotation, type):
+        return [annotation.__name__]
+    return [str(annotation)]
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (``np.float32(0.5)``, ``np.bool_(True)``, also inside a list) as the Python values they
+    hold: they must compare, print and go into JSON headers as numbers."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
 def _has_kind(value: Any, kind: str) -> bool:
     """Whether ``value`` fits one alternative of a field annotation (``float``, ``list[int]``, ...). An int is a
     float (``alpha=8``), a whole float an int (``rank=8.0``: the integer checks store it as 8), a bool neither."""
     base, _, item = kind.partition("[")
     if base == "None":
         return value is None
+    if base == "Literal":  # Literal['auto']: one of the values written
+        return not isinstance(value, bool) and value in ast.literal_eval(f"[{item[:-1]}]")
     if base == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool):
@@ -139,13 +180,13 @@ class AdapterConfig:
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         for f in dataclasses.fields(self):
-            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
-            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
-                value = int(value)
-            elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
-                value = float(value)
+            value, kinds = _plain(getattr(self, f.name)), _kinds(f.type)
             if not any(_has_kind(value, k) for k in kinds):
                 raise InputError(f"{f.name}{_flag(f)} must be {' or '.join(map(_kind_name, kinds))}, got {value!r}")
+            # A whole float where only an integer belongs (seed=2.0, from a YAML "2.0" or a division) is stored
+            # as the integer, so that the config and its JSON header say 2.
+            if isinstance(value, float) and "int" in kinds and "float" not in kinds:
+                value = int(value)
             setattr(self, f.name, value)
 
     def _require_positive_int(self, *names: str) -> None:
@@ -250,6 +291,11 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
+            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+                # The update is folded into the frozen weight: a training step would silently train nothing.
+                warnings.warn(f"the adapter of {self.name or type(self).__name__} is merged, so training gets "
+                              "no gradient for it; call mlae.unmerge(model) before training", UserWarning,
+                              stacklevel=2)
             return y
         # apply() on a model already in bf16/fp16 creates fp32 factors (training them in half precision loses
         # Adam's small steps), so outside autocast the update runs in the factors' dtype and is cast back to the

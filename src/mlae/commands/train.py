@@ -247,6 +247,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def threads_count(text: str) -> int:
+    """``--threads`` of eval and predict, read as train's: N >= 1, or 0 for the cores other programs leave free."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, or 0 for the cores other programs leave free, "
+                                         f"not {text!r}")
+    return value
+
+
 def _fail(err: Exception) -> int:
     """Print a user error (an mlae.MLAEError, or the operating system refusing a file: full disk, read-only
     folder, no permission) as one line; anything else is a bug and keeps its traceback."""
@@ -288,7 +300,7 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--experts", metavar="I,J,...", type=lambda t: [int(i) for i in t.split(",") if i.strip()],
                    help="MoLE only: keep these experts (0-based, in --experts-from order); the gate weights are "
                    "renormalised over them")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch (default: the cores not "
+    p.add_argument("--threads", type=threads_count, metavar="N", help="CPU threads for torch (default or 0: the cores not "
                    "kept busy by other programs)")
     p.set_defaults(func=run_eval)
 
@@ -355,7 +367,7 @@ def _register_predict(subparsers) -> None:
     p.add_argument("--out", metavar="JSON", help="also write the predictions to this JSON file (a new one: see "
                    "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch (default: the cores not "
+    p.add_argument("--threads", type=threads_count, metavar="N", help="CPU threads for torch (default or 0: the cores not "
                    "kept busy by other programs)")
     p.set_defaults(func=run_predict)
 

@@ -36,7 +36,7 @@ _PROTOCOL = {"test": (("train", "val"), "test"), "val": (("train",), "val")}
 
 def canonical_name(name: str) -> str:
     for known in FGVC_TASKS:
-        if name.lower() == known.lower() or name in FGVC_LAYOUT[known][0]:
+        if name.lower() in (known.lower(), *(alias.lower() for alias in FGVC_LAYOUT[known][0])):
             return known
     raise DatasetError(f"unknown FGVC dataset {name!r}; known: {', '.join(FGVC_TASKS)}")
 

@@ -299,6 +299,8 @@ def write_similarity(reports: dict[str, dict], out: Path, absolute: bool = False
     save_png(plot_similarity(reports, key), out / "similarity.png", dpi=120)
     if len({r["dataset"] for r in reports.values()}) > 1:
         save_png(plot_by_dataset(by_dataset(reports, key), key), out / "similarity_by_dataset.png", dpi=120)
+    else:  # one dataset: no such figure, and none of an earlier analysis left beside this one's
+        (out / "similarity_by_dataset.png").unlink(missing_ok=True)
     for label, r in reports.items():
         fig = plot_matrix(r, f"{label} ({r.get('method') or '?'}): expert similarity", absolute)
         save_png(fig, out / f"similarity_matrix_{_filename(label)}.png", dpi=120)
@@ -469,8 +471,8 @@ def analyze_dropout(runs: list[str | Path], out: str | Path, *, labels: str | li
     writes dropout.png, dropout_profile.png, dropout.json and dropout.md into ``out`` (files of an earlier analysis
     there are an error unless ``overwrite``)."""
     runs, names = _runs_and_labels(runs, labels)
-    histories = {label: dropout_history(run) for label, run in zip(names, runs)}
     out = _claim(out, ["dropout.png", "dropout_profile.png", "dropout.json", "dropout.md"], overwrite)
+    histories = {label: dropout_history(run) for label, run in zip(names, runs)}
     out.mkdir(parents=True, exist_ok=True)
     for name, fig in (("dropout.png", plot_dropout_history(histories)),
                       ("dropout_profile.png", plot_dropout_profile(histories))):
