@@ -420,18 +420,33 @@ class _PlainAnnotations(mlae.LoRAConfig):
     mode: typing.Literal["a", "b"] = "a"
     extra: typing.Optional[int] = None
     names: list[str] = dataclasses.field(default_factory=list)
+    slots: list[typing.Optional[int]] = dataclasses.field(default_factory=lambda: [1, None])
+    pair: tuple[int, str] = (1, "x")
+    flag: typing.Literal[True, False] = True
+    label: typing.Literal["a b", "c"] = "a b"
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"gain": "1"}, "gain must be a number, got '1'"), ({"mode": "c"}, "mode must be 'a' or 'b', got 'c'"),
     ({"extra": 1.5}, "extra must be an integer or None, got 1.5"), ({"names": [1]}, "names must be a list of strings"),
+    ({"slots": ["x"]}, r"slots must be a list of integers or None, got \['x'\]"),
+    ({"flag": 1}, "flag must be True or False, got 1"), ({"label": "ab"}, "label must be 'a b' or 'c', got 'ab'"),
 ])
 def test_config_subclasses_without_string_annotations_are_checked(kwargs, match):
     assert "annotations" not in globals()  # the premise: this module's annotations are evaluated
     with pytest.raises(ValueError, match=match):
         _PlainAnnotations(**kwargs)
-    ok = _PlainAnnotations(gain=2, mode="b", extra=3, names=["x"])
-    assert (ok.gain, ok.mode, ok.extra, ok.names) == (2, "b", 3, ["x"])
+    ok = _PlainAnnotations(gain=2, mode="b", extra=3, names=["x"], flag=False)
+    assert (ok.gain, ok.mode, ok.extra, ok.names, ok.slots, ok.pair, ok.flag) == (2, "b", 3, ["x"], [1, None],
+                                                                                 (1, "x"), False)
+
+
+@pytest.mark.parametrize("value", ["array", "tensor"])
+def test_arrays_are_no_scalar_values(value):
+    np = pytest.importorskip("numpy")
+    for v in ((np.array(["auto"]), np.array([0.5, 0.5])) if value == "array" else (torch.tensor(0.5),)):
+        with pytest.raises(ValueError, match="dropout .* must be a number or 'auto', got"):
+            mlae.MLAEConfig(dropout=v)
 
 
 @pytest.mark.parametrize("case", ["lora", "mlae-stochastic", "dmlora", "mlae-auto"])
@@ -513,14 +528,20 @@ def test_a_file_saved_with_train_head_false_and_modules_to_save_still_loads(tmp_
     assert json.loads(header["modules_to_save"]) == ["head"]
     config = {**json.loads(header["config"]), "train_head": False, "modules_to_save": ["head"]}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**header, "config": json.dumps(config)})
-    with pytest.warns(UserWarning, match="train_head=False and modules_to_save=\\['head'\\], a pair mlae now refuses"):
+    with pytest.warns(UserWarning, match="train_head=False and modules_to_save=\\['head'\\], a pair mlae now refuses") as seen:
         loaded = mlae.load_adapter(make_tiny_vit(depth=3), tmp_path / "old.safetensors")
+    assert len(seen) == 1
+    assert mlae.read_adapter_config(tmp_path / "old.safetensors").train_head  # read quietly, the same way
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
 
 
-def test_training_a_merged_model_warns_that_the_adapter_gets_no_gradient():
-    model, x = build("lora")
+@pytest.mark.parametrize("case", ["lora", "dmlora-stage2"])
+def test_training_a_merged_model_warns_that_the_adapter_gets_no_gradient(case):
+    model, x = build(case.removesuffix("-stage2"))
+    if case.endswith("stage2"):  # DMLoRA's stage 2 trains only the branch scales: still nothing trains merged
+        from mlae.adapters.dmlora import start_stage2
+        start_stage2(model)
     mlae.merge(model)
     with pytest.warns(UserWarning, match="is merged, so training gets no gradient for it; call mlae.unmerge"):
         model.train()(x).sum().backward()

@@ -84,15 +84,21 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
     missing = [k for k in ("config", "adapted_modules", "modules_to_save") if k not in header]
     if missing:
         raise InputError(f"{path}: the adapter metadata lacks {', '.join(missing)}: the file is damaged")
+    return header
+
+
+def _file_config(header: dict[str, str], path: str | os.PathLike, warn: bool = False) -> dict[str, Any] | None:
+    """The adapter config of a file's header. A file saved with train_head=False and modules_to_save (earlier
+    mlae froze those modules and saved them untrained; the pair is refused now) is read with train_head=True,
+    which loads exactly the saved weights and keeps the file usable."""
     config = json.loads(header["config"])
     if isinstance(config, dict) and config.get("train_head") is False and config.get("modules_to_save"):
-        # Saved before this pair was refused (earlier mlae froze the named modules and saved them untrained):
-        # read as train_head=True, which loads exactly the saved weights and keeps the file usable.
-        warnings.warn(f"{path} was saved with train_head=False and modules_to_save={config['modules_to_save']}, "
-                      "a pair mlae now refuses; it is read with train_head=True (the saved modules hold the "
-                      "weights they were saved with)", UserWarning, stacklevel=3)
-        header["config"] = json.dumps({**config, "train_head": True}, sort_keys=True)
-    return header
+        if warn:
+            warnings.warn(f"{path} was saved with train_head=False and modules_to_save={config['modules_to_save']}, "
+                          "a pair mlae now refuses; it is read with train_head=True (the saved modules hold the "
+                          "weights they were saved with)", UserWarning, stacklevel=3)
+        config = {**config, "train_head": True}
+    return config
 
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -107,7 +113,7 @@ def read_adapter_learned(path: str | os.PathLike) -> dict[str, dict]:
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig | None:
     """The adapter config stored in the file (``None`` for a head-only linear probe)."""
-    d = json.loads(_read_header(path)["config"])
+    d = _file_config(_read_header(path), path)
     return None if d is None else config_from_dict(d)
 
 
@@ -119,7 +125,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str 
     if check_backbone not in ("warn", "error", "ignore"):
         raise InputError(f"check_backbone must be warn, error or ignore, not {check_backbone!r}")
     header = _read_header(path)
-    cfg_dict = json.loads(header["config"])
+    cfg_dict = _file_config(header, path, warn=True)
     saved_names, heads = json.loads(header["adapted_modules"]), json.loads(header["modules_to_save"])
     current: AdapterConfig | None = getattr(model, CONFIG_ATTR, None)
     if cfg_dict is None:

@@ -52,17 +52,17 @@ def option(default: Any, help: str, *, choices: tuple | None = None, type: Calla
     return field(default=default, metadata=metadata)
 
 
-_KIND_NAMES = {"bool": ("True or False", ""), "int": ("an integer", "integers"), "float": ("a number", "numbers"),
+_KIND_NAMES = {"bool": ("True or False", "booleans"), "int": ("an integer", "integers"), "float": ("a number", "numbers"),
                "str": ("a string", "strings"), "list": ("a list", "lists"), "dict": ("a dict", "dicts"),
-               "None": ("None", "")}
+               "None": ("None", "None")}
 
 
 def _kind_name(kind: str) -> str:
     base, _, item = kind.partition("[")
     if base == "Literal":
-        return " or ".join(map(repr, ast.literal_eval(f"[{item[:-1]}]")))
+        return " or ".join(map(repr, _literal_values(item) or [item[:-1]]))
     if base == "list" and item:
-        return f"a list of {_KIND_NAMES.get(item.rstrip(']'), ('', item))[1]}"
+        return "a list of " + " or ".join(_KIND_NAMES.get(k, ("", k))[1] for k in _split_top(item[:-1]))
     return _KIND_NAMES.get(base, (kind,))[0]
 
 
@@ -81,25 +81,47 @@ def _kinds(annotation: Any) -> list[str]:
     """The alternatives of a field annotation as text (``"float | None"`` -> ``["float", "None"]``), whether the
     config's module wrote ``from __future__ import annotations`` (a string) or not (a type or typing object)."""
     if isinstance(annotation, str):
-        return annotation.replace(" ", "").split("|")
+        return _split_top(annotation)
     if annotation is type(None):
         return ["None"]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return [k for a in args for k in _kinds(a)]
     if origin is typing.Literal:
-        return [f"Literal[{','.join(map(repr, args))}]"]
-    if origin in (list, tuple) and args:
-        return [f"list[{_kinds(args[0])[0]}]"]
+        return [f"Literal[{', '.join(map(repr, args))}]"]
+    if origin is list and len(args) == 1 or origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return [f"list[{'|'.join(_kinds(args[0]))}]"]
+    if origin in (list, tuple):
+        return [origin.__name__]  # tuple[int, str]: a sequence, items unchecked
     if isinstance(annotation, type):
         return [annotation.__name__]
     return [str(annotation)]
 
 
+def _split_top(text: str, sep: str = "|") -> list[str]:
+    """``text`` split at ``sep`` outside brackets, each part stripped of surrounding spaces:
+    ``"list[int | None] | str"`` -> ``["list[int | None]", "str"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts + [text[start:].strip()]
+
+
+def _literal_values(item: str) -> list | None:
+    """The values of ``Literal[...]``'s text, or None where they are no Python literals (an Enum member)."""
+    try:
+        return ast.literal_eval(f"[{item[:-1]}]")
+    except (ValueError, SyntaxError):
+        return None
+
+
 def _plain(value: Any) -> Any:
     """NumPy scalars (``np.float32(0.5)``, ``np.bool_(True)``, also inside a list) as the Python values they
     hold: they must compare, print and go into JSON headers as numbers."""
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # exactly: a namedtuple is left as it is
         return type(value)(_plain(v) for v in value)
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
         return value.item()
@@ -116,8 +138,9 @@ def _has_kind(value: Any, kind: str) -> bool:
     base, _, item = kind.partition("[")
     if base == "None":
         return value is None
-    if base == "Literal":  # Literal['auto']: one of the values written
-        return not isinstance(value, bool) and value in ast.literal_eval(f"[{item[:-1]}]")
+    if base == "Literal":  # Literal['auto']: one of the values written, of its type (True is not 1)
+        values = _literal_values(item)
+        return values is None or any(type(value) is type(v) and value == v for v in values)
     if base == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool):
@@ -129,7 +152,9 @@ def _has_kind(value: Any, kind: str) -> bool:
     if base == "str":
         return isinstance(value, str)
     if base == "list":
-        return isinstance(value, (list, tuple)) and all(_has_kind(v, item.rstrip("]")) for v in value)
+        items = _split_top(item[:-1]) if item else []
+        return isinstance(value, (list, tuple)) and (not items or all(any(_has_kind(v, k) for k in items)
+                                                                      for v in value))
     if base == "dict":
         return isinstance(value, dict)
     return True  # an annotation this check does not know: the method's own validation decides
@@ -291,11 +316,11 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 # The update is folded into the frozen weight: a training step would silently train nothing.
+                # (No stacklevel: the caller is torch's module machinery; one warning per process is enough.)
                 warnings.warn(f"the adapter of {self.name or type(self).__name__} is merged, so training gets "
-                              "no gradient for it; call mlae.unmerge(model) before training", UserWarning,
-                              stacklevel=2)
+                              "no gradient for it; call mlae.unmerge(model) before training", UserWarning)
             return y
         # apply() on a model already in bf16/fp16 creates fp32 factors (training them in half precision loses
         # Adam's small steps), so outside autocast the update runs in the factors' dtype and is cast back to the
