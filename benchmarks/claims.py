@@ -118,6 +118,9 @@ def from_compare(compare_dir: Path) -> None:
 
 REGIME_CLAIMS = CLAIMS + [("7. DMLoRA beats LoRA", "dmlora", "lora"),
                           ("p chosen per task on val200 beats one p = 0.5", "mlae", "mlae-p0.5"),
+                          # the paper's own ablation (p = 0: 76.6, one p = 0.5 for all tasks: 77.5)
+                          ("one p = 0.5 for all tasks beats no masking (p = 0)", "mlae-p0.5", "mlae-p0"),
+                          ("MLAE with one p = 0.5 beats LoRA", "mlae-p0.5", "lora"),
                           # learned p (MLAE-auto, one run per task): "within noise" of the sweep is its target
                           ("MLAE-auto vs MLAE with p swept on val200", "mlae-auto", "mlae"),
                           ("MLAE-auto beats MLAE p = 0.5", "mlae-auto", "mlae-p0.5"),
