@@ -375,6 +375,8 @@ def test_bad_mlae_config(kwargs, match):
     (lambda: mlae.MLAEConfig(dropout=None), r"dropout \(--dropout\) must be a number or 'auto', got None"),
     (lambda: mlae.MLAEConfig(dropout="Auto"), r"dropout \(--dropout\) must be a number or 'auto', got 'Auto'"),
     (lambda: mlae.MLAEConfig(seed=2.5), "seed must be an integer, got 2.5"),
+    (lambda: mlae.LoRAConfig(dropout=1.0), r"dropout \(--lora-dropout\) must be in \[0, 1\), got 1.0"),
+    (lambda: mlae.DMLoRAConfig(branch_dropout=1.0), r"branch_dropout \(--branch-dropout\) must be in \[0, 1\)"),
     (lambda: mlae.MLAEConfig(dropout=torch.tensor(0.5)), "dropout .* got tensor"),
     (lambda: mlae.MLAEConfig(seed="x"), "seed must be an integer, got 'x'"),
     (lambda: mlae.MLAEConfig(pattern=[0.5, "a"]), "pattern .* a string or a list of numbers"),
@@ -410,6 +412,15 @@ def test_numpy_scalars_are_numbers_and_stay_json():
     assert (cfg.seed, type(cfg.seed), cfg.adaptive, type(cfg.adaptive)) == (2, int, False, bool)
     assert [type(v) for v in cfg.pattern] == [float] * 3
     assert json.loads(cfg.to_json())["seed"] == 2
+
+
+def test_a_masking_probability_with_fixed_masking_warns_that_it_is_ignored():
+    with pytest.warns(UserWarning, match="dropout=0.3 has no effect with masking='fixed'"):
+        mlae.MLAEConfig(masking="fixed", pattern="incremental", dropout=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the ablations' fixed rows (p = 0) and the default p say nothing
+        mlae.MLAEConfig(masking="fixed", pattern="incremental", dropout=0.0)
+        mlae.MLAEConfig(masking="fixed", pattern="protruding")
 
 
 @dataclasses.dataclass

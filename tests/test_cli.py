@@ -44,6 +44,17 @@ def _train(root: Path, out: Path, *extra: str) -> int:
                  "--out", str(out), *extra])
 
 
+def test_the_default_run_folder_gets_a_suffix_unless_overwrite_replaces_it(vtab_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--dataset", "vtab:cifar", "--data-root", str(vtab_root), *TINY, *FAST, "--quiet",
+            "--method", "lora"]
+    assert main(args) == 0 and main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cifar_lora_s0", "cifar_lora_s0-2"]
+    assert main([*args, "--overwrite"]) == 0  # replaces runs/cifar_lora_s0, the folder --resume would continue
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cifar_lora_s0", "cifar_lora_s0-2"]
+    assert (tmp_path / "runs" / "cifar_lora_s0" / "results.json").exists()
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -132,6 +143,9 @@ def test_export_merged_and_peft(mlae_run, tmp_path):
 
     assert main(["export", "--adapter", str(adapter), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").exists()
+    # the run folder stands for its adapter file, as --help says
+    assert main(["export", "--adapter", str(mlae_run), "--out", str(tmp_path / "from_folder.safetensors")]) == 0
+    assert load_file(str(tmp_path / "from_folder.safetensors")).keys() == load_file(str(merged)).keys()
 
 
 def _cli(*args: str) -> list[str]:
@@ -376,6 +390,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     (["--drop-path", "1.5"], "--drop-path"), (["--drop-path", "-0.5"], "--drop-path"),
     (["--threads", "-3"], "--threads"), (["--img-size", "-32"], "--img-size"),
     (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--resume", "--overwrite"], "--overwrite"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_a_bad_training_value_is_one_line_naming_its_flag(flags, named, tmp_path, capsys):
     out = tmp_path / "run"

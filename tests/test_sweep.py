@@ -218,6 +218,11 @@ def test_search_space_parsing():
 def test_grid_needs_values_and_tpe_runs_with_ranges(vtab_root, tmp_path, capsys):
     assert main(_argv(vtab_root, tmp_path / "bad", "--param", "coeff_init=0.25:4:log")) == 1
     assert "--sampler tpe" in capsys.readouterr().err
+    # a grid value no run can take is refused before any trial trains or anything is written
+    assert main(_argv(vtab_root, tmp_path / "p15", "--param", "dropout=0,1.5", "--param", "coeff_init=1")) == 1
+    err = capsys.readouterr().err
+    assert "the grid point dropout=1.5, coeff_init=1.0 is no valid run: dropout (--dropout) must be in [0, 1)" in err
+    assert not (tmp_path / "p15").exists()
     out = tmp_path / "tpe"
     assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "1", "--param",
                       "coeff_init=0.25:4:log", "--param", "dropout=0,0.5", "--no-final")) == 0

@@ -116,6 +116,8 @@ class TrainConfig:
         if not 0 <= self.drop_path < 1:
             raise InputError(f"drop_path (--drop-path, the stochastic depth rate) must be in [0, 1), not "
                              f"{self.drop_path!r}")
+        if self.seed < 0:  # numpy's generators (the held-out split, the data folds) take none
+            raise InputError(f"seed (--seed) must be an integer >= 0, not {self.seed!r}")
         if self.threads < 0:
             raise InputError(f"threads (--threads) must be >= 1, or 0 for the cores other programs leave free, not "
                              f"{self.threads!r}")

@@ -38,9 +38,10 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
     its metadata); any other ``out`` is a folder in timm's ``local-dir:`` layout (``config.json`` +
     ``model.safetensors``). ``fmt="peft"``: a PEFT adapter folder. An existing ``out`` needs ``overwrite``."""
     import mlae
-    from .trained import load_trained, merged_state_dict, timm_spec
+    from .trained import load_trained, merged_state_dict, timm_spec, weights_file
     from .files import atomic_save_file, atomic_write_text
 
+    adapter = weights_file(adapter)  # a run folder names its adapter file (the provenance hashes that file)
     target = Path(out)
     if fmt == "peft" and target.suffix == ".safetensors":  # a PEFT adapter is a folder, never one file
         raise InputError(f"--format peft writes a folder (adapter_config.json + adapter_model.safetensors), not "

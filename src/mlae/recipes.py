@@ -97,6 +97,14 @@ class Method:
     def defaults(self) -> dict:
         return {opt.name: opt.default for opt in self.options}
 
+    def check_options(self, options: dict) -> None:
+        """Raise the error a run with ``options`` would meet when its adapter config is built (a value out of
+        range, a pair that does not go together), without building a model: sweeps check every grid point
+        before the first trial trains."""
+        config = getattr(self.prepare, "config", None)
+        if config is not None:
+            config({**self.defaults(), **options})
+
     def canonical_options(self, options: dict) -> dict:
         """This method's options from ``options`` (other keys dropped), with the defaults of those a file written
         before they existed lacks, in their canonical form."""
@@ -162,9 +170,13 @@ def _applies(cls: type[AdapterConfig]) -> Callable[[nn.Module, dict], nn.Module]
     """``prepare`` of a method that is one adapter config: mlae.apply with the options as its fields."""
     fields = {_option_name(f): f.name for f in _option_fields(cls)}
 
-    def prepare(model: nn.Module, options: dict) -> nn.Module:
-        return apply(model, cls(**{fields.get(k, k): v for k, v in options.items()}))
+    def config(options: dict) -> AdapterConfig:
+        return cls(**{fields.get(k, k): v for k, v in options.items()})
 
+    def prepare(model: nn.Module, options: dict) -> nn.Module:
+        return apply(model, config(options))
+
+    prepare.config = config  # what Method.check_options builds: the values are checked without a model
     return prepare
 
 

@@ -56,7 +56,7 @@ def default_out(cfg: TrainConfig) -> Path:
 def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path, bool]:
     """Pick the output folder and lock it for this process until ``stack`` closes (a second writer is refused);
     returns (folder, resume_from_checkpoint)."""
-    if cfg.out is None and not cfg.resume:
+    if cfg.out is None and not cfg.resume and not cfg.overwrite:  # --overwrite / --resume: the default folder itself
         base = default_out(cfg)
         out, i = base, 1
         while out.exists() and any(out.iterdir()):

@@ -214,6 +214,10 @@ class AdapterConfig:
                 value = int(value)
             setattr(self, f.name, value)
 
+    def _label(self, name: str) -> str:
+        """``name (--flag)`` of a field, for error messages (just ``name`` for a field that is no option)."""
+        return name + _flag(next(f for f in dataclasses.fields(self) if f.name == name))
+
     def _require_positive_int(self, *names: str) -> None:
         """Validate integer-valued fields (a float like 2.0 is accepted and stored as 2; True is not)."""
         for name in names:

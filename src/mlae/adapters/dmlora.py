@@ -82,11 +82,11 @@ class DMLoRAConfig(AdapterConfig):
         if not math.isfinite(self.alpha):
             raise InputError(f"alpha must be finite, got {self.alpha!r}")
         if not 0 <= self.branch_dropout < 1:
-            raise InputError(f"branch_dropout must be in [0, 1), got {self.branch_dropout!r}")
+            raise InputError(f"{self._label('branch_dropout')} must be in [0, 1), got {self.branch_dropout!r}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.stage2_fraction < 1:
-            raise InputError(f"stage2_fraction must be in [0, 1), got {self.stage2_fraction!r}")
+            raise InputError(f"{self._label('stage2_fraction')} must be in [0, 1), got {self.stage2_fraction!r}")
 
     @property
     def branch_rank(self) -> int:

@@ -32,7 +32,7 @@ class LoRAConfig(AdapterConfig):
         if not math.isfinite(self.alpha):
             raise InputError(f"alpha must be finite, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
-            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise InputError(f"{self._label('dropout')} must be in [0, 1), got {self.dropout!r}")
 
     def create_layer(self, base: nn.Linear, **_) -> "LoRALinear":
         return LoRALinear(base, self.rank, self.alpha / self.rank, self.dropout)

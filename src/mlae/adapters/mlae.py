@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ __all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "ControlledDropout", "D
            "AUTO", "LEARNERS", "GRADIENT_LEARNERS", "P_MAX", "GAIN", "TEMPERATURE", "BETA", "HOLDOUT", "HOLDOUT_MAX"]
 
 AUTO = "auto"
+_DEFAULT_P = 0.5  # the default p (the median of the paper's Table 10)
 LEARNERS = ("heldout", "variational", "concrete")  # the default first, as `mlae train --help` lists them
 HELDOUT = "heldout"  # the learner without a gradient: a controller on the held-out gap (DropoutController)
 GRADIENT_LEARNERS = ("variational", "concrete")  # those that train p as a parameter (LearnedDropout)
@@ -87,7 +89,7 @@ class MLAEConfig(AdapterConfig):
     """Number of experts E per layer (the fixed/mixed patterns scale their counts to mean E)."""
     expert_rank: int = option(1, "rank of each expert")
     """Rank k of each expert's sub-matrix (the paper's best: 1)."""
-    dropout: float | Literal["auto"] = option(0.5, "expert dropout probability p of the stochastic masks, or auto: learned in "
+    dropout: float | Literal["auto"] = option(_DEFAULT_P, "expert dropout probability p of the stochastic masks, or auto: learned in "
                                   "the same run (see --dropout-learner)", type=_dropout)
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
     per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p while
@@ -162,7 +164,7 @@ class MLAEConfig(AdapterConfig):
                 raise InputError(f"dropout='auto' learns the per-layer rates itself: it cannot follow pattern "
                                  f"{self.pattern!r} (use pattern='uniform')")
         elif isinstance(self.dropout, str) or not 0 <= self.dropout < 1:
-            raise InputError(f"dropout must be in [0, 1) or 'auto', got {self.dropout!r}")
+            raise InputError(f"{self._label('dropout')} must be in [0, 1) or 'auto', got {self.dropout!r}")
         else:
             # The learner's settings mean nothing for a fixed p: they take their defaults, so that a fixed-p
             # configuration has one identity whatever they say (files written before a default changed keep
@@ -179,6 +181,12 @@ class MLAEConfig(AdapterConfig):
             self.pattern = list(self.pattern)
         if isinstance(self.pattern, str) and self.pattern not in patterns.PATTERN_NAMES:
             raise InputError(f"unknown pattern {self.pattern!r}; choose one of {patterns.PATTERN_NAMES} or a list")
+        if self.masking == "fixed" and self.dropout not in (0, _DEFAULT_P):
+            # Fixed masking keeps the pattern's expert counts and draws nothing: a p set with it is ignored.
+            # A warning, not an error, so that files saved with such a config still load.
+            warnings.warn(f"dropout={self.dropout!r} has no effect with masking='fixed' (it keeps the pattern's "
+                          "expert counts and drops none at random); use masking='mixed' to add random masking",
+                          UserWarning, stacklevel=3)
         if self.pattern == "random" and self.masking == "stochastic":
             raise InputError("the random pattern draws expert counts: use it with masking='fixed' or 'mixed'")
 

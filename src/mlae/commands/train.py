@@ -122,7 +122,8 @@ def train_option_specs() -> list[OptionSpec]:
         "exists)")
     add(g, "--resume", action="store_true", help="continue the interrupted run in --out (default: "
         "runs/<dataset>_<method>_s<seed>)")
-    add(g, "--overwrite", action="store_true", help="replace a finished run in --out")
+    add(g, "--overwrite", action="store_true", help="replace a finished run in --out (default: "
+        "runs/<dataset>_<method>_s<seed>)")
     add(g, "--checkpoint-every", type=int, help=f"epochs between checkpoints (default {d.checkpoint_every})")
     add(g, "--eval-every", type=int, help="epochs between evaluations; the last epoch is always evaluated "
         "(default 0: about four evaluations per run)")

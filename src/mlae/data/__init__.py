@@ -122,7 +122,8 @@ def load_task(spec: str, *, data_root: str | Path | None = None, image_size: int
         raise DatasetError(f"skipping unreadable images applies to 'folder:' datasets only, not {spec!r} (a "
                            "benchmark's splits must stay complete)")
     if rest == "all" and prefix in _FAMILIES:
-        raise DatasetError(f"{spec!r} names several tasks; expand it with mlae.data.expand_specs first")
+        raise DatasetError(f"{spec!r} names several tasks: train one (e.g. suite:digits), or run them all with "
+                           f"mlae compare --datasets {spec} (in Python: mlae.data.expand_specs)")
     if prefix == "suite":
         return make_suite_task(rest, image_size=image_size, split=split, seed=seed)
     if prefix == "folder":

@@ -137,13 +137,15 @@ class Sweep:
         self.n_trials = trials or 30
         if self.n_trials < 1:
             raise RecipeError("--trials must be >= 1")
+        self.base = {k: v for k, v in self.base_cfg.to_dict().items() if k not in ("out", "runs_dir")}
+        if sampler == "grid":
+            self._check_grid()  # before anything is written
         from ..recipes import dataset_key
 
         self.out = Path(out or Path("sweeps") / f"{dataset_key(self.base_cfg.dataset)}_{self.method}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.study_name = study_name or self.out.resolve().name
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.base = {k: v for k, v in self.base_cfg.to_dict().items() if k not in ("out", "runs_dir")}
         self.study = self._open_study(open_storage(storage, self.out))
 
     # ----------------------------------------------------------------------------- study
@@ -153,6 +155,19 @@ class Sweep:
         return {"sampler": self.sampler, "space": {p.name: p.describe() for p in self.space},
                 "trials": self.n_trials if self.sampler == "tpe" else None,
                 "config": _comparable(self.base)}
+
+    def _check_grid(self) -> None:
+        """Every grid point is a valid run (``dropout=1.5`` is refused here, not after the other trials trained)."""
+        from ..engine import TrainConfig
+        from ..recipes import get_method
+
+        for params in self.grid():
+            try:
+                cfg = TrainConfig.from_dict({**self.base, **params, "split": "val"})
+                get_method(cfg.method).check_options(cfg.options())
+            except MLAEError as err:
+                given = ", ".join(f"{k}={v}" for k, v in params.items())
+                raise RecipeError(f"the grid point {given} is no valid run: {err}") from None
 
     def grid(self) -> list[dict]:
         import itertools
