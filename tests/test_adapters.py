@@ -539,7 +539,8 @@ def test_a_file_saved_with_train_head_false_and_modules_to_save_still_loads(tmp_
     assert json.loads(header["modules_to_save"]) == ["head"]
     config = {**json.loads(header["config"]), "train_head": False, "modules_to_save": ["head"]}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**header, "config": json.dumps(config)})
-    with pytest.warns(UserWarning, match="train_head=False and modules_to_save=\\['head'\\], a pair mlae now refuses") as seen:
+    legacy = "train_head=False and modules_to_save=\\['head'\\], a pair mlae now refuses"
+    with pytest.warns(UserWarning, match=legacy) as seen:
         loaded = mlae.load_adapter(make_tiny_vit(depth=3), tmp_path / "old.safetensors")
     assert len(seen) == 1
     assert mlae.read_adapter_config(tmp_path / "old.safetensors").train_head  # read quietly, the same way

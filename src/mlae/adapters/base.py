@@ -52,8 +52,8 @@ def option(default: Any, help: str, *, choices: tuple | None = None, type: Calla
     return field(default=default, metadata=metadata)
 
 
-_KIND_NAMES = {"bool": ("True or False", "booleans"), "int": ("an integer", "integers"), "float": ("a number", "numbers"),
-               "str": ("a string", "strings"), "list": ("a list", "lists"), "dict": ("a dict", "dicts"),
+_KIND_NAMES = {"bool": ("True or False", "booleans"), "int": ("an integer", "integers"),
+               "float": ("a number", "numbers"), "str": ("a string", "strings"), "list": ("a list", "lists"), "dict": ("a dict", "dicts"),
                "None": ("None", "None")}
 
 
@@ -92,7 +92,7 @@ def _kinds(annotation: Any) -> list[str]:
     if origin is list and len(args) == 1 or origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return [f"list[{'|'.join(_kinds(args[0]))}]"]
     if origin in (list, tuple):
-        return [origin.__name__]  # tuple[int, str]: a sequence, items unchecked
+        return [origin.__name__]  # tuple[int, str]: not checked here; the method's own validation decides
     if isinstance(annotation, type):
         return [annotation.__name__]
     return [str(annotation)]

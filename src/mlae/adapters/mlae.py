@@ -89,8 +89,9 @@ class MLAEConfig(AdapterConfig):
     """Number of experts E per layer (the fixed/mixed patterns scale their counts to mean E)."""
     expert_rank: int = option(1, "rank of each expert")
     """Rank k of each expert's sub-matrix (the paper's best: 1)."""
-    dropout: float | Literal["auto"] = option(_DEFAULT_P, "expert dropout probability p of the stochastic masks, or auto: learned in "
-                                  "the same run (see --dropout-learner)", type=_dropout)
+    dropout: float | Literal["auto"] = option(_DEFAULT_P, "expert dropout probability p of the stochastic masks, "
+                                              "or auto: learned in the same run (see --dropout-learner)",
+                                              type=_dropout)
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
     per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p while
     training: one p for all layers with the default heldout learner, one per layer (or expert) with the others

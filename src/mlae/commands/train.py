@@ -301,8 +301,8 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--experts", metavar="I,J,...", type=lambda t: [int(i) for i in t.split(",") if i.strip()],
                    help="MoLE only: keep these experts (0-based, in --experts-from order); the gate weights are "
                    "renormalised over them")
-    p.add_argument("--threads", type=threads_count, metavar="N", help="CPU threads for torch (default or 0: the cores not "
-                   "kept busy by other programs)")
+    p.add_argument("--threads", type=threads_count, metavar="N", help="CPU threads for torch (default or 0: the "
+                   "cores not kept busy by other programs)")
     p.set_defaults(func=run_eval)
 
 
@@ -368,8 +368,8 @@ def _register_predict(subparsers) -> None:
     p.add_argument("--out", metavar="JSON", help="also write the predictions to this JSON file (a new one: see "
                    "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--threads", type=threads_count, metavar="N", help="CPU threads for torch (default or 0: the cores not "
-                   "kept busy by other programs)")
+    p.add_argument("--threads", type=threads_count, metavar="N", help="CPU threads for torch (default or 0: the "
+                   "cores not kept busy by other programs)")
     p.set_defaults(func=run_predict)
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 from ..errors import MLAEError
 from ..files import LOCK_FILE, pid_alive
 from ..hardware import cpu_jobs
-from ..recipes import RecipeError, canonical_config
+from ..recipes import RecipeError, canonical_config, get_method
 from ..rundir import CHECKPOINT, RESULTS, WORKER_LOCAL
 from .compare import resolve_config
 from .sweep_report import best_trial, write_reports
@@ -159,7 +159,6 @@ class Sweep:
     def _check_grid(self) -> None:
         """Every grid point is a valid run (``dropout=1.5`` is refused here, not after the other trials trained)."""
         from ..engine import TrainConfig
-        from ..recipes import get_method
 
         for params in self.grid():
             try:
