@@ -338,8 +338,24 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match="folder not found"):
         load_task(f"folder:{tmp_path / 'nothing'}")
     (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "other").mkdir()
     with pytest.raises(DatasetError, match="empty split"):
         load_task(f"folder:{tmp_path / 'empty'}")
+
+
+def test_the_protocol_splits_are_named_in_each_family_s_terms():
+    from mlae.data import protocol_splits
+
+    assert protocol_splits("vtab:cifar") == protocol_splits("suite:digits") == ("train800", "val200", "train800val200")
+    assert protocol_splits("fgvc:CUB") == ("train", "val", "train+val")
+    assert "held-out" in protocol_splits("folder:/data/pets")[1] and "800" not in "".join(protocol_splits("folder:x"))
+
+
+def test_a_folder_with_one_class_is_refused_before_anything_is_decoded(tmp_path):
+    make_image_folder(tmp_path / "one", classes=("cat",), per_class=4)
+    with pytest.raises(DatasetError, match=r"only one class folder \(cat\).*at least two"):
+        load_task(f"folder:{tmp_path / 'one'}")
+    assert not (tmp_path / "one" / ".mlae_cache").exists()
 
 
 def _break_images(folder, n):

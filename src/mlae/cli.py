@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
 # module name -> subcommands it registers (the module is imported only when present, so that partial
 # installs, e.g. without the training extras, still give a helpful --help).
@@ -43,8 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings as one ``mlae: warning:`` line, like our errors (not Python's file:line and source
+    line); other libraries' keep Python's format, which says where they come from."""
+    if os.path.abspath(filename).startswith(_PACKAGE):
+        return f"mlae: warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    with warnings.catch_warnings():  # restores the format for a caller that runs main() in its own process
+        warnings.formatwarning = _format_warning
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

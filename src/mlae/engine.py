@@ -29,7 +29,7 @@ from .attention import ATTENTION_CHOICES, set_attention
 from .backbones import EMBEDDED, backbone_input_size, card_folder
 from .errors import InputError, MLAEError, TrainingError
 from .files import atomic_write_text
-from .hardware import DistInfo, auto_threads, autocast, init_distributed, resolve_device, resolve_precision
+from .hardware import THREADS_RULE, DistInfo, auto_threads, autocast, init_distributed, resolve_device, resolve_precision
 from .inject import aux_losses, count_parameters, learned_values, set_progress, set_train_size
 from .recipes import Method, get_method
 from .rundir import (CHECKPOINT, RESULTS, clear_run_files, draw_curves, load_checkpoint, prepare_run_dir,
@@ -119,8 +119,7 @@ class TrainConfig:
         if self.seed < 0:  # numpy's generators (the held-out split, the data folds) take none
             raise InputError(f"seed (--seed) must be an integer >= 0, not {self.seed!r}")
         if self.threads < 0:
-            raise InputError(f"threads (--threads) must be >= 1, or 0 for the cores other programs leave free, not "
-                             f"{self.threads!r}")
+            raise InputError(f"threads (--threads) must be {THREADS_RULE}, not {self.threads!r}")
         for name in ("img_size", "patch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} (--{name.replace('_', '-')}) must be >= 1, not {getattr(self, name)!r}")
@@ -325,7 +324,11 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, stack: contextlib.ExitStack) -> dict:
     run = _setup(cfg, stack)
     metrics, first_epoch = _start(run)
-    _loop(run, metrics, first_epoch, on_epoch_end)
+    try:
+        _loop(run, metrics, first_epoch, on_epoch_end)
+    except KeyboardInterrupt as err:
+        err.run_dir = run.out  # where the checkpoint is: the command line says how to continue
+        raise
     return _finish(run, metrics)
 
 

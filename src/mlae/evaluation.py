@@ -2,11 +2,12 @@
 of image files (:func:`predict_files`, ``mlae predict``), fed exactly as the run was evaluated."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 
-__all__ = ["evaluate_file", "predict_files"]
+__all__ = ["evaluate_file", "predict_files", "image_files"]
 
 
 def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | None = None, split: str = "test",
@@ -26,13 +27,22 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
         select_experts(model, experts)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    spec = dataset or meta.get("dataset_spec") or meta["dataset"]
+    spec = dataset or meta.get("dataset_spec") or (None if meta.get("merged") else meta["dataset"])
+    if spec is None:
+        raise InputError(f"{path} is a merged export that does not record its dataset spec (exports before "
+                         f"2026-12-03): name it with --dataset (it was trained on {meta.get('dataset')!r})")
     task = load_task(spec, data_root=data_root if data_root is not None else meta.get("data_root"),
                      image_size=int(meta["image_size"]), split=split, seed=int(meta.get("seed", 0)), cache=cache,
                      skip_bad=bool(meta.get("skip_bad_images")) and spec.startswith("folder:"))
     if task.num_classes != int(meta["num_classes"]):
         raise InputError(f"{path} has a {meta['num_classes']}-class head but {task.name} has {task.num_classes} "
                          "classes")
+    trained_on = meta.get("classes")
+    if trained_on and task.classes and list(trained_on) != list(task.classes):
+        pairs = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in enumerate(zip(trained_on, task.classes)) if a != b]
+        warnings.warn(f"{path} was trained on other class names than {task.name}'s (label {', '.join(pairs[:3])}"
+                      f"{', ...' if len(pairs) > 3 else ''}); top-1 compares label numbers, so it means nothing "
+                      "unless label k names the same class in both", UserWarning, stacklevel=2)
     inputs = Inputs(task.augment, int(meta["image_size"]), dev, meta.get("input_mean"), meta.get("input_std"))
     model = model.to(dev)
     set_attention(model, attention, device=dev, precision=prec)
@@ -44,9 +54,31 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
             **({"experts": experts} if experts is not None else {})}
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """``paths`` with each folder replaced by the images under it (recursively, sorted, as a folder dataset
+    finds them); a path that does not exist, or a folder without images, is an error."""
+    from .data.base import CACHE_DIR_NAME
+    from .data.folder import IMAGE_EXTENSIONS
+
+    files: list[str] = []
+    for text in paths:
+        path = Path(text)
+        if not path.exists():
+            raise MissingFileError(f"{text}: no such file or folder")
+        if not path.is_dir():
+            files.append(text)
+            continue
+        found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                       and CACHE_DIR_NAME not in p.parts and not p.name.startswith("._"))
+        if not found:
+            raise InputError(f"{text}: a folder with no images in it (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        files += found
+    return files
+
+
 def predict_files(path: str, images: list[str], *, top: int = 1, device: str | None = None) -> list[dict]:
-    """Top-``top`` classes of each image, named by the class names stored with the weights (the label number
-    when the dataset had none), fed exactly as in evaluation."""
+    """Top-``top`` classes of each image (a folder stands for the images under it), named by the class names
+    stored with the weights (the label number when the dataset had none), fed exactly as in evaluation."""
     import torch
 
     from .data.base import Entry, decode_entries
@@ -56,6 +88,7 @@ def predict_files(path: str, images: list[str], *, top: int = 1, device: str | N
     from .hardware import resolve_device
 
     model, meta = load_trained(path)
+    images = image_files(images)
     dev = resolve_device(device)
     size, augment = int(meta["image_size"]), meta.get("augment", "none")
     names = meta.get("classes") or [str(k) for k in range(int(meta["num_classes"]))]

@@ -49,6 +49,9 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
         raise InputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
     model, meta = load_trained(adapter)
+    if meta.get("merged"):
+        raise InputError(f"{adapter} is already a merged export (a plain timm checkpoint): export the run's "
+                         "adapter.safetensors instead")
     if not all(layer.mergeable for _, layer in mlae.adapter_layers(model)):
         raise NotMergeableError(f"{adapter} is a {meta.get('method')} adapter: its gates weigh the LoRAs anew for "
                                 "every input, so it has no merged or single-LoRA form to export; use it as it is "
@@ -60,7 +63,9 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
     pretrained_cfg = timm_pretrained_cfg(meta)
     provenance = {"method": meta.get("method"), "source_adapter": str(Path(adapter).resolve()),
                   "source_sha256": _file_sha256(adapter), "backbone": meta.get("backbone"),
-                  "dataset": meta.get("dataset"), "classes": meta.get("classes")}
+                  "dataset": meta.get("dataset"), "classes": meta.get("classes"),
+                  # what `mlae eval` needs to test the merged model on the run's own split
+                  **{k: meta.get(k) for k in ("dataset_spec", "data_root", "seed", "augment", "skip_bad_images")}}
     header = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
               "num_classes": str(meta["num_classes"]), "image_size": str(meta["image_size"]),
               "input_mean": json.dumps(pretrained_cfg["mean"]), "input_std": json.dumps(pretrained_cfg["std"]),

@@ -18,6 +18,7 @@ from .files import _file_lock, atomic_write_text, user_cache_dir
 
 __all__ = [
     "BF16_MIN_SPEEDUP",
+    "THREADS_RULE",
     "CPU_AUTO_PRECISION",
     "DistInfo",
     "auto_threads",
@@ -212,6 +213,10 @@ def busy_cores(window: float = 0.3) -> float:
     spent = (total1 - total0) - (idle1 - idle0)
     used = cpu_cores() * spent / max(1, total1 - total0)
     return min(load, used)
+
+
+# What a threads setting may be (TrainConfig.threads, the --threads of every command), in words for its errors.
+THREADS_RULE = "an integer >= 1, or 0 for the cores other programs leave free"
 
 
 def auto_threads(processes_per_node: int = 1) -> int:

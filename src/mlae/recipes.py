@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,7 @@ from .adapters.mlae import MLAETraining
 from .adapters.mole import MoLETraining, from_adapters
 from .errors import InputError
 from .inject import apply, freeze_backbone
+from .trained import expert_source
 from .utils import parse_bool, parse_list
 
 __all__ = [
@@ -93,6 +95,9 @@ class Method:
     # Options -> the same options as one run's identity (e.g. MLAE's dropout="auto" settings reset where p is
     # fixed): what stored configurations are compared as (resume, compare's reuse, the study's rows).
     canonical: Callable[[dict], dict] | None = None
+    # Options -> the method's adapter config (an adapters.base.AdapterConfig, whose construction checks every
+    # value), for methods that are one adapter config: what check_options builds, without a model.
+    config: Callable[[dict], AdapterConfig] | None = None
 
     def defaults(self) -> dict:
         return {opt.name: opt.default for opt in self.options}
@@ -100,10 +105,11 @@ class Method:
     def check_options(self, options: dict) -> None:
         """Raise the error a run with ``options`` would meet when its adapter config is built (a value out of
         range, a pair that does not go together), without building a model: sweeps check every grid point
-        before the first trial trains."""
-        config = getattr(self.prepare, "config", None)
-        if config is not None:
-            config({**self.defaults(), **options})
+        before the first trial trains, and `mlae train` before it loads data."""
+        if self.config is not None:
+            with warnings.catch_warnings():  # the run itself warns about what it ignores, once
+                warnings.simplefilter("ignore")
+                self.config({**self.defaults(), **options})
 
     def canonical_options(self, options: dict) -> dict:
         """This method's options from ``options`` (other keys dropped), with the defaults of those a file written
@@ -166,8 +172,9 @@ def config_options(cls: type[AdapterConfig], *, exclude: tuple[str, ...] = (), *
     return tuple(options)
 
 
-def _applies(cls: type[AdapterConfig]) -> Callable[[nn.Module, dict], nn.Module]:
-    """``prepare`` of a method that is one adapter config: mlae.apply with the options as its fields."""
+def _adapter_method(name: str, help: str, cls: type[AdapterConfig], options: tuple[Option, ...],
+                    **kwargs: Any) -> Method:
+    """A method that is one adapter config: ``prepare`` is mlae.apply with the options as ``cls``'s fields."""
     fields = {_option_name(f): f.name for f in _option_fields(cls)}
 
     def config(options: dict) -> AdapterConfig:
@@ -176,8 +183,7 @@ def _applies(cls: type[AdapterConfig]) -> Callable[[nn.Module, dict], nn.Module]
     def prepare(model: nn.Module, options: dict) -> nn.Module:
         return apply(model, config(options))
 
-    prepare.config = config  # what Method.check_options builds: the values are checked without a model
-    return prepare
+    return Method(name, help, prepare, options, config=config, **kwargs)
 
 
 def _prepare_linear(model: nn.Module, options: dict) -> nn.Module:
@@ -194,26 +200,28 @@ def _prepare_full(model: nn.Module, options: dict) -> nn.Module:
 def _prepare_mole(model: nn.Module, options: dict) -> nn.Module:
     if not options["experts_from"]:
         raise RecipeError("--method mole needs the trained adapters to mix: --experts-from A B ...")
-    return from_adapters(model, parse_list(options["experts_from"]), granularity=options["granularity"],
+    sources = [expert_source(s) for s in parse_list(options["experts_from"])]
+    return from_adapters(model, sources, granularity=options["granularity"],
                          temperature=options["temperature"])
 
 
-register_method(Method("mlae", "Masked LoRA Experts", _applies(MLAEConfig), config_options(MLAEConfig),
-                       hooks=MLAETraining, canonical=MLAEConfig.canonical_options))
-register_method(Method("lora", "LoRA", _applies(LoRAConfig), config_options(LoRAConfig, exclude=("lora_dropout",))))
-register_method(Method("lora-dropout", "LoRA with dropout on the adapter input", _applies(LoRAConfig),
-                       config_options(LoRAConfig, lora_dropout=0.1)))
+register_method(_adapter_method("mlae", "Masked LoRA Experts", MLAEConfig, config_options(MLAEConfig),
+                                hooks=MLAETraining, canonical=MLAEConfig.canonical_options))
+register_method(_adapter_method("lora", "LoRA", LoRAConfig, config_options(LoRAConfig, exclude=("lora_dropout",))))
+register_method(_adapter_method("lora-dropout", "LoRA with dropout on the adapter input", LoRAConfig,
+                                config_options(LoRAConfig, lora_dropout=0.1)))
 register_method(Method("linear", "linear probe: train the classification head only", _prepare_linear))
 register_method(Method("full", "full fine-tuning of every weight", _prepare_full, adapter=False))
 # DMLoRATraining has the engine switch to stage 2 (and wrap the model for DDP again then). Dropped branches still
 # get a (zero) gradient, so DDP need not look for unused parameters.
-register_method(Method("dmlora", "Dropout Mixture LoRA: branches, gradual branch dropout, two-stage scalars",
-                       _applies(DMLoRAConfig), config_options(DMLoRAConfig), hooks=DMLoRATraining))
+register_method(_adapter_method("dmlora", "Dropout Mixture LoRA: branches, gradual branch dropout, two-stage "
+                                "scalars", DMLoRAConfig, config_options(DMLoRAConfig), hooks=DMLoRATraining))
 # MoLE's targets are the experts' modules. Its other two options are no MoLEConfig fields: the experts are read
 # into the adapter (the config keeps only their paths, as `sources`), and the balance loss's weight is used by the
 # training loop only (MoLETraining), not by the model.
 register_method(Method("mole", "Mixture of LoRA Experts: learned gates over frozen trained adapters", _prepare_mole, (
-    Option("experts_from", str, [], "trained adapters to mix (mlae .safetensors files or PEFT LoRA folders)",
+    Option("experts_from", str, [], "trained adapters to mix (mlae .safetensors files or run folders, or PEFT "
+           "LoRA folders)",
            nargs="+"),
     *config_options(MoLEConfig, exclude=("target_modules",)),
     Option("balance_weight", float, 0.01, "weight of the gating balance loss"),
@@ -223,6 +231,9 @@ register_method(Method("mole", "Mixture of LoRA Experts: learned gates over froz
 def dataset_key(spec: str) -> str:
     """The dataset name a recipe's ``per_dataset`` section is keyed by: ``/data/vtab-1k/cifar/`` -> ``cifar``,
     ``suite:digits`` -> ``digits``, ``fgvc:CUB_200_2011`` -> ``cub_200_2011``."""
+    prefix, sep, rest = str(spec).partition(":")
+    if sep and prefix == "folder":  # folder:. and folder:.. are named by the folder they stand for
+        return Path(rest).expanduser().resolve().name.lower()
     name = os.path.basename(os.path.normpath(str(spec)))
     return name.rsplit(":", 1)[-1].lower()
 
@@ -302,6 +313,7 @@ def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
         # The recipe was written for another method: keep its general settings, drop its method options.
         base = {k: v for k, v in base.items() if k in fields or k in own}
     cfg = TrainConfig.from_dict({**base, **options})
+    method.check_options(cfg.options())  # a value out of range is named now, not after the data has loaded
     # A setting the user gave that the configuration ignores (MLAE's --dropout-learner with a fixed p) is a
     # mistake to point out; stored files that carry such settings load (Method.canonical_options resets them).
     given = cfg.options()

@@ -31,6 +31,8 @@ __all__ = ["CHECKPOINT", "RESULTS", "RUN_LOCAL", "RESUME_MAY_CHANGE", "WORKER_LO
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
+# Any one of these marks a run folder (train.log: the log `mlae compare` and `sweep` keep of a run they start).
+_RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, ADAPTER_FILE, MODEL_FILE, "train.log")
 # Run-local settings: where things are and how this machine runs them, not what is trained. The one definition
 # for every place that compares two configurations of the same run or study (a key missing from a configuration
 # dict, e.g. progress, which to_dict() drops, simply never differs):
@@ -62,9 +64,11 @@ def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path
         while out.exists() and any(out.iterdir()):
             i += 1
             out = base.with_name(f"{base.name}-{i}")
+        _check_out(out, cfg)
         stack.enter_context(FolderLock(out))
         return out, False
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg)
+    _check_out(out, cfg)
     stack.enter_context(FolderLock(out))  # before looking inside: what is found stays true while we run
     finished = (out / RESULTS).exists()
     has_checkpoint = (out / CHECKPOINT).exists()
@@ -82,6 +86,25 @@ def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path
         raise RunDirError(f"{out} holds an unfinished run with a checkpoint; pass --resume to continue it "
                           "(or --overwrite to start over)")
     return out, False
+
+
+def _check_out(out: Path, cfg: TrainConfig) -> None:
+    """Refuse a run folder that would mix the run's files with others: a file, a folder that holds files but no
+    run (a data folder, a folder of runs), or a folder inside a ``folder:`` dataset, where the run would be
+    read as one more class folder by the next run on that dataset."""
+    flag = "--out" if cfg.out is not None else "the run folder"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{flag} {out} is a file, not a folder; name a folder for the run")
+    if cfg.dataset.startswith("folder:"):
+        data = Path(cfg.dataset.partition(":")[2]).expanduser().resolve()
+        where = out.resolve()
+        if where == data or data in where.parents:
+            raise RunDirError(f"{flag} {out} is inside the dataset folder {data}: the next run on it would read "
+                              f"the run folder as a class; choose a folder outside it with --out")
+    if not cfg.resume and out.is_dir() and not any((out / name).exists() for name in _RUN_FILES) and any(
+            not p.name.startswith(".") for p in out.iterdir()):
+        raise RunDirError(f"{flag} {out} holds other files and no run; choose a new or empty folder, so that the "
+                          "run's files do not mix with them")
 
 
 def _check_resume(out: Path, cfg: TrainConfig) -> None:

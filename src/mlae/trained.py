@@ -19,7 +19,7 @@ from .io import load_adapter, read_adapter_metadata, save_adapter
 if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import Inputs, TrainConfig
 
-__all__ = ["load_trained", "weights_file", "read_weights_metadata", "weights_metadata", "save_weights", "timm_spec",
+__all__ = ["load_trained", "weights_file", "expert_source", "read_weights_metadata", "weights_metadata", "save_weights", "timm_spec",
            "merged_state_dict", "build_backbone", "backbone_kwargs", "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
 
 ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
@@ -84,9 +84,24 @@ def _read_header(path: str | os.PathLike) -> dict[str, str]:
     return read_safetensors_header(path, "weights file")
 
 
+def _merged_metadata(header: dict[str, str]) -> dict[str, Any]:
+    """A merged export's header (`mlae export --format merged`) in the terms of a run's metadata. Exports written
+    before the provenance recorded the dataset spec, seed and augmentation lack them (eval then needs
+    --dataset); their augmentation follows from the crop the pretrained_cfg describes."""
+    provenance = json.loads(header.get("mlae_provenance") or "{}")
+    cfg = json.loads(header.get("pretrained_cfg") or "{}")
+    return {**provenance, "merged": True, "timm_model": header["timm_model"],
+            "timm_kwargs": json.loads(header["timm_kwargs"]), "num_classes": int(header["num_classes"]),
+            "image_size": int(header["image_size"]), "input_mean": json.loads(header["input_mean"]),
+            "input_std": json.loads(header["input_std"]),
+            "augment": provenance.get("augment") or ("fgvc" if cfg.get("crop_pct", 1.0) < 1.0 else "none")}
+
+
 def read_weights_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata a run stored with its weights (adapter file or full model file)."""
+    """The metadata a run stored with its weights (adapter file, full model file, or a merged export)."""
     header = _read_header(path)
+    if "timm_model" in header:
+        return _merged_metadata(header)
     meta = json.loads(header["metadata"]) if header.get("format") == MODEL_FORMAT else read_adapter_metadata(path)
     if "backbone" not in meta or "num_classes" not in meta:
         raise InputError(f"{path}: no backbone metadata; was it written by `mlae train`?")
@@ -106,13 +121,31 @@ def weights_file(path: str | os.PathLike) -> Path:
                            "`mlae train` run?")
 
 
+def expert_source(path: str | os.PathLike) -> str:
+    """A trained LoRA for MoLE's ``--experts-from``: an adapter file or a PEFT adapter folder as given, and the
+    folder of an `mlae train` run as its adapter file."""
+    p = Path(path)
+    if not p.is_dir() or (p / "adapter_config.json").is_file():
+        return str(path)
+    if (p / ADAPTER_FILE).is_file():
+        return str(p / ADAPTER_FILE)
+    raise MissingFileError(f"{p} is neither a PEFT adapter folder (no adapter_config.json) nor the folder of a "
+                           f"finished `mlae train` run (no {ADAPTER_FILE})")
+
+
 def load_trained(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network a run saved (``adapter.safetensors`` or ``model.safetensors``, or the run folder
-    holding it), in eval mode."""
+    holding it; or a merged export, file or folder), in eval mode."""
     from safetensors.torch import load_file
 
     path = weights_file(path)
     meta = read_weights_metadata(path)
+    if meta.get("merged"):
+        import timm
+
+        model = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
+        model.load_state_dict(load_file(str(path)))
+        return model.eval(), meta
     backbone = _saved_backbone(meta)
     model = build_backbone(backbone, int(meta["num_classes"]), int(meta.get("seed", 0)), **meta["backbone_kwargs"])
     if _read_header(path).get("format") == MODEL_FORMAT:

@@ -214,9 +214,12 @@ class AdapterConfig:
                 value = int(value)
             setattr(self, f.name, value)
 
+    def _field(self, name: str) -> dataclasses.Field:
+        return next(f for f in dataclasses.fields(self) if f.name == name)
+
     def _label(self, name: str) -> str:
         """``name (--flag)`` of a field, for error messages (just ``name`` for a field that is no option)."""
-        return name + _flag(next(f for f in dataclasses.fields(self) if f.name == name))
+        return name + _flag(self._field(name))
 
     def _require_positive_int(self, *names: str) -> None:
         """Validate integer-valued fields (a float like 2.0 is accepted and stored as 2; True is not)."""
@@ -225,6 +228,17 @@ class AdapterConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
             setattr(self, name, int(v))
+
+    def _require_scale(self, *names: str) -> None:
+        """Validate factors of the update: finite, and not 0. A zero factor multiplies the update and every
+        adapter gradient by 0 (``B`` starts at 0), so the run would train nothing and still report success."""
+        for name in names:
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise InputError(f"{self._label(name)} must be finite, got {v!r}")
+            if v == 0:
+                raise InputError(f"{self._label(name)} = 0 multiplies the update and its gradients by 0: nothing "
+                                 f"would train; give a nonzero value (default {self._field(name).default})")
 
     # --- what a method provides -------------------------------------------------------------------
     def layer_plan(self, names: list[str]) -> list[dict[str, Any]]:

@@ -79,8 +79,7 @@ class DMLoRAConfig(AdapterConfig):
         if not self.rank_per_branch and self.rank % self.branches:
             raise InputError(f"rank {self.rank} cannot be split over {self.branches} branches; choose a multiple "
                              "or set rank_per_branch=True")
-        if not math.isfinite(self.alpha):
-            raise InputError(f"alpha must be finite, got {self.alpha!r}")
+        self._require_scale("alpha")
         if not 0 <= self.branch_dropout < 1:
             raise InputError(f"{self._label('branch_dropout')} must be in [0, 1), got {self.branch_dropout!r}")
         if self.schedule not in SCHEDULES:

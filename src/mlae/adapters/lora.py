@@ -2,7 +2,6 @@
 (dropout on the adapter's input, as in loralib/PEFT)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +28,7 @@ class LoRAConfig(AdapterConfig):
     def __post_init__(self):
         super().__post_init__()
         self._require_positive_int("rank")
-        if not math.isfinite(self.alpha):
-            raise InputError(f"alpha must be finite, got {self.alpha!r}")
+        self._require_scale("alpha")
         if not 0 <= self.dropout < 1:
             raise InputError(f"{self._label('dropout')} must be in [0, 1), got {self.dropout!r}")
 

@@ -172,8 +172,7 @@ class MLAEConfig(AdapterConfig):
             # the old default, e.g. dropout_learner "variational" or "concrete").
             for name, value in self.canonical_options({"dropout": self.dropout}).items():
                 setattr(self, name, value)
-        if not (math.isfinite(self.coeff_init) and math.isfinite(self.scale)):
-            raise InputError("coeff_init and scale must be finite")
+        self._require_scale("coeff_init", "scale")
         if self.masking not in MASKINGS:
             raise InputError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
         if self.mask_granularity not in MASK_GRANULARITIES:

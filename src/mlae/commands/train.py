@@ -19,7 +19,7 @@ from typing import Any
 
 from ..attention import ATTENTION_CHOICES
 from ..errors import InputError
-from ..hardware import CPU_AUTO_PRECISION
+from ..hardware import CPU_AUTO_PRECISION, THREADS_RULE
 from ..recipes import METHODS, config_from_options
 
 
@@ -230,34 +230,44 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         train(cfg)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(_interrupted(getattr(err, "run_dir", None)), file=sys.stderr)
         return 130
     except Exception as err:
         return _fail(err)
     return 0
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}")
-    return value
+def _interrupted(out: Path | None) -> str:
+    """What Ctrl-C leaves: the command that continues from the last checkpoint, or that there is none yet."""
+    import shlex
+
+    from ..rundir import CHECKPOINT
+
+    if out is None:
+        return "interrupted"
+    if not (out / CHECKPOINT).exists():
+        return f"interrupted before the first checkpoint: nothing to resume in {out}"
+    return (f"interrupted; continue from the last checkpoint with: mlae train --resume --out {shlex.quote(str(out))}")
 
 
-def threads_count(text: str) -> int:
-    """``--threads`` of eval and predict, read as train's: N >= 1, or 0 for the cores other programs leave free."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, or 0 for the cores other programs leave free, "
-                                         f"not {text!r}")
-    return value
+def _integer(minimum: int, rule: str):
+    """An argparse type: an integer >= ``minimum``; anything else is a usage error that says ``rule``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _integer(1, "an integer >= 1")
+# --threads of eval and predict, read as train's (TrainConfig checks it there): N >= 1, or 0 for auto.
+threads_count = _integer(0, THREADS_RULE)
 
 
 def _fail(err: Exception) -> int:
@@ -362,7 +372,7 @@ def _register_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="classify image files with a trained adapter, by class name")
     p.add_argument("--adapter", required=True, metavar="PATH", help="adapter.safetensors (or model.safetensors) "
                    "of a run, or the run folder")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (every image under them)")
     p.add_argument("--top", type=positive_int, default=1, help="classes to list per image")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", metavar="JSON", help="also write the predictions to this JSON file (a new one: see "

@@ -21,7 +21,7 @@ from .vtab import VTAB_TASKS, check_vtab_name, load_vtab
 
 __all__ = ["load_task", "expand_specs", "Task", "Split", "prepare_batch", "cache_size", "DatasetError",
            "VTAB_TASKS", "FGVC_TASKS", "SUITE_TASKS", "SPEC_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD",
-           "INCEPTION_MEAN", "INCEPTION_STD", "clear_cache"]
+           "INCEPTION_MEAN", "INCEPTION_STD", "clear_cache", "protocol_splits"]
 
 SPEC_PREFIXES = ("vtab", "fgvc", "folder", "suite")
 # "<prefix>:all" expands to every task of that family
@@ -62,6 +62,18 @@ def _bare(spec: str) -> tuple[str, str]:
         raise DatasetError(f"{spec!r} is a folder, not a dataset spec: write {hint}")
     raise DatasetError(f"cannot parse dataset spec {spec!r}: expected a suite task name or one of "
                        + ", ".join(f"'{p}:<name>'" for p in SPEC_PREFIXES))
+
+
+def protocol_splits(spec: str) -> tuple[str, str, str]:
+    """The splits of the selection protocol in the dataset's own terms: (what ``split="val"`` trains on, what it
+    is scored on, what ``split="test"`` trains on before the one test). For reports, e.g. a sweep's."""
+    prefix = _parse(spec)[0]
+    if prefix in ("vtab", "suite"):
+        return "train800", "val200", "train800val200"
+    if prefix == "fgvc":
+        return "train", "val", "train+val"
+    return ("the training images less a held-out part (or train/)", "that held-out part (or val/)",
+            "all training images")
 
 
 def _is_fgvc(name: str) -> bool:

@@ -73,6 +73,9 @@ def load_folder(path: str | Path, *, image_size: int = 32, split: str = "test", 
     if not classes:
         raise DatasetError(f"{class_root}: no class sub-folders (expected <path>/<class>/<image> or "
                            "<path>/{train,test}/<class>/<image>)")
+    if len(classes) < 2:  # a one-way classifier is 100 % right on everything and learns nothing
+        raise DatasetError(f"{class_root}: only one class folder ({classes[0]}); a classifier needs at least two "
+                           "(one sub-folder per class)")
 
     skipped: list[str] = []
 

@@ -342,6 +342,11 @@ def dropout_history(run: str | Path) -> dict:
             "depth_correlation": corr}
 
 
+def _correlation(history: dict) -> str:
+    r = history["depth_correlation"]
+    return "none" if math.isnan(r) else f"{r:.2f}"  # nan: one p for all layers, no profile to correlate
+
+
 def _mean(value) -> float:
     return sum(value) / len(value) if isinstance(value, list) else float(value)
 
@@ -377,7 +382,7 @@ def plot_dropout_profile(histories: dict[str, dict]):
     for label, h in histories.items():
         n = len(h["layers"])
         xs = [i / max(1, n - 1) for i in range(n)]
-        ax.plot(xs, list(h["final"].values()), marker="o", label=f"{label} (r = {h['depth_correlation']:.2f})")
+        ax.plot(xs, list(h["final"].values()), marker="o", label=f"{label} (r = {_correlation(h)})")
     ax.set_xlabel("relative depth of the adapted layer (0 = first)")
     ax.set_ylabel("p after the last epoch")
     ax.set_ylim(0, 1)
@@ -394,10 +399,10 @@ def _dropout_markdown(histories: dict[str, dict]) -> str:
     for n in layers:
         cells = [histories[lb]["final"].get(n) for lb in labels]
         lines.append(f"| {n} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
-    lines.append("| **correlation with depth** | " + " | ".join(f"**{histories[lb]['depth_correlation']:.2f}**"
+    lines.append("| **correlation with depth** | " + " | ".join(f"**{_correlation(histories[lb])}**"
                                                                for lb in labels) + " |")
     lines += ["", "Correlation > 0: p grows with depth (the paper's decremental pattern); < 0: it falls "
-              "(incremental).", ""]
+              "(incremental); none: one p for every layer (the heldout learner), which has no depth profile.", ""]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from ..data import protocol_splits
 from ..files import atomic_write_text
 from ..rundir import RESULTS
 from ..utils import pyplot, save_png
@@ -66,10 +67,11 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
+    train, val, train_val = protocol_splits(str(base.get("dataset")))
     lines = [f"# mlae sweep: {study.study_name}", "",
              f"{base.get('method')} on {base.get('dataset')}, {base.get('epochs')} epochs, sampler {sampler}; "
-             "trials train on train800 and are scored on val200 (top-1 after the last epoch; pruned trials show "
-             "their last reported value). The best configuration is then retrained on train800val200 and tested "
+             f"trials train on {train} and are scored on {val} (top-1 after the last epoch; pruned trials show "
+             f"their last reported value). The best configuration is then retrained on {train_val} and tested "
              "once: the test set plays no part in the choice.", "",
              "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())), ""]
     if best is not None:
@@ -100,11 +102,11 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
         recipe.update(best.params)
         recipe["split"] = "test"
         head = [f"# mlae sweep {study.study_name}: best of {counts.get('COMPLETE', 0)} completed trials, selected on "
-                "val200 (trained on train800)",
+                f"{val} (trained on {train})",
                 f"# trial {best.number}: val top-1 {100 * best.value:.2f}%; "
                 + ", ".join(f"{k}={v}" for k, v in best.params.items())]
         if final is not None:
-            head.append(f"# retrained on train800val200: test top-1 {100 * final['top1']:.2f}% (final/results.json)")
+            head.append(f"# retrained on {train_val}: test top-1 {100 * final['top1']:.2f}% (final/results.json)")
         head.append("# mlae train --config best.yaml   trains this configuration")
         atomic_write_text(out / "best.yaml", "\n".join(head) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
     _heatmap(out / "heatmap.png", rows, space)

@@ -1,0 +1,224 @@
+"""Mistakes a new user makes with the command line: each is refused (or warned about) in one line that says what
+to do, before anything of theirs is written over; and the things they reasonably try (a run folder where a file
+was asked for, a folder of images to predict) work."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlae.cli import main
+
+pytest.importorskip("yaml")
+testing = pytest.importorskip("mlae.data.testing")
+
+TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--patch-size", "4", "--epochs", "1",
+        "--batch-size", "16", "--warmup-epochs", "0", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory) -> Path:
+    return testing.make_image_folder(tmp_path_factory.mktemp("data") / "pets", classes=("cat", "dog"), per_class=8,
+                                     size=32)
+
+
+@pytest.fixture(scope="module")
+def pets_run(pets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "mlae"
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mlae: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+# --------------------------------------------------------------------------------------------- values that train nothing
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--method", "lora", "--alpha", "0"], "alpha (--alpha) = 0"),
+    (["--method", "dmlora", "--alpha", "0"], "alpha (--alpha) = 0"),
+    (["--method", "mlae", "--scale", "0"], "scale (--scale) = 0"),
+    (["--method", "mlae", "--coeff-init", "0"], "coeff_init (--coeff-init) = 0"),
+    (["--method", "dmlora", "--alpha", "nan"], "alpha (--alpha) must be finite"),
+])
+def test_a_factor_that_zeroes_the_update_is_refused_before_the_data_loads(flags, named, tmp_path, capsys):
+    """alpha = 0 (or MLAE's scale or c_i = 0) multiplies the update and, with B = 0 at the start, every adapter
+    gradient by 0: the run would "succeed" with the backbone's features only. The dataset here does not exist:
+    the error is about the value, so the options were checked first."""
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{tmp_path / 'no-such-data'}", *flags, "--out", str(out)]) == 1
+    err = _one_line_error(capsys)
+    assert named in err and "no-such-data" not in err
+    assert not out.exists()
+
+
+def test_a_negative_alpha_is_a_valid_choice():
+    import mlae
+
+    assert mlae.LoRAConfig(alpha=-8).alpha == -8  # the update's sign flips; B learns the opposite sign
+
+
+# --------------------------------------------------------------------------------------------- data and run folders
+
+
+def test_a_folder_with_one_class_is_refused(tmp_path, capsys):
+    one = testing.make_image_folder(tmp_path / "one", classes=("cat",), per_class=4, size=32)
+    assert main(["train", "--dataset", f"folder:{one}", *TINY, "--out", str(tmp_path / "run")]) == 1
+    assert "only one class folder (cat); a classifier needs at least two" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("where", ["itself", "inside"])
+def test_a_run_folder_inside_the_dataset_folder_is_refused(where, pets, capsys):
+    """It would become one more class folder for the next run on that dataset."""
+    before = sorted(p.name for p in pets.iterdir())
+    out = pets if where == "itself" else pets / "runs" / "a"
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--out", str(out)]) == 1
+    assert f"is inside the dataset folder {pets.resolve()}" in _one_line_error(capsys)
+    assert sorted(p.name for p in pets.iterdir()) == before
+
+
+def test_a_folder_that_holds_other_files_is_not_a_run_folder(pets, tmp_path, capsys):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--out", str(mine), *extra]) == 1
+        assert "holds other files and no run; choose a new or empty folder" in _one_line_error(capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["todo.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--out", str(empty)]) == 0  # an empty one is fine
+
+
+def test_the_default_run_folder_of_folder_dot_is_named_after_the_folder(pets, tmp_path, monkeypatch):
+    from mlae.recipes import dataset_key
+
+    monkeypatch.chdir(pets)
+    assert dataset_key("folder:.") == "pets" and dataset_key("folder:../pets/") == "pets"
+
+
+def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path):
+    """A real SIGINT to a real training process, after its first checkpoint: the message names the command, and
+    running it continues the run to the end."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "mlae", "train", "--dataset", f"folder:{pets}", *TINY, "--epochs", "60",
+            "--out", str(out)]
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it so: give the child the default.
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    command = f"mlae train --resume --out {out}"
+    assert f"interrupted; continue from the last checkpoint with: {command}" in err
+    done = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "61", "--quiet"]) == 1  # settings are kept
+    resumed = subprocess.run([sys.executable, "-m", "mlae", *command.split()[1:], "--quiet"], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "results.json").read_text())["epochs"] == 60
+    assert len(done) < 60
+
+
+# --------------------------------------------------------------------------------------------- using a trained run
+
+
+def test_predict_takes_a_folder_of_images(pets_run, pets, capsys):
+    dog = str(sorted((pets / "dog").iterdir())[0])
+    assert main(["predict", "--adapter", str(pets_run), str(pets / "cat"), dog]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    cats = sorted(str(p) for p in (pets / "cat").iterdir())
+    assert [line.split("\t")[0] for line in lines] == [*cats, dog]
+
+
+def test_predict_names_a_missing_path_and_an_empty_folder(pets_run, tmp_path, capsys):
+    assert main(["predict", "--adapter", str(pets_run), str(tmp_path / "nope.png")]) == 1
+    assert "nope.png: no such file or folder" in _one_line_error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--adapter", str(pets_run), str(tmp_path / "empty")]) == 1
+    assert "a folder with no images in it" in _one_line_error(capsys)
+
+
+def test_eval_on_other_class_names_warns_in_one_line(pets_run, tmp_path):
+    """Same number of classes, other names: the top-1 compares label numbers and means nothing. Python's own
+    warning format (file, line, source line) is for other libraries' warnings; ours read like our errors."""
+    other = testing.make_image_folder(tmp_path / "farm", classes=("cat", "cow"), per_class=4, size=32)
+    run = subprocess.run([sys.executable, "-m", "mlae", "eval", "--adapter", str(pets_run), "--dataset",
+                          f"folder:{other}", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    warning = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("mlae: warning: ") and "label 1: 'dog' vs 'cow'" in warning[0]
+    assert "UserWarning" not in run.stderr and "top-1" in run.stdout
+    same = subprocess.run([sys.executable, "-m", "mlae", "eval", "--adapter", str(pets_run), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0 and "warning" not in same.stderr
+
+
+def test_mole_takes_run_folders_as_experts(pets_run, pets, tmp_path):
+    out = tmp_path / "mole"
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "lora", "--out", str(tmp_path / "lora")]) == 0
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "mole", "--experts-from", str(pets_run),
+                 str(tmp_path / "lora"), "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["method"] == "mole"
+
+
+def test_a_folder_that_is_no_expert_is_named(pets_run, pets, tmp_path, capsys):
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "mole", "--experts-from", str(pets),
+                 "--out", str(tmp_path / "mole")]) == 1
+    assert "is neither a PEFT adapter folder" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("target", ["merged.safetensors", "merged"])
+def test_eval_and_predict_take_a_merged_export_and_agree_with_the_adapter(target, pets_run, pets, tmp_path, capsys):
+    """The check a user makes after `mlae export`: the merged model scores what the adapter scored."""
+    merged = tmp_path / target
+    assert main(["export", "--adapter", str(pets_run), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    results = []
+    for weights in (pets_run, merged):
+        out = tmp_path / f"eval-{weights.name}.json"
+        assert main(["eval", "--adapter", str(weights), "--precision", "fp32", "--out", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["top1"] == results[1]["top1"] and results[0]["images"] == results[1]["images"] > 0
+    image = str(sorted((pets / "dog").iterdir())[0])
+    capsys.readouterr()
+    for weights in (pets_run, merged):
+        assert main(["predict", "--adapter", str(weights), image, "--top", "2"]) == 0
+    adapter_line, merged_line = capsys.readouterr().out.strip().splitlines()
+    assert adapter_line.split("\t")[1].split()[0] == merged_line.split("\t")[1].split()[0]  # same top class
+    assert main(["export", "--adapter", str(merged), "--out", str(tmp_path / "again.safetensors")]) == 1
+    assert "is already a merged export" in _one_line_error(capsys)
+
+
+def test_a_merged_export_without_its_dataset_spec_asks_for_dataset(pets_run, pets, tmp_path, capsys):
+    """Exports written before the provenance recorded the dataset spec."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["export", "--adapter", str(pets_run), "--out", str(merged)]) == 0
+    with safe_open(str(merged), "pt") as f:
+        header = f.metadata()
+    provenance = json.loads(header["mlae_provenance"])
+    for key in ("dataset_spec", "data_root", "seed", "augment", "skip_bad_images"):
+        provenance.pop(key)
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(merged)), str(old), {**header, "mlae_provenance": json.dumps(provenance)})
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(old)]) == 1
+    assert "does not record its dataset spec" in _one_line_error(capsys)
+    assert main(["eval", "--adapter", str(old), "--dataset", f"folder:{pets}"]) == 0
+    assert torch.is_tensor(load_file(str(old))["head.weight"])
