@@ -13,6 +13,7 @@ from PIL import Image
 from mlae.data import (FGVC_TASKS, SUITE_TASKS, VTAB_TASKS, DatasetError, Split, clear_cache, expand_specs,
                        load_task, prepare_batch)
 from mlae.data.base import CACHE_DIR_NAME, to_rgb
+from mlae.errors import MLAEWarning
 from mlae.data.fgvc import canonical_name
 from mlae.data.suite import generate_split, split_sizes
 from mlae.data.testing import make_fgvc_folder, make_image_folder, make_vtab_folder
@@ -372,7 +373,7 @@ def test_folder_names_every_bad_image_in_one_error_and_can_skip_them(tmp_path):
     with pytest.raises(DatasetError, match=r"3 of 12 images cannot be read.*--skip-bad-images") as err:
         load_task(f"folder:{tmp_path / 'f'}", holdout=0.25)
     assert all(str(p) in str(err.value) for p in bad)
-    with pytest.warns(RuntimeWarning, match="skipped 3 unreadable"):
+    with pytest.warns(MLAEWarning, match="skipped 3 unreadable"):
         task = load_task(f"folder:{tmp_path / 'f'}", holdout=0.25, skip_bad=True)
     assert sorted(task.skipped) == sorted(map(str, bad)) and len(task.train) + len(task.eval) == 9
     with pytest.raises(DatasetError, match="'folder:' datasets only"):

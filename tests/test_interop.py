@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mlae.cli import main
+from mlae.errors import MLAEWarning
 
 pytest.importorskip("yaml")
 testing = pytest.importorskip("mlae.data.testing")
@@ -193,7 +194,7 @@ def test_skip_bad_images_trains_without_them_and_lists_them(work, tmp_path, caps
     args = ["train", "--dataset", f"folder:{data}", "--backbone", str(work / "bb"), "--method", "linear", *FAST]
     assert main([*args, "--out", str(tmp_path / "a")]) == 1
     assert "1 of 18 images cannot be read" in capsys.readouterr().err
-    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
+    with pytest.warns(MLAEWarning, match="skipped 1 unreadable"):
         assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "b")]) == 0
     assert _results(tmp_path / "b")["skipped_images"] == [str(bad)]
 

@@ -4,6 +4,7 @@ was asked for, a folder of images to predict) work."""
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-# --------------------------------------------------------------------------------------------- values that train nothing
+# ------------------------------------------------------------------------------------- values that train nothing
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -107,30 +108,41 @@ def test_the_default_run_folder_of_folder_dot_is_named_after_the_folder(pets, tm
     assert dataset_key("folder:.") == "pets" and dataset_key("folder:../pets/") == "pets"
 
 
-def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path):
-    """A real SIGINT to a real training process, after its first checkpoint: the message names the command, and
-    running it continues the run to the end."""
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "mlae", "train", "--dataset", f"folder:{pets}", *TINY, "--epochs", "60",
-            "--out", str(out)]
+def _interrupt_after(args: list[str], ready) -> str:
+    """Start ``mlae`` with ``args``, send it SIGINT once ``ready()`` holds, and return its stderr (exit 130)."""
     # A shell starts background jobs with SIGINT ignored, and Python then leaves it so: give the child the default.
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "mlae", *args], stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+    deadline = time.time() + 300
+    while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    command = f"mlae train --resume --out {out}"
-    assert f"interrupted; continue from the last checkpoint with: {command}" in err
-    done = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert main(["train", "--resume", "--out", str(out), "--epochs", "61", "--quiet"]) == 1  # settings are kept
-    resumed = subprocess.run([sys.executable, "-m", "mlae", *command.split()[1:], "--quiet"], capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((out / "results.json").read_text())["epochs"] == 60
-    assert len(done) < 60
+    return err
+
+
+def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path):
+    """A real SIGINT to a real training process after its first checkpoint: the message names the command, and
+    that command continues the run (interrupted again once it has trained further epochs). The run is far too
+    long to finish in between."""
+    out = tmp_path / "my run"  # a space: the command must be quoted
+
+    def epochs() -> int:
+        path = out / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    err = _interrupt_after(["train", "--dataset", f"folder:{pets}", *TINY, "--epochs", "100000", "--out", str(out)],
+                           lambda: (out / "checkpoint.safetensors").exists())
+    prefix = "interrupted; continue from the last checkpoint with: "
+    command = next(line for line in err.splitlines() if line.startswith(prefix))[len(prefix):]
+    argv = shlex.split(command)
+    assert argv[:2] == ["mlae", "train"] and argv[2:] == ["--resume", "--out", str(out)]
+    first = epochs()
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "7", "--quiet"]) == 1  # its settings are kept
+    err = _interrupt_after([*argv[1:], "--quiet"], lambda: epochs() > first + 1)
+    assert prefix + command in err
+    assert epochs() > first + 1 and not (out / "results.json").exists()
 
 
 # --------------------------------------------------------------------------------------------- using a trained run
@@ -167,12 +179,35 @@ def test_eval_on_other_class_names_warns_in_one_line(pets_run, tmp_path):
     assert same.returncode == 0 and "warning" not in same.stderr
 
 
+def test_only_our_warnings_are_shortened_and_the_format_is_restored(pets_run, capsys):
+    import warnings
+
+    import mlae.cli
+
+    before = warnings.formatwarning
+    assert main(["eval", "--adapter", str(pets_run), "--threads", "1"]) == 0
+    assert warnings.formatwarning is before  # main() gives a caller in the same process its format back
+    ours = mlae.cli._format_warning("p is ignored", mlae.MLAEWarning, "/x/mlae/a.py", 3)
+    theirs = mlae.cli._format_warning("tensor is not writable", UserWarning, "/x/mlae/data/base.py", 7)
+    assert ours == "mlae: warning: p is ignored\n"
+    assert theirs.startswith("/x/mlae/data/base.py:7: UserWarning: tensor is not writable")
+
+
 def test_mole_takes_run_folders_as_experts(pets_run, pets, tmp_path):
     out = tmp_path / "mole"
-    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "lora", "--out", str(tmp_path / "lora")]) == 0
+    lora = tmp_path / "lora"
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "lora", "--out", str(lora)]) == 0
     assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "mole", "--experts-from", str(pets_run),
-                 str(tmp_path / "lora"), "--out", str(out)]) == 0
+                 str(lora), "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["method"] == "mole"
+
+
+def test_a_full_fine_tuning_run_is_no_expert(pets, tmp_path, capsys):
+    full = tmp_path / "full"
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "full", "--out", str(full)]) == 0
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "mole", "--experts-from", str(full),
+                 "--out", str(tmp_path / "mole")]) == 1
+    assert "is a full fine-tuning run (model.safetensors, no adapter.safetensors)" in _one_line_error(capsys)
 
 
 def test_a_folder_that_is_no_expert_is_named(pets_run, pets, tmp_path, capsys):

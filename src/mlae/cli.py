@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import warnings
 
@@ -45,13 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """Our own warnings as one ``mlae: warning:`` line, like our errors (not Python's file:line and source
-    line); other libraries' keep Python's format, which says where they come from."""
-    if os.path.abspath(filename).startswith(_PACKAGE):
+    """Our own warnings (mlae.MLAEWarning) as one ``mlae: warning:`` line, like our errors, not in Python's
+    format (file, line and source line); other libraries' keep Python's, which says where they come from."""
+    from .errors import MLAEWarning
+
+    if issubclass(category, MLAEWarning):
         return f"mlae: warning: {message}\n"
     return _PYTHON_FORMAT(message, category, filename, lineno, line)
 
@@ -61,9 +59,12 @@ _PYTHON_FORMAT = warnings.formatwarning
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    with warnings.catch_warnings():  # restores the format for a caller that runs main() in its own process
-        warnings.formatwarning = _format_warning
+    before = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
         return _main(argv)
+    finally:  # a caller that runs main() in its own process (a test, a notebook) gets its format back
+        warnings.formatwarning = before
 
 
 def _main(argv: list[str]) -> int:

@@ -29,7 +29,8 @@ from .attention import ATTENTION_CHOICES, set_attention
 from .backbones import EMBEDDED, backbone_input_size, card_folder
 from .errors import InputError, MLAEError, TrainingError
 from .files import atomic_write_text
-from .hardware import THREADS_RULE, DistInfo, auto_threads, autocast, init_distributed, resolve_device, resolve_precision
+from .hardware import (THREADS_RULE, DistInfo, auto_threads, autocast, init_distributed, resolve_device,
+                       resolve_precision)
 from .inject import aux_losses, count_parameters, learned_values, set_progress, set_train_size
 from .recipes import Method, get_method
 from .rundir import (CHECKPOINT, RESULTS, clear_run_files, draw_curves, load_checkpoint, prepare_run_dir,
@@ -323,13 +324,13 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
 def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, stack: contextlib.ExitStack) -> dict:
     run = _setup(cfg, stack)
-    metrics, first_epoch = _start(run)
     try:
+        metrics, first_epoch = _start(run)
         _loop(run, metrics, first_epoch, on_epoch_end)
+        return _finish(run, metrics)
     except KeyboardInterrupt as err:
         err.run_dir = run.out  # where the checkpoint is: the command line says how to continue
         raise
-    return _finish(run, metrics)
 
 
 @dataclass

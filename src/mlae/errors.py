@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["MLAEError", "InputError", "MissingFileError", "NotMergeableError", "RunDirError", "TrainingError",
-           "os_error_message"]
+__all__ = ["MLAEError", "MLAEWarning", "InputError", "MissingFileError", "NotMergeableError", "RunDirError",
+           "TrainingError", "os_error_message"]
 
 
 class MLAEError(Exception):
     """Base class of the errors a user can fix; the message says what is wrong and what to do."""
+
+
+class MLAEWarning(UserWarning):
+    """A warning of mlae's own (a setting that has no effect, a file read in a legacy way, ...): the command line
+    prints these as one ``mlae: warning:`` line, and other libraries' warnings in Python's format."""
 
 
 class InputError(MLAEError, ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .errors import InputError, MissingFileError
+from .errors import InputError, MissingFileError, MLAEWarning
 
 __all__ = ["evaluate_file", "predict_files", "image_files"]
 
@@ -42,7 +42,7 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
         pairs = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in enumerate(zip(trained_on, task.classes)) if a != b]
         warnings.warn(f"{path} was trained on other class names than {task.name}'s (label {', '.join(pairs[:3])}"
                       f"{', ...' if len(pairs) > 3 else ''}); top-1 compares label numbers, so it means nothing "
-                      "unless label k names the same class in both", UserWarning, stacklevel=2)
+                      "unless label k names the same class in both", MLAEWarning, stacklevel=2)
     inputs = Inputs(task.augment, int(meta["image_size"]), dev, meta.get("input_mean"), meta.get("input_std"))
     model = model.to(dev)
     set_attention(model, attention, device=dev, precision=prec)
@@ -71,7 +71,8 @@ def image_files(paths: list[str]) -> list[str]:
         found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                        and CACHE_DIR_NAME not in p.parts and not p.name.startswith("._"))
         if not found:
-            raise InputError(f"{text}: a folder with no images in it (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise InputError(f"{text}: a folder with no images in it (extensions "
+                             f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += found
     return files
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapters.base import AdapterConfig, AdapterLayer, adapter_layers
-from .errors import InputError
+from .errors import InputError, MLAEWarning
 
 __all__ = ["apply", "merge", "unmerge", "merge_and_unload", "adapter_layers", "freeze_backbone",
            "head_module_names", "count_parameters", "set_progress", "set_train_size", "aux_losses",
@@ -61,7 +61,7 @@ def _warn_if_no_head(model: nn.Module, heads: list[str], train_head: bool) -> No
     if not any(p.requires_grad for n in heads for p in modules[n].parameters()):
         warnings.warn(f"no classifier head of {type(model).__name__} is trainable (looked for get_classifier() "
                       f"and modules named {'/'.join(HEAD_NAMES)}): name it with modules_to_save=[...], or pass "
-                      "train_head=False if there is none", UserWarning, stacklevel=3)
+                      "train_head=False if there is none", MLAEWarning, stacklevel=3)
 
 
 def _set_trainable_heads(model: nn.Module, heads: list[str], train_head: bool) -> None:

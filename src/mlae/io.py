@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters.base import AdapterConfig, config_from_dict
-from .errors import InputError, NotMergeableError
+from .errors import InputError, MLAEWarning, NotMergeableError
 from .files import atomic_save_file, read_safetensors_header
 from .inject import (CONFIG_ATTR, HEADS_ATTR, adapter_layers, apply, backbone_fingerprint, freeze_backbone,
                      learned_values)
@@ -96,7 +96,7 @@ def _file_config(header: dict[str, str], path: str | os.PathLike, warn: bool = F
         if warn:
             warnings.warn(f"{path} was saved with train_head=False and modules_to_save={config['modules_to_save']}, "
                           "a pair mlae now refuses; it is read with train_head=True (the saved modules hold the "
-                          "weights they were saved with)", UserWarning, stacklevel=3)
+                          "weights they were saved with)", MLAEWarning, stacklevel=3)
         config = {**config, "train_head": True}
     return config
 
@@ -170,7 +170,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: str 
                             "fp32 model and cast afterwards)")
             if check_backbone == "error":
                 raise InputError(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
+            warnings.warn(message, MLAEWarning, stacklevel=2)
         tensors = {k: f.get_tensor(k) for k in keys}
     # safetensors has no checksum: damaged bytes read as numbers, often NaN. Refuse them before copying any.
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]

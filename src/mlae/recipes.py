@@ -232,8 +232,8 @@ def dataset_key(spec: str) -> str:
     """The dataset name a recipe's ``per_dataset`` section is keyed by: ``/data/vtab-1k/cifar/`` -> ``cifar``,
     ``suite:digits`` -> ``digits``, ``fgvc:CUB_200_2011`` -> ``cub_200_2011``."""
     prefix, sep, rest = str(spec).partition(":")
-    if sep and prefix == "folder":  # folder:. and folder:.. are named by the folder they stand for
-        return Path(rest).expanduser().resolve().name.lower()
+    if sep and prefix == "folder":  # folder:. and folder:.. are named by the folder they stand for (a link by its
+        return (os.path.basename(os.path.abspath(os.path.expanduser(rest))) or rest).lower()  # own name)
     name = os.path.basename(os.path.normpath(str(spec)))
     return name.rsplit(":", 1)[-1].lower()
 

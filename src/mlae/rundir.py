@@ -31,8 +31,10 @@ __all__ = ["CHECKPOINT", "RESULTS", "RUN_LOCAL", "RESUME_MAY_CHANGE", "WORKER_LO
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
-# Any one of these marks a run folder (train.log: the log `mlae compare` and `sweep` keep of a run they start).
-_RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, ADAPTER_FILE, MODEL_FILE, "train.log")
+# Any one of these marks a run folder (compare.yaml and train.log: what `mlae compare` writes into a run's folder
+# before it starts the run).
+_RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, ADAPTER_FILE, MODEL_FILE, "compare.yaml",
+              "train.log")
 # Run-local settings: where things are and how this machine runs them, not what is trained. The one definition
 # for every place that compares two configurations of the same run or study (a key missing from a configuration
 # dict, e.g. progress, which to_dict() drops, simply never differs):

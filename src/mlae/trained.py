@@ -19,8 +19,8 @@ from .io import load_adapter, read_adapter_metadata, save_adapter
 if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import Inputs, TrainConfig
 
-__all__ = ["load_trained", "weights_file", "expert_source", "read_weights_metadata", "weights_metadata", "save_weights", "timm_spec",
-           "merged_state_dict", "build_backbone", "backbone_kwargs", "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
+__all__ = ["load_trained", "weights_file", "expert_source", "read_weights_metadata", "weights_metadata", "save_weights",
+           "timm_spec", "merged_state_dict", "build_backbone", "backbone_kwargs", "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
 
 ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
 MODEL_FILE = "model.safetensors"      # or the whole model's (full fine-tuning), in this format:
@@ -129,6 +129,9 @@ def expert_source(path: str | os.PathLike) -> str:
         return str(path)
     if (p / ADAPTER_FILE).is_file():
         return str(p / ADAPTER_FILE)
+    if (p / MODEL_FILE).is_file():
+        raise InputError(f"{p} is a full fine-tuning run ({MODEL_FILE}, no {ADAPTER_FILE}): MoLE mixes trained "
+                         "LoRA-style adapters")
     raise MissingFileError(f"{p} is neither a PEFT adapter folder (no adapter_config.json) nor the folder of a "
                            f"finished `mlae train` run (no {ADAPTER_FILE})")
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..errors import InputError, NotMergeableError
+from ..errors import InputError, MLAEWarning, NotMergeableError
 from ..utils import parse_bool, parse_list
 
 __all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict", "adapter_layers", "option", "option_flag", "Phase",
@@ -231,14 +231,16 @@ class AdapterConfig:
 
     def _require_scale(self, *names: str) -> None:
         """Validate factors of the update: finite, and not 0. A zero factor multiplies the update and every
-        adapter gradient by 0 (``B`` starts at 0), so the run would train nothing and still report success."""
+        adapter gradient by 0 (``B`` starts at 0): the run would be a linear probe that reports itself as the
+        method."""
         for name in names:
             v = getattr(self, name)
             if not math.isfinite(v):
                 raise InputError(f"{self._label(name)} must be finite, got {v!r}")
             if v == 0:
-                raise InputError(f"{self._label(name)} = 0 multiplies the update and its gradients by 0: nothing "
-                                 f"would train; give a nonzero value (default {self._field(name).default})")
+                raise InputError(f"{self._label(name)} = 0 multiplies the update and its gradients by 0: the "
+                                 "adapter would learn nothing (only the head would train); give a nonzero value "
+                                 f"(default {self._field(name).default})")
 
     # --- what a method provides -------------------------------------------------------------------
     def layer_plan(self, names: list[str]) -> list[dict[str, Any]]:
@@ -338,7 +340,7 @@ class AdapterLayer(nn.Module):
                 # The update is folded into the frozen weight: a training step would silently train nothing.
                 # (No stacklevel: the caller is torch's module machinery; one warning per process is enough.)
                 warnings.warn(f"the adapter of {self.name or type(self).__name__} is merged, so training gets "
-                              "no gradient for it; call mlae.unmerge(model) before training", UserWarning)
+                              "no gradient for it; call mlae.unmerge(model) before training", MLAEWarning)
             return y
         # apply() on a model already in bf16/fp16 creates fp32 factors (training them in half precision loses
         # Adam's small steps), so outside autocast the update runs in the factors' dtype and is cast back to the

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import patterns
-from ..errors import InputError
+from ..errors import InputError, MLAEWarning
 from .base import AdapterConfig, AdapterLayer, TrainingHooks, option
 
 MASKINGS = ("stochastic", "fixed", "mixed")
@@ -186,7 +186,7 @@ class MLAEConfig(AdapterConfig):
             # A warning, not an error, so that files saved with such a config still load.
             warnings.warn(f"dropout={self.dropout!r} has no effect with masking='fixed' (it keeps the pattern's "
                           "expert counts and drops none at random); use masking='mixed' to add random masking",
-                          UserWarning, stacklevel=3)
+                          MLAEWarning, stacklevel=3)
         if self.pattern == "random" and self.masking == "stochastic":
             raise InputError("the random pattern draws expert counts: use it with masking='fixed' or 'mixed'")
 

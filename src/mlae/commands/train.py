@@ -231,24 +231,35 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         train(cfg)
     except KeyboardInterrupt as err:
-        print(_interrupted(getattr(err, "run_dir", None)), file=sys.stderr)
+        message = _interrupted(getattr(err, "run_dir", None))
+        if message:
+            print(message, file=sys.stderr)
         return 130
     except Exception as err:
         return _fail(err)
     return 0
 
 
-def _interrupted(out: Path | None) -> str:
-    """What Ctrl-C leaves: the command that continues from the last checkpoint, or that there is none yet."""
+def _interrupted(out: Path | None) -> str | None:
+    """What Ctrl-C leaves: the command that continues from the last checkpoint, or that there is none yet (None
+    on the other ranks of a torchrun job: rank 0 says it once)."""
+    import os
     import shlex
 
-    from ..rundir import CHECKPOINT
+    from ..rundir import CHECKPOINT, RESULTS
 
+    if os.environ.get("RANK", "0") != "0":
+        return None
     if out is None:
         return "interrupted"
+    if (out / RESULTS).exists():
+        return f"interrupted after the run had finished: its results are in {out}"
     if not (out / CHECKPOINT).exists():
         return f"interrupted before the first checkpoint: nothing to resume in {out}"
-    return (f"interrupted; continue from the last checkpoint with: mlae train --resume --out {shlex.quote(str(out))}")
+    flags = f"--resume --out {shlex.quote(str(out))}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"interrupted; continue from the last checkpoint with the same torchrun command and {flags}"
+    return f"interrupted; continue from the last checkpoint with: mlae train {flags}"
 
 
 def _integer(minimum: int, rule: str):
@@ -291,7 +302,7 @@ def _fail(err: Exception) -> int:
 def _register_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="top-1 accuracy of a trained adapter (or fully fine-tuned model)")
     p.add_argument("--adapter", required=True, metavar="PATH", help="adapter.safetensors (or model.safetensors) "
-                   "of a run, or the run folder")
+                   "of a run, the run folder, or a merged export (`mlae export --format merged`)")
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the one the adapter was trained on)")
     p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default: the one the adapter "
                    "was trained with)")
@@ -371,7 +382,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _register_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="classify image files with a trained adapter, by class name")
     p.add_argument("--adapter", required=True, metavar="PATH", help="adapter.safetensors (or model.safetensors) "
-                   "of a run, or the run folder")
+                   "of a run, the run folder, or a merged export (`mlae export --format merged`)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (every image under them)")
     p.add_argument("--top", type=positive_int, default=1, help="classes to list per image")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, MLAEWarning
 from ..files import atomic_save_file, user_cache_dir
 from ..hardware import cpu_cores
 
@@ -198,7 +198,7 @@ def decode_entries(entries: Sequence[Entry], size: int, *, resample: str = "bicu
         raise DatasetError(f"{desc}: no readable images (all {len(entries)} failed, e.g. {problems[0]})")
     if problems:
         warnings.warn(f"skipped {len(problems)} unreadable image(s): " + "; ".join(
-            str(entries[i].path) for i in sorted(bad)), RuntimeWarning, stacklevel=2)
+            str(entries[i].path) for i in sorted(bad)), MLAEWarning, stacklevel=2)
     labels = np.fromiter((entries[i].label for i in keep), dtype=np.int64, count=len(keep))
     return Split(torch.from_numpy(images[keep] if problems else images), torch.from_numpy(labels),
                  skipped=tuple(str(entries[i].path) for i in sorted(bad)))
@@ -274,7 +274,7 @@ def _write_cache(paths: Sequence[Path], split: Split, key: str, info: dict) -> P
             return path
         except OSError:
             continue  # read-only data folder: try the next location
-    warnings.warn(f"could not write a dataset cache to any of {[str(p) for p in paths]}", RuntimeWarning)
+    warnings.warn(f"could not write a dataset cache to any of {[str(p) for p in paths]}", MLAEWarning)
     return None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MLAEWarning
 from .base import CACHE_DIR_NAME, DatasetError, Entry, Split, Task, cached_split, check_split
 
 __all__ = ["IMAGE_EXTENSIONS", "load_folder", "scan_folder", "stratified_holdout"]
@@ -86,7 +87,7 @@ def load_folder(path: str | Path, *, image_size: int = 32, split: str = "test", 
             if empty:
                 warnings.warn(f"{root / sub if sub != 'all' else root}: class folder(s) {empty} hold no images but "
                               f"still count as classes ({len(classes)} outputs); remove them if that is a mistake",
-                              UserWarning, stacklevel=3)
+                              MLAEWarning, stacklevel=3)
         # A cached split does not remember which images were skipped: decode afresh when skipping.
         data = cached_split(entries, root=root, cache_name=sub, size=image_size, cache=cache and not skip_bad,
                             desc=f"decoding {root.name}/{sub}", skip_bad=skip_bad)
