@@ -145,8 +145,6 @@ def _mode(cmd: list[str]) -> str:
 
 def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_path, monkeypatch):
     """An unfinished run with a checkpoint is resumed when its settings are those asked for, else restarted."""
-    import subprocess
-
     import yaml
 
     from mlae.experiments import compare
@@ -156,11 +154,14 @@ def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_pat
     folder = tmp_path / "c" / "runs" / "lora" / "vtab-cifar" / "s0"
     commands = []
 
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1)
+    class FailingRun:  # a stand-in for the `mlae train` process: records its command line, exits 1
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(compare.subprocess, "Popen", FailingRun)
     folder.mkdir(parents=True)
     (folder / "checkpoint.safetensors").write_bytes(b"")
     assert main(argv) == 1  # the stand-in "fails": nothing finished

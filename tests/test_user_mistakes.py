@@ -202,6 +202,13 @@ def test_mole_takes_run_folders_as_experts(pets_run, pets, tmp_path):
     assert json.loads((out / "results.json").read_text())["method"] == "mole"
 
 
+def test_missing_experts_are_named_before_the_data_loads(tmp_path, capsys):
+    assert main(["train", "--dataset", f"folder:{tmp_path / 'no-such-data'}", "--method", "mole", "--experts-from",
+                 str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "mole")]) == 1
+    err = _one_line_error(capsys)
+    assert "--experts-from:" in err and "nope.safetensors not found" in err and "no-such-data" not in err
+
+
 def test_a_full_fine_tuning_run_is_no_expert(pets, tmp_path, capsys):
     full = tmp_path / "full"
     assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--method", "full", "--out", str(full)]) == 0
@@ -257,3 +264,107 @@ def test_a_merged_export_without_its_dataset_spec_asks_for_dataset(pets_run, pet
     assert "does not record its dataset spec" in _one_line_error(capsys)
     assert main(["eval", "--adapter", str(old), "--dataset", f"folder:{pets}"]) == 0
     assert torch.is_tensor(load_file(str(old))["head.weight"])
+
+
+# --------------------------------------------------------------------------------------------- compare and sweep
+
+
+@pytest.fixture(scope="module")
+def vtab(tmp_path_factory) -> Path:
+    return testing.make_vtab_folder(tmp_path_factory.mktemp("vtab"), name="cifar", n_train=16, n_test=8, size=32)
+
+
+@pytest.mark.parametrize("datasets, said", [
+    ("vtab:cifar,vtab:cifar", "--datasets lists vtab:cifar twice"),
+    ("folder:a/pets,folder:b/pets", "folder:a/pets and folder:b/pets would share the run folder folder-pets"),
+])
+def test_compare_refuses_datasets_that_would_share_run_folders(datasets, said, vtab, tmp_path, capsys):
+    """Else the second run replaces the first's folder and both rows of the table show the second's result."""
+    out = tmp_path / "cmp"
+    tiny = [a for a in TINY if a != "--quiet"]  # compare runs are quiet already
+    assert main(["compare", "--methods", "lora", "--datasets", datasets, "--data-root", str(vtab), *tiny,
+                 "--out", str(out)]) == 1
+    assert said in _one_line_error(capsys)
+    assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("variant, said", [
+    ("mlae[dropout=abc]", "dropout=abc: expected a probability or auto"),
+    ("mlae[experts=2.5]", "experts=2.5: expected an integer"),
+    ("mlae[epochs=x]", "epochs=x: expected an integer"),
+    ("mlae[adaptive=maybe]", "adaptive=maybe: expected a boolean"),
+])
+def test_a_variant_value_of_the_wrong_type_is_one_line_naming_it(variant, said, tmp_path, capsys):
+    assert main(["compare", "--methods", variant, "--datasets", "suite:digits", "--out", str(tmp_path / "c")]) == 1
+    assert said in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("param, said", [("dropout=abc,0.5", "dropout=abc: expected a probability or auto"),
+                                         ("lr=1e-4:x:log", "lr=x: expected a number")])
+def test_a_sweep_value_of_the_wrong_type_is_one_line_naming_it(param, said, tmp_path, capsys):
+    assert main(["sweep", "--param", param, "--out", str(tmp_path / "s")]) == 1
+    assert said in _one_line_error(capsys)
+
+
+def test_a_storage_that_is_no_url_is_one_line_and_a_sqlite_folder_is_made(tmp_path, capsys):
+    from mlae.experiments.sweep import open_storage
+
+    assert main(["sweep", "--storage", "mystudy.db", "--out", str(tmp_path / "s")]) == 1
+    assert "--storage takes a database URL (sqlite:///PATH/study.db" in _one_line_error(capsys)
+    open_storage(f"sqlite:///{tmp_path / 'new' / 'deeper' / 'study.db'}", tmp_path)
+    assert (tmp_path / "new" / "deeper" / "study.db").is_file()
+
+
+def test_a_learned_p_has_no_published_row():
+    from mlae.published import paper_row
+
+    assert paper_row("mlae", {"dropout": "auto"}) is None
+    assert paper_row("mlae", {"dropout": 0.0})[0] == "MLAE (decomposition + adaptive)"
+
+
+def test_best_yaml_trains_from_another_folder(vtab, tmp_path, monkeypatch):
+    """The sweep ran with a relative --data-root; its best.yaml says `mlae train --config best.yaml` trains the
+    best configuration, from wherever that command runs."""
+    import yaml
+
+    monkeypatch.chdir(vtab.parent)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--dataset", "vtab:cifar", "--data-root", vtab.name, *TINY, "--param", "dropout=0,0.5",
+                 "--no-prune", "--out", str(out)]) == 0
+    recipe = yaml.safe_load((out / "best.yaml").read_text())
+    assert recipe["data_root"] == str(vtab.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+
+
+def test_sigterm_stops_compare_and_its_runs_which_then_continue(vtab, tmp_path):
+    """A batch scheduler stops a job with SIGTERM to its main process only. compare passes it on to the run in
+    progress, which keeps its checkpoint and releases its lock; no queued run starts; the same command continues."""
+    out = tmp_path / "cmp"
+    tiny = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--patch-size", "4", "--batch-size", "16",
+            "--warmup-epochs", "0", "--threads", "1", "--epochs", "100000"]
+    args = [sys.executable, "-m", "mlae", "compare", "--methods", "lora", "--datasets", "vtab:cifar", "--seeds",
+            "0,1", "--jobs", "1", "--data-root", str(vtab), *tiny, "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [out / "runs" / "lora" / "vtab-cifar" / f"s{s}" for s in (0, 1)]
+    deadline = time.time() + 300
+    while (not any((r / "checkpoint.safetensors").exists() for r in runs) and time.time() < deadline
+           and proc.poll() is None):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; run the same command again to continue" in err
+    started = [r for r in runs if (r / "checkpoint.safetensors").exists()]
+    assert len(started) == 1 and not (started[0] / ".mlae.lock").exists() and not (out / ".mlae.lock").exists()
+    assert "interrupted; continue from the last checkpoint" in (started[0] / "train.log").read_text()
+    other = next(r for r in runs if r not in started)
+    assert not (other / "train.log").exists()  # the queued run never started
+
+
+def test_a_compare_folder_where_one_run_is_needed_says_so(tmp_path):
+    from mlae.errors import MissingFileError
+    from mlae.experiments.analysis import resolve_run
+
+    (tmp_path / "cmp" / "runs" / "lora").mkdir(parents=True)
+    with pytest.raises(MissingFileError, match="an `mlae compare` folder: name one of its run folders"):
+        resolve_run(tmp_path / "cmp")

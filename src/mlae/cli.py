@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 # module name -> subcommands it registers (the module is imported only when present, so that partial
@@ -61,10 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     before = warnings.formatwarning
     warnings.formatwarning = _format_warning
+    # SIGTERM (`kill`, a batch scheduler's stop) ends a command as Ctrl-C does: a run keeps its checkpoint and
+    # says how to continue, locks are released, `mlae compare` stops its runs.
+    term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         return _main(argv)
-    finally:  # a caller that runs main() in its own process (a test, a notebook) gets its format back
+    finally:  # a caller that runs main() in its own process (a test, a notebook) gets its settings back
         warnings.formatwarning = before
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _main(argv: list[str]) -> int:

@@ -59,14 +59,18 @@ FGVC_MEAN = {"full": 88.5, "lora": 86.0, "mlae": 90.9}  # Table 4.2 (LoRA-8): me
 
 def paper_row(method: str, options: dict | None = None) -> tuple[str, dict[str, float]] | None:
     """The published VTAB-1k row matching a method and its option overrides: (label, {dataset or domain or
-    "overall": top-1 %}), or None when the paper has no such row (e.g. LoRA+Dropout, DMLoRA).
+    "overall": top-1 %}), or None when the paper has no such row (e.g. LoRA+Dropout, DMLoRA, MLAE with
+    dropout="auto").
 
     MLAE variants map to the Table 5 ablation rows: ``dropout=0`` removes the mask, ``adaptive=false`` the
     adaptive coefficients (domain means only). Other option overrides have no published counterpart.
     """
     options = dict(options or {})
     if method == "mlae":
-        no_mask = float(options.pop("dropout", 1.0)) == 0.0  # the paper's MLAE uses p > 0 (Table 10)
+        p = options.pop("dropout", 1.0)
+        if isinstance(p, str) and p.strip().lower() == "auto":
+            return None  # a learned p has no published row
+        no_mask = float(p) == 0.0  # the paper's MLAE uses p > 0 (Table 10)
         adaptive = parse_bool(options.pop("adaptive", True))
         if options:
             return None

@@ -43,12 +43,25 @@ __all__ = [
     "config_options",
     "dataset_key",
     "get_method",
+    "parse_setting",
     "load_recipe",
     "register_method",
     "resolve_recipe",
 ]
 
 _bool = parse_bool  # commands/compare.py and commands/sweep.py import it by this name
+_KINDS = {"int": "an integer", "float": "a number", "dropout": "a probability or auto", "parse_bool": "a boolean "
+          "(true/false, yes/no, 1/0)"}
+
+
+def parse_setting(name: str, convert: Callable[[str], Any], text: str) -> Any:
+    """``convert(text)`` for the setting ``name`` as a compare variant or a sweep grid gives it; text that does not
+    convert is an error naming the setting and what it takes (``dropout=abc: expected a probability or auto``)."""
+    try:
+        return convert(text)
+    except (ValueError, TypeError) as err:
+        kind = _KINDS.get(getattr(convert, "__name__", ""))
+        raise RecipeError(f"{name}={text}: expected {kind}" if kind else f"{name}={text}: {err}") from None
 
 
 class RecipeError(InputError):
@@ -95,9 +108,10 @@ class Method:
     # Options -> the same options as one run's identity (e.g. MLAE's dropout="auto" settings reset where p is
     # fixed): what stored configurations are compared as (resume, compare's reuse, the study's rows).
     canonical: Callable[[dict], dict] | None = None
-    # Options -> the method's adapter config (an adapters.base.AdapterConfig, whose construction checks every
-    # value), for methods that are one adapter config: what check_options builds, without a model.
-    config: Callable[[dict], AdapterConfig] | None = None
+    # Raises the error a run with these options (all of them, defaults included) would meet, without a model:
+    # for a method that is one adapter config, building that config (an adapters.base.AdapterConfig checks
+    # every value); for MoLE, finding its experts' files.
+    check: Callable[[dict], Any] | None = None
 
     def defaults(self) -> dict:
         return {opt.name: opt.default for opt in self.options}
@@ -106,10 +120,10 @@ class Method:
         """Raise the error a run with ``options`` would meet when its adapter config is built (a value out of
         range, a pair that does not go together), without building a model: sweeps check every grid point
         before the first trial trains, and `mlae train` before it loads data."""
-        if self.config is not None:
+        if self.check is not None:
             with warnings.catch_warnings():  # the run itself warns about what it ignores, once
                 warnings.simplefilter("ignore")
-                self.config({**self.defaults(), **options})
+                self.check({**self.defaults(), **options})
 
     def canonical_options(self, options: dict) -> dict:
         """This method's options from ``options`` (other keys dropped), with the defaults of those a file written
@@ -183,7 +197,7 @@ def _adapter_method(name: str, help: str, cls: type[AdapterConfig], options: tup
     def prepare(model: nn.Module, options: dict) -> nn.Module:
         return apply(model, config(options))
 
-    return Method(name, help, prepare, options, config=config, **kwargs)
+    return Method(name, help, prepare, options, check=config, **kwargs)
 
 
 def _prepare_linear(model: nn.Module, options: dict) -> nn.Module:
@@ -197,11 +211,20 @@ def _prepare_full(model: nn.Module, options: dict) -> nn.Module:
     return model
 
 
-def _prepare_mole(model: nn.Module, options: dict) -> nn.Module:
+def _mole_sources(options: dict) -> list[str]:
+    """The experts' files, each found (a run folder stands for its adapter file), before any model is built."""
     if not options["experts_from"]:
         raise RecipeError("--method mole needs the trained adapters to mix: --experts-from A B ...")
     sources = [expert_source(s) for s in parse_list(options["experts_from"])]
-    return from_adapters(model, sources, granularity=options["granularity"],
+    missing = [s for s in sources if not Path(s).exists()]
+    if missing:
+        raise RecipeError(f"--experts-from: {', '.join(missing)} not found (trained adapter files, run folders or "
+                          "PEFT adapter folders)")
+    return sources
+
+
+def _prepare_mole(model: nn.Module, options: dict) -> nn.Module:
+    return from_adapters(model, _mole_sources(options), granularity=options["granularity"],
                          temperature=options["temperature"])
 
 
@@ -225,7 +248,7 @@ register_method(Method("mole", "Mixture of LoRA Experts: learned gates over froz
            nargs="+"),
     *config_options(MoLEConfig, exclude=("target_modules",)),
     Option("balance_weight", float, 0.01, "weight of the gating balance loss"),
-), hooks=MoLETraining))
+), hooks=MoLETraining, check=_mole_sources))
 
 
 def dataset_key(spec: str) -> str:

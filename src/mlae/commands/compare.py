@@ -49,7 +49,8 @@ def register(subparsers) -> None:
                    f"{DEFAULT_DATASET})")
     g.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds (default 0; the paper: 0,1,42)")
     g.add_argument("--out", dest="compare_out", required=True, metavar="DIR",
-                   help="output folder: runs/<method>/<dataset>/s<seed>, results.csv, summary.md, ...")
+                   help="output folder: runs/<label>/<prefix>-<dataset>/s<seed> (e.g. runs/lora/vtab-cifar/s0), "
+                   "results.csv, summary.md, ...")
     g.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                    help="runs in parallel (default: one per GPU with CUDA_VISIBLE_DEVICES; on CPU one 1-thread "
                    "job per free core, which beat one many-thread job on small ViTs)")

@@ -50,8 +50,12 @@ def resolve_run(run: str | Path) -> Path:
     path = Path(run)
     if path.is_dir():
         if not (path / ADAPTER_FILE).exists():
-            other = " (it holds a fully fine-tuned model: no adapters to analyse)" if (
-                path / MODEL_FILE).exists() else " (an unfinished run?)"
+            if (path / MODEL_FILE).exists():
+                other = " (it holds a fully fine-tuned model: no adapters to analyse)"
+            elif (path / "runs").is_dir():
+                other = " (an `mlae compare` folder: name one of its run folders, runs/<label>/<dataset>/s<seed>)"
+            else:
+                other = " (an unfinished run?)"
             raise MissingFileError(f"{path} has no {ADAPTER_FILE}{other}")
         return path / ADAPTER_FILE
     if not path.exists():

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,20 @@ def dataset_slug(spec: str) -> str:
     return f"{prefix}-{dataset_key(spec)}"
 
 
+def _check_distinct(datasets: list[str]) -> None:
+    """Each dataset once, each in a run folder of its own: two folders with one name (folder:a/pets and
+    folder:b/pets) would share runs/<label>/folder-pets/, and the second run would replace the first's."""
+    seen: dict[str, str] = {}
+    for d in datasets:
+        slug = dataset_slug(d)
+        if slug in seen:
+            if seen[slug] == d:
+                raise RecipeError(f"--datasets lists {d} twice; list each dataset once (seeds repeat runs)")
+            raise RecipeError(f"--datasets {seen[slug]} and {d} would share the run folder {slug}: rename one "
+                              "folder, or compare them into separate --out folders")
+        seen[slug] = d
+
+
 def resolve_config(given: dict[str, Any], **overrides):
     """TrainConfig from train options (with `mlae train`'s precedence: defaults < ``given["config"]`` recipe <
     options), then ``overrides``. Method options that the method does not take are dropped, so one set of options
@@ -84,6 +99,7 @@ def plan(variants: list[Variant], datasets: list[str], seeds: list[int], out: st
     given = dict(options or {})
     if config:
         given["config"] = config
+    _check_distinct(datasets)
     runs = []
     for v in variants:
         for d in datasets:
@@ -153,6 +169,7 @@ def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | Non
     free = list(gpus) * max(1, math.ceil(jobs / len(gpus)))
     lock = threading.Lock()
     failures: list[str] = []
+    running: set[subprocess.Popen] = set()
 
     def execute(run: Run) -> None:
         run.folder.mkdir(parents=True, exist_ok=True)
@@ -170,7 +187,14 @@ def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | Non
             env["CUDA_VISIBLE_DEVICES"] = gpu
         try:
             with open(run.folder / "train.log", "a") as log:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                with lock:
+                    running.add(proc)
+                try:
+                    rc = proc.wait()
+                finally:
+                    with lock:
+                        running.discard(proc)
         finally:
             with lock:
                 free.append(gpu)
@@ -186,9 +210,29 @@ def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | Non
                 failures.append(f"{name} (exit {rc}; see {run.folder / 'train.log'})")
             print(f"FAILED {name} (exit {rc}; see {run.folder / 'train.log'})", flush=True)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         list(pool.map(execute, todo))
+    except KeyboardInterrupt:
+        _stop(running, lock)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an interruption, start no further run
     return failures
+
+
+def _stop(running: set[subprocess.Popen], lock: threading.Lock, grace: float = 5.0) -> None:
+    """Stop the runs in progress after this process was interrupted. Ctrl-C in a terminal reached them too (one
+    process group) and they are stopping; a SIGTERM to this process alone (`kill`, a batch scheduler) did not:
+    send them one after ``grace`` seconds, which `mlae train` handles as Ctrl-C (checkpoint kept, lock released)."""
+    deadline = time.time() + grace
+    with lock:
+        procs = list(running)
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
 
 
 def compare(methods: str | list[Variant], datasets: str | list[str], seeds: str | list[int], out: str | Path, *,

@@ -60,17 +60,29 @@ def open_storage(url: str | None, out: Path):
         path = Path(url[len("journal:"):]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise RecipeError(f"--storage takes a database URL (sqlite:///PATH/study.db, postgresql://USER@HOST/DB) or "
+                          f"journal:PATH, not {url!r}")
+    scheme = url.split("://")[0]  # not the rest in messages: it may hold a password
+    if scheme.startswith("sqlite") and url.startswith(f"{scheme}:///") and len(url) > len(scheme) + 4:
+        Path(url[len(scheme) + 4:]).expanduser().parent.mkdir(parents=True, exist_ok=True)  # as journal: does
     kwargs = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
     for attempt in range(5):  # workers starting together may race to create the tables
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except ImportError as err:  # SQLAlchemy found no driver for the URL's database
-            scheme = url.split("://")[0]  # not the rest: it may hold a password
             raise RecipeError(f"--storage {scheme}://...: no database driver for it ({err.__cause__ or err}); for "
                               "PostgreSQL: pip install 'mlae[postgres]' (psycopg), or name an installed driver "
                               "in the URL (postgresql+psycopg2://...)") from err
-        except Exception:
+        except Exception as err:
+            import sqlalchemy.exc
+
+            if isinstance(err, sqlalchemy.exc.ArgumentError):
+                raise RecipeError(f"--storage {scheme}://...: not a database URL SQLAlchemy can read ({err})") from None
             if attempt == 4:
+                if isinstance(err, sqlalchemy.exc.OperationalError):
+                    raise RecipeError(f"--storage {scheme}://...: cannot open the database ({err.orig}); check the "
+                                      "path, or that the server runs and the user may connect") from None
                 raise
             time.sleep(0.5 + attempt)
 
@@ -217,10 +229,11 @@ class Sweep:
             theirs = {**theirs, "config": _comparable(theirs["config"])}
         if theirs != spec:
             diff = sorted(k for k in set(theirs or {}) | set(spec) if (theirs or {}).get(k) != spec.get(k))
-            detail = diff
+            a, b = theirs or {}, spec
+            detail = [f"{k}: {a.get(k)!r} (study) vs {b.get(k)!r} (now)" for k in diff if k != "config"]
             if "config" in diff:
                 a, b = theirs["config"], spec["config"]
-                detail = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                detail += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             raise RecipeError(f"study {self.study_name!r} in this storage searches something else ("
                               f"{'; '.join(map(str, detail[:6]))}); use the same options, or another --study-name "
                               "/ --out")

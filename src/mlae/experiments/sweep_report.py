@@ -101,6 +101,11 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
         recipe = {k: v for k, v in base.items() if k not in ("threads", "progress")}
         recipe.update(best.params)
         recipe["split"] = "test"
+        # `mlae train --config best.yaml` may run from another folder than the sweep did: paths become absolute
+        if recipe.get("data_root"):
+            recipe["data_root"] = str(Path(recipe["data_root"]).expanduser().resolve())
+        if str(recipe.get("dataset", "")).startswith("folder:"):
+            recipe["dataset"] = "folder:" + str(Path(recipe["dataset"][len("folder:"):]).expanduser().resolve())
         head = [f"# mlae sweep {study.study_name}: best of {counts.get('COMPLETE', 0)} completed trials, selected on "
                 f"{val} (trained on {train})",
                 f"# trial {best.number}: val top-1 {100 * best.value:.2f}%; "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..recipes import RecipeError, get_method
+from ..recipes import RecipeError, get_method, parse_setting
 
 __all__ = ["Param", "DEFAULT_SPACE", "DEFAULT_RANGES", "parse_param", "load_space", "build_space"]
 
@@ -70,20 +70,23 @@ def parse_param(text: str, method: str) -> Param:
 def _param(name: str, spec: Any, method: str) -> Param:
     convert = _converter(name, method)
     if isinstance(spec, dict):
-        return Param(name, low=float(spec["low"]), high=float(spec["high"]), log=bool(spec.get("log", False)),
+        return Param(name, low=parse_setting(name, float, spec["low"]), high=parse_setting(name, float, spec["high"]),
+                     log=bool(spec.get("log", False)),
                      integer=bool(spec.get("int", False)))
     if isinstance(spec, (list, tuple)):
-        return Param(name, values=tuple(v if isinstance(v, (list, bool)) else convert(str(v)) for v in spec))
+        return Param(name, values=tuple(v if isinstance(v, (list, bool)) else parse_setting(name, convert, str(v))
+                                        for v in spec))
     spec = str(spec)
     if ":" in spec:
         low, high, *flags = spec.split(":")
         if set(flags) - {"log", "int"}:
             raise RecipeError(f"{name}={spec}: a range is LOW:HIGH[:log][:int]")
-        p = Param(name, low=float(low), high=float(high), log="log" in flags, integer="int" in flags)
+        p = Param(name, low=parse_setting(name, float, low), high=parse_setting(name, float, high), log="log" in flags,
+                  integer="int" in flags)
         if not p.low < p.high or (p.log and p.low <= 0):
             raise RecipeError(f"{name}={spec}: need LOW < HIGH (and LOW > 0 for :log)")
         return p
-    return Param(name, values=tuple(convert(v.strip()) for v in spec.split(",") if v.strip()))
+    return Param(name, values=tuple(parse_setting(name, convert, v.strip()) for v in spec.split(",") if v.strip()))
 
 
 def load_space(path: str, method: str) -> list[Param]:
@@ -107,6 +110,9 @@ def build_space(method: str, sampler: str = "grid", space: str | None = None,
         p = parse_param(text, method)
         found[p.name] = p
     if not found:
+        if method != "mlae":  # the default space is MLAE's p and c_i: another method names what it searches
+            raise RecipeError(f"with no --param or --space the sweep searches MLAE's dropout and coeff_init; for "
+                              f"--method {method} name what to search, e.g. --param lr=1e-4,5e-4,2e-3")
         if sampler == "grid":
             found = {k: _param(k, list(v), method) for k, v in DEFAULT_SPACE.items()}
         else:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..recipes import RecipeError, get_method
+from ..recipes import RecipeError, get_method, parse_setting
 
 __all__ = ["Variant", "parse_methods", "parse_seeds"]
 
@@ -55,8 +55,8 @@ def _parse_value(method_name: str, key: str, text: str) -> Any:
     if key in options:
         opt = options[key]
         if opt.nargs:
-            return [opt.type(v) for v in re.split(r"[\s|]+", text) if v]
-        value = opt.type(text)
+            return [parse_setting(key, opt.type, v) for v in re.split(r"[\s|]+", text) if v]
+        value = parse_setting(key, opt.type, text)
         if opt.choices and value not in opt.choices:
             raise RecipeError(f"{method_name}[{key}={text}]: choose from {', '.join(map(str, opt.choices))}")
         return value
@@ -67,9 +67,9 @@ def _parse_value(method_name: str, key: str, text: str) -> Any:
                           f"{', '.join(known)}")
     default = getattr(TrainConfig(), key)
     if isinstance(default, bool):
-        return _bool(text)
+        return parse_setting(key, _bool, text)
     if isinstance(default, (int, float)):
-        return type(default)(float(text)) if isinstance(default, float) else int(text)
+        return parse_setting(key, type(default), text)
     return None if text.lower() in ("none", "null") else text
 
 
