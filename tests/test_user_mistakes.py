@@ -368,3 +368,8 @@ def test_a_compare_folder_where_one_run_is_needed_says_so(tmp_path):
     (tmp_path / "cmp" / "runs" / "lora").mkdir(parents=True)
     with pytest.raises(MissingFileError, match="an `mlae compare` folder: name one of its run folders"):
         resolve_run(tmp_path / "cmp")
+
+
+def test_a_grid_value_listed_twice_is_refused(tmp_path, capsys):
+    assert main(["sweep", "--param", "dropout=0,0.0,0.5", "--out", str(tmp_path / "s")]) == 1
+    assert "dropout: 0.0 listed twice; list each value once" in _one_line_error(capsys)

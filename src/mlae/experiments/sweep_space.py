@@ -30,6 +30,13 @@ class Param:
     log: bool = False
     integer: bool = False
 
+    def __post_init__(self) -> None:
+        if self.values is not None:  # a value listed twice would train its grid points twice
+            seen = [repr(v) for v in self.values]  # converted already: 0 and 0.0 are both 0.0 here
+            twice = sorted({s for s in seen if seen.count(s) > 1})
+            if twice:
+                raise RecipeError(f"{self.name}: {', '.join(twice)} listed twice; list each value once")
+
     def suggest(self, trial) -> Any:
         if self.values is not None:
             return trial.suggest_categorical(self.name, list(self.values))
