@@ -57,8 +57,7 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
 def image_files(paths: list[str]) -> list[str]:
     """``paths`` with each folder replaced by the images under it (recursively, sorted, as a folder dataset
     finds them); a path that does not exist, or a folder without images, is an error."""
-    from .data.base import CACHE_DIR_NAME
-    from .data.folder import IMAGE_EXTENSIONS
+    from .data.folder import IMAGE_EXTENSIONS, image_paths
 
     files: list[str] = []
     for text in paths:
@@ -68,8 +67,7 @@ def image_files(paths: list[str]) -> list[str]:
         if not path.is_dir():
             files.append(text)
             continue
-        found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                       and CACHE_DIR_NAME not in p.parts and not p.name.startswith("._"))
+        found = [str(p) for p in image_paths(path)]
         if not found:
             raise InputError(f"{text}: a folder with no images in it (extensions "
                              f"{', '.join(sorted(IMAGE_EXTENSIONS))})")

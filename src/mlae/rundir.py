@@ -20,7 +20,7 @@ from torch import nn
 from .errors import RunDirError, TrainingError
 from .files import FolderLock, atomic_save_file, atomic_write_text, read_safetensors_header
 from .recipes import METHODS, canonical_config, dataset_key
-from .trained import ADAPTER_FILE, MODEL_FILE
+from .trained import ADAPTER_FILE, MODEL_FILE, absolute_spec
 from .utils import pyplot, save_png, set_rng_state
 
 if TYPE_CHECKING:  # annotations only: the engine imports this module
@@ -97,9 +97,9 @@ def _check_out(out: Path, cfg: TrainConfig) -> None:
     flag = "--out" if cfg.out is not None else "the run folder"
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{flag} {out} is a file, not a folder; name a folder for the run")
-    if cfg.dataset.startswith("folder:"):
-        data = Path(cfg.dataset.partition(":")[2]).expanduser().resolve()
-        where = out.resolve()
+    spec = absolute_spec(cfg.dataset)
+    if spec.startswith("folder:"):
+        data, where = Path(spec[len("folder:"):]), out.resolve()
         if where == data or data in where.parents:
             raise RunDirError(f"{flag} {out} is inside the dataset folder {data}: the next run on it would read "
                               f"the run folder as a class; choose a folder outside it with --out")

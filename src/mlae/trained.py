@@ -19,8 +19,9 @@ from .io import load_adapter, read_adapter_metadata, save_adapter
 if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import Inputs, TrainConfig
 
-__all__ = ["load_trained", "weights_file", "expert_source", "read_weights_metadata", "weights_metadata", "save_weights",
-           "timm_spec", "merged_state_dict", "build_backbone", "backbone_kwargs", "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
+__all__ = ["load_trained", "weights_file", "expert_source", "absolute_spec", "read_weights_metadata",
+           "weights_metadata", "save_weights", "timm_spec", "merged_state_dict", "build_backbone", "backbone_kwargs",
+           "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
 
 ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
 MODEL_FILE = "model.safetensors"      # or the whole model's (full fine-tuning), in this format:
@@ -51,18 +52,23 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
+def absolute_spec(spec: str) -> str:
+    """A dataset spec that means the same from any folder: ``folder:`` specs get an absolute path."""
+    prefix, _, rest = spec.partition(":")
+    return f"folder:{_absolute(rest)}" if prefix == "folder" else spec
+
+
 def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> dict[str, Any]:
     """What `mlae eval` / `mlae export` need to rebuild the network the weights belong to and feed it. Paths
     are made absolute, so that the file works from any folder."""
     # The version, so that the file still names its weights when the default changes.
     backbone = DEFAULT_EMBEDDED if cfg.backbone in (None, EMBEDDED) else cfg.backbone
-    prefix, _, rest = cfg.dataset.partition(":")
     is_path = backbone not in EMBEDDED_VERSIONS and _looks_like_path(backbone)
     return {"backbone": _absolute(backbone) if is_path else backbone,
             "backbone_kwargs": backbone_kwargs(cfg),
             "num_classes": task.num_classes, "seed": cfg.seed, "image_size": inputs.image_size,
             "normalize": normalize, "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,
-            "dataset": task.name, "dataset_spec": f"folder:{_absolute(rest)}" if prefix == "folder" else cfg.dataset,
+            "dataset": task.name, "dataset_spec": absolute_spec(cfg.dataset),
             "data_root": _absolute(cfg.data_root), "method": cfg.method, "classes": task.classes,
             "skip_bad_images": cfg.skip_bad_images}
 

@@ -53,8 +53,8 @@ def option(default: Any, help: str, *, choices: tuple | None = None, type: Calla
 
 
 _KIND_NAMES = {"bool": ("True or False", "booleans"), "int": ("an integer", "integers"),
-               "float": ("a number", "numbers"), "str": ("a string", "strings"), "list": ("a list", "lists"), "dict": ("a dict", "dicts"),
-               "None": ("None", "None")}
+               "float": ("a number", "numbers"), "str": ("a string", "strings"), "list": ("a list", "lists"),
+               "dict": ("a dict", "dicts"), "None": ("None", "None")}
 
 
 def _kind_name(kind: str) -> str:

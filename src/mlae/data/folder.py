@@ -17,13 +17,19 @@ import numpy as np
 from ..errors import MLAEWarning
 from .base import CACHE_DIR_NAME, DatasetError, Entry, Split, Task, cached_split, check_split
 
-__all__ = ["IMAGE_EXTENSIONS", "load_folder", "scan_folder", "stratified_holdout"]
+__all__ = ["IMAGE_EXTENSIONS", "image_paths", "load_folder", "scan_folder", "stratified_holdout"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
 def _class_dirs(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def image_paths(folder: Path) -> list[Path]:
+    """The images under ``folder`` (recursively, sorted), without our decode cache and macOS's ``._*`` files."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and CACHE_DIR_NAME not in p.parts and not p.name.startswith("._"))
 
 
 def scan_folder(path: Path, classes: list[str]) -> list[Entry]:
@@ -37,9 +43,7 @@ def scan_folder(path: Path, classes: list[str]) -> list[Entry]:
         folder = path / name
         if not folder.is_dir():
             continue
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                       and CACHE_DIR_NAME not in p.parts and not p.name.startswith("._"))
-        entries += [Entry(p, label, str(p)) for p in files]
+        entries += [Entry(p, label, str(p)) for p in image_paths(folder)]
     if not entries:
         raise DatasetError(f"{path}: empty split (no images with extensions {sorted(IMAGE_EXTENSIONS)} "
                            "in class folders)")

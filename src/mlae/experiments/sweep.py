@@ -233,7 +233,8 @@ class Sweep:
             detail = [f"{k}: {a.get(k)!r} (study) vs {b.get(k)!r} (now)" for k in diff if k != "config"]
             if "config" in diff:
                 a, b = theirs["config"], spec["config"]
-                detail += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                detail += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                           if a.get(k) != b.get(k)]
             raise RecipeError(f"study {self.study_name!r} in this storage searches something else ("
                               f"{'; '.join(map(str, detail[:6]))}); use the same options, or another --study-name "
                               "/ --out")

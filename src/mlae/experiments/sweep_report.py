@@ -9,6 +9,7 @@ from pathlib import Path
 from ..data import protocol_splits
 from ..files import atomic_write_text
 from ..rundir import RESULTS
+from ..trained import absolute_spec
 from ..utils import pyplot, save_png
 from .sweep_space import Param
 
@@ -104,8 +105,8 @@ def write_reports(study, out: Path, space: list[Param], base: dict, final: dict 
         # `mlae train --config best.yaml` may run from another folder than the sweep did: paths become absolute
         if recipe.get("data_root"):
             recipe["data_root"] = str(Path(recipe["data_root"]).expanduser().resolve())
-        if str(recipe.get("dataset", "")).startswith("folder:"):
-            recipe["dataset"] = "folder:" + str(Path(recipe["dataset"][len("folder:"):]).expanduser().resolve())
+        if recipe.get("dataset"):
+            recipe["dataset"] = absolute_spec(str(recipe["dataset"]))
         head = [f"# mlae sweep {study.study_name}: best of {counts.get('COMPLETE', 0)} completed trials, selected on "
                 f"{val} (trained on {train})",
                 f"# trial {best.number}: val top-1 {100 * best.value:.2f}%; "
