@@ -301,15 +301,17 @@ def test_a_variant_value_of_the_wrong_type_is_one_line_naming_it(variant, said, 
 
 @pytest.mark.parametrize("param, said", [("dropout=abc,0.5", "dropout=abc: expected a probability or auto"),
                                          ("lr=1e-4:x:log", "lr=x: expected a number")])
-def test_a_sweep_value_of_the_wrong_type_is_one_line_naming_it(param, said, tmp_path, capsys):
-    assert main(["sweep", "--param", param, "--out", str(tmp_path / "s")]) == 1
+@pytest.mark.parametrize("jobs", ["1", "2"])  # 2: the check runs before any worker process starts
+def test_a_sweep_value_of_the_wrong_type_is_one_line_naming_it(param, said, jobs, tmp_path, capsys):
+    assert main(["sweep", "--param", param, "--jobs", jobs, "--out", str(tmp_path / "s")]) == 1
     assert said in _one_line_error(capsys)
 
 
-def test_a_storage_that_is_no_url_is_one_line_and_a_sqlite_folder_is_made(tmp_path, capsys):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_storage_that_is_no_url_is_one_line_and_a_sqlite_folder_is_made(jobs, tmp_path, capsys):
     from mlae.experiments.sweep import open_storage
 
-    assert main(["sweep", "--storage", "mystudy.db", "--out", str(tmp_path / "s")]) == 1
+    assert main(["sweep", "--storage", "mystudy.db", "--jobs", jobs, "--out", str(tmp_path / "s")]) == 1
     assert "--storage takes a database URL (sqlite:///PATH/study.db" in _one_line_error(capsys)
     open_storage(f"sqlite:///{tmp_path / 'new' / 'deeper' / 'study.db'}", tmp_path)
     assert (tmp_path / "new" / "deeper" / "study.db").is_file()
@@ -370,6 +372,7 @@ def test_a_compare_folder_where_one_run_is_needed_says_so(tmp_path):
         resolve_run(tmp_path / "cmp")
 
 
-def test_a_grid_value_listed_twice_is_refused(tmp_path, capsys):
-    assert main(["sweep", "--param", "dropout=0,0.0,0.5", "--out", str(tmp_path / "s")]) == 1
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_grid_value_listed_twice_is_refused(jobs, tmp_path, capsys):
+    assert main(["sweep", "--param", "dropout=0,0.0,0.5", "--jobs", jobs, "--out", str(tmp_path / "s")]) == 1
     assert "dropout: 0.0 listed twice; list each value once" in _one_line_error(capsys)

@@ -90,16 +90,10 @@ def sweep_from_args(args: argparse.Namespace):
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from ..experiments.sweep import run_workers, worker_plan
+    from ..experiments.sweep import sweep
 
     try:
-        settings = sweep_settings(args)
-        options = settings["options"]
-        jobs, threads = worker_plan(args.jobs, options.get("threads"), options.get("device"), args.trials)
-        if jobs > 1:
-            run_workers(settings, jobs, threads, target=_worker)
-        else:
-            sweep_from_args(args).run()
+        sweep(jobs=args.jobs, target=_worker, **sweep_settings(args))
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue the sweep", file=sys.stderr)
         return 130

@@ -504,16 +504,21 @@ def run_workers(settings: dict, jobs: int, threads: int | None, target: Callable
                          "rerun the same command to continue the sweep")
 
 
-def sweep(options: dict[str, Any] | None = None, *, jobs: int | None = None, **settings) -> None:
+def sweep(options: dict[str, Any] | None = None, *, jobs: int | None = None,
+          target: Callable[[dict], Any] = _work, **settings) -> None:
     """This machine's share of a study: ``jobs`` worker processes (see :func:`worker_plan`), or this process
     alone when that is one. ``options``: `mlae train` options by name (``dataset``, ``method``, ``epochs``, ...;
     ``threads`` and ``device`` also size the workers); ``settings`` (keywords of :class:`Sweep`): ``config`` (a
     YAML recipe), ``params`` (``["dropout=0,0.5", "lr=1e-4:1e-2:log"]``), ``space`` (a YAML search space),
     ``sampler`` (grid or tpe), ``trials`` (tpe), ``prune``, ``out`` (default sweeps/<dataset>_<method>),
-    ``storage``, ``study_name``, ``stale_after`` (seconds), ``final``. The reports land in ``out``."""
+    ``storage``, ``study_name``, ``stale_after`` (seconds), ``final``. The reports land in ``out``. ``target``:
+    what each worker process runs, as in :func:`run_workers`."""
     options = dict(options or {})
     n, threads = worker_plan(jobs, options.get("threads"), options.get("device"), settings.get("trials"))
     if n > 1:
-        run_workers({**settings, "options": options}, n, threads)
+        # checks the search and opens (or creates) the study here, so that a mistake in the options is one line
+        # from this process rather than the same line from every worker and a count of failed workers
+        Sweep(options, **settings)
+        run_workers({**settings, "options": options}, n, threads, target)
     else:
         Sweep(options, **settings).run()
