@@ -664,3 +664,11 @@ def test_loading_onto_other_backbone_weights_is_noticed(tmp_path):
         mlae.load_adapter(make_tiny_vit(depth=3, seed=1), path)
     with pytest.raises(ValueError, match="other backbone weights.*replaced"):
         mlae.load_adapter(make_tiny_vit(depth=3, seed=1), path, check_backbone="error")
+
+
+def test_a_model_without_adapters_counts_its_head():
+    # full fine-tuning trains a plain model: its head is still the head (it was reported as 0 parameters)
+    model = make_tiny_vit(depth=1)
+    counts = mlae.count_parameters(model)
+    assert counts["head"] == sum(p.numel() for p in model.head.parameters()) > 0
+    assert counts["adapter"] == 0 and counts["trainable"] == counts["total"]

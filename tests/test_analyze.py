@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,17 @@ def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path
     assert main(["analyze", "dropout", str(heldout), "--out", str(out), "--overwrite"]) == 0
     assert list(json.loads((out / "dropout.json").read_text())) == ["heldout"]
 
+    # A compare folder stands for all its runs: those without a learned p are left out with a warning, not fatal.
+    cmp = tmp_path / "cmp"
+    for variant, run in (("mlae", runs["mlae"]), ("mlae-auto", heldout)):
+        shutil.copytree(run, cmp / "runs" / variant / "cifar" / "s0")
+    with pytest.warns(mlae.MLAEWarning, match=r"left out 1 run\(s\) .*: mlae/cifar/s0 \(.*--dropout auto\)"):
+        assert main(["analyze", "dropout", str(cmp), "--out", str(tmp_path / "from_cmp")]) == 0
+    assert list(json.loads((tmp_path / "from_cmp" / "dropout.json").read_text())) == ["mlae-auto/cifar/s0"]
+    shutil.rmtree(cmp / "runs" / "mlae-auto")
+    assert main(["analyze", "dropout", str(cmp), "--out", str(tmp_path / "none")]) == 1
+    assert "no run of the compare folder can be used: mlae/cifar/s0" in capsys.readouterr().err
+
 
 # --------------------------------------------------------------------------------------------- attention
 
@@ -317,6 +329,9 @@ def test_attention_plot_panels():
 def test_attention_errors(runs, tmp_path, capsys):
     assert main(["analyze", "attention", str(runs["mlae"]), "--block", "6", "--out", str(tmp_path)]) == 1
     assert "out of range" in capsys.readouterr().err
+    with pytest.warns(mlae.MLAEWarning, match=r"--images 100000: the test split has \d+ images; showing all"):
+        assert main(["analyze", "attention", str(runs["mlae"]), "--block", "0", "--images", "100000",
+                     "--out", str(tmp_path / "all")]) == 0
     model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(target_modules=[r"blocks\.0\.attn\.qkv"]))
     with pytest.raises(ValueError, match="not adapted"):
         analyze.attention_maps(model, torch.randn(1, 3, 32, 32), 1)

@@ -23,6 +23,7 @@ def test_pretrain_cli_writes_loadable_weights(tmp_path):
     assert card["arch"]["depth"] == 1 and card["arch"]["embed_dim"] == 32
     assert 0.0 <= card["pretraining"]["heldout_top1"] <= 1.0
     assert "--steps 3" in card["command"]
+    assert int(card["command"].split("--threads ")[1].split()[0]) >= 1  # the default (free cores) resolved
     model = build_embedded(card["arch"], num_classes=4)
     load_checkpoint(model, out / WEIGHTS_FILE)  # strict: every non-head tensor present with the right shape
     with torch.no_grad():

@@ -376,3 +376,15 @@ def test_a_compare_folder_where_one_run_is_needed_says_so(tmp_path):
 def test_a_grid_value_listed_twice_is_refused(jobs, tmp_path, capsys):
     assert main(["sweep", "--param", "dropout=0,0.0,0.5", "--jobs", jobs, "--out", str(tmp_path / "s")]) == 1
     assert "dropout: 0.0 listed twice; list each value once" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("option, command", [("--space", ["sweep"]), ("--config", ["train", "--dataset", "suite:digits"])])
+def test_a_yaml_option_naming_a_folder_missing_or_broken_file_is_one_line(option, command, tmp_path, capsys):
+    what = "search space" if option == "--space" else "recipe"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    for name, said in (("folder", f"{option} {tmp_path / 'folder'} is a folder; name the YAML file of the {what}"),
+                       ("nope.yaml", f"{option} {tmp_path / 'nope.yaml'}: {what} not found"),
+                       ("bad.yaml", "bad.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2")):
+        assert main([*command, option, str(tmp_path / name), "--out", str(tmp_path / "o")]) == 1
+        assert said in _one_line_error(capsys)

@@ -194,7 +194,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     adapter = sum(p.numel() for _, layer in adapter_layers(model) for n, p in layer.named_parameters()
                   if p.requires_grad and not n.startswith("base."))
     modules = dict(model.named_modules())
-    head = sum(p.numel() for n in getattr(model, HEADS_ATTR, []) for p in modules[n].parameters() if p.requires_grad)
+    heads = getattr(model, HEADS_ATTR, None) or head_module_names(model)  # full fine-tuning marks no heads
+    head = sum(p.numel() for n in heads for p in modules[n].parameters() if p.requires_grad)
     return {"adapter": adapter, "head": head,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total": sum(p.numel() for p in model.parameters())}

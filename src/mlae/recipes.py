@@ -261,17 +261,27 @@ def dataset_key(spec: str) -> str:
     return name.rsplit(":", 1)[-1].lower()
 
 
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Read a YAML recipe into a dict (``per_dataset`` kept as is)."""
+def read_yaml(path: str | os.PathLike, what: str, option: str) -> Any:
+    """The content of the YAML file ``path`` that ``option`` named (``what``: "recipe", "search space"); a missing
+    file, a folder or invalid YAML is a one-line error."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise RecipeError(f"recipe not found: {path}") from None
+        raise RecipeError(f"{option} {path}: {what} not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{option} {path} is a folder; name the YAML file of the {what}") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML ({problem or 'unreadable'}{where})") from None
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read a YAML recipe into a dict (``per_dataset`` kept as is)."""
+    data = read_yaml(path, "recipe", "--config")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of option: value")
     per_dataset = data.get("per_dataset", {})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..attention import ATTENTION_CHOICES
 from ..hardware import CPU_AUTO_PRECISION
+from .train import threads_count
 
 __all__ = ["register", "run"]
 
@@ -47,7 +48,8 @@ def register(subparsers) -> None:
     g.add_argument("--drop-path", type=float, default=d["drop_path"], help="stochastic depth rate")
     g.add_argument("--seed", type=int, default=d["seed"], help="seed of the fractal classes, the renders and the "
                    "initial weights")
-    g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    g.add_argument("--threads", type=threads_count, default=0, metavar="N", help="torch CPU threads (default or 0: "
+                   "the cores other programs leave free; the card records the number used)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help=f"auto: bf16 autocast on {CPU_AUTO_PRECISION}; else fp32 "
                    "(pretraining runs on the CPU)")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..backbones import CARD_FILE, WEIGHTS_FILE
     from ..pretrain import pretrain
-    from ..hardware import resolve_precision
+    from ..hardware import auto_threads, resolve_precision
 
     existing = Path(args.out) / WEIGHTS_FILE
     if existing.exists() and not args.overwrite:
@@ -83,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
                          f"(e.g. the shipped weights) or choose another --out")
     card = pretrain(**{k: getattr(args, k) for k in (
         "classes", "per_class", "eval_per_class", "epochs", "steps", "batch_size", "lr", "weight_decay",
-        "warmup", "label_smoothing", "drop_path", "seed", "threads", "depth", "dim", "heads", "patch_size",
+        "warmup", "label_smoothing", "drop_path", "seed", "depth", "dim", "heads", "patch_size",
         "img_size", "out", "quiet", "attention")},
-        bf16=resolve_precision(args.precision, torch.device("cpu")) == "bf16")
+        threads=args.threads or auto_threads(), bf16=resolve_precision(args.precision, torch.device("cpu")) == "bf16")
     acc = card["pretraining"]["heldout_top1"]
     print(f"fractal held-out top-1 {acc:.4f}; wrote {Path(args.out) / WEIGHTS_FILE} and {CARD_FILE}")
     return 0

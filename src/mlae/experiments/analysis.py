@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from ..errors import InputError, MissingFileError
+from ..errors import InputError, MissingFileError, MLAEError, MLAEWarning
 from ..trained import ADAPTER_FILE, MODEL_FILE, load_trained
 from ..utils import pyplot, save_png
 from .attention_maps import attention_maps, plot_attention, sample_images
@@ -66,16 +67,41 @@ def resolve_run(run: str | Path) -> Path:
 def expand_runs(runs: list[str | Path]) -> list[Path]:
     """RUN arguments: run folders, adapter files, or ``mlae compare`` output folders (standing for every finished
     adapter run in their ``runs/<variant>/<dataset>/s<seed>`` folders)."""
+    return [run for run, _ in _expand(runs)]
+
+
+def _expand(runs: list[str | Path]) -> list[tuple[Path, bool]]:
+    """:func:`expand_runs`, each run with whether it was found in an `mlae compare` folder (not named)."""
     out = []
     for run in map(Path, runs):
         if run.is_dir() and not (run / ADAPTER_FILE).exists() and (run / "runs").is_dir():
             found = sorted(p.parent for p in run.glob(f"runs/*/*/s*/{ADAPTER_FILE}"))
             if not found:
                 raise MissingFileError(f"{run} is an `mlae compare` folder without finished adapter runs")
-            out += found
+            out += [(p, True) for p in found]
         else:
-            out.append(run)
+            out.append((run, False))
     return out
+
+
+def _each_usable(runs: list[tuple[Path, bool]], names: list[str],
+                 analyse: Callable[[str, Path], Any]) -> dict[str, Any]:
+    """``{label: analyse(label, run)}``. A run found in an `mlae compare` folder that the analysis cannot use (LoRA runs
+    have no learned p, for one) is left out with a warning; a run named on its own still stops the analysis."""
+    results, skipped = {}, []
+    for label, (run, found) in zip(names, runs):
+        try:
+            results[label] = analyse(label, run)
+        except MLAEError as err:
+            if not found:
+                raise
+            skipped.append(f"{'/'.join(run.parts[-3:])} ({str(err).removeprefix(f'{run}: ')})")  # variant/data/seed
+    if skipped and not results:
+        raise InputError(f"no run of the compare folder can be used: {'; '.join(skipped)}")
+    if skipped:
+        warnings.warn(f"left out {len(skipped)} run(s) this analysis cannot use: {'; '.join(skipped)}", MLAEWarning,
+                      stacklevel=3)
+    return results
 
 
 def series_of(path: Path, meta: dict, label: str | None = None) -> str:
@@ -99,11 +125,13 @@ def run_labels(runs: list[str | Path]) -> list[str]:
     return [f"{label}#{i}" for i, label in enumerate(labels)]
 
 
-def _runs_and_labels(runs: list[str | Path], labels: str | list[str] | None) -> tuple[list[Path], list[str]]:
-    """The RUN arguments expanded, and one distinct label each (``labels``: "A,B,..." or a list; default: the
-    folder names)."""
-    runs = expand_runs(runs)
-    names = (labels.split(",") if isinstance(labels, str) else list(labels)) if labels else run_labels(runs)
+def _runs_and_labels(runs: list[str | Path],
+                     labels: str | list[str] | None) -> tuple[list[tuple[Path, bool]], list[str]]:
+    """The RUN arguments expanded (:func:`_expand`), and one distinct label each (``labels``: "A,B,..." or a list;
+    default: the folder names)."""
+    runs = _expand(runs)
+    names = (labels.split(",") if isinstance(labels, str) else list(labels)) if labels else run_labels(
+        [run for run, _ in runs])
     if len(names) != len(runs) or len(set(names)) != len(names):
         raise InputError(f"--labels needs {len(runs)} distinct names, got {labels!r}")
     return runs, names
@@ -434,16 +462,18 @@ def analyze_similarity(runs: list[str | Path], out: str | Path, *, layer: str | 
     runs, names = _runs_and_labels(runs, labels)
     out = _claim(out, ["similarity.png", "similarity.json", "similarity.md", "similarity_by_dataset.png"]
                  + [f"similarity_matrix_{_filename(n)}.png" for n in names], overwrite)
-    reports = {}
-    for label, run in zip(names, runs):
+
+    def report(label: str, run: Path) -> dict:
         path = resolve_run(run)
         model, meta = _load(path)
         try:
-            reports[label] = {"adapter": str(path), "method": meta.get("method"), "dataset": meta.get("dataset"),
-                              "series": series_of(path, meta, label if labels else None),
-                              **similarity_report(model, layer)}
+            return {"adapter": str(path), "method": meta.get("method"), "dataset": meta.get("dataset"),
+                    "series": series_of(path, meta, label if labels else None),
+                    **similarity_report(model, layer)}
         except ValueError as err:
             raise InputError(f"{run}: {err}") from None
+
+    reports = _each_usable(runs, names, report)
     write_similarity(reports, out, absolute=absolute)
     return Analysis(reports, _markdown(reports))
 
@@ -481,7 +511,7 @@ def analyze_dropout(runs: list[str | Path], out: str | Path, *, labels: str | li
     there are an error unless ``overwrite``)."""
     runs, names = _runs_and_labels(runs, labels)
     out = _claim(out, ["dropout.png", "dropout_profile.png", "dropout.json", "dropout.md"], overwrite)
-    histories = {label: dropout_history(run) for label, run in zip(names, runs)}
+    histories = _each_usable(runs, names, lambda label, run: dropout_history(run))
     out.mkdir(parents=True, exist_ok=True)
     for name, fig in (("dropout.png", plot_dropout_history(histories)),
                       ("dropout_profile.png", plot_dropout_profile(histories))):

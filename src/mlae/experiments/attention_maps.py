@@ -3,12 +3,13 @@
 computed here from the block's qkv output (timm's fused attention never materialises them)."""
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, MLAEWarning
 from ..utils import pyplot
 
 __all__ = ["attention_maps", "plot_attention", "sample_images"]
@@ -164,6 +165,9 @@ def sample_images(meta: dict, n: int, dataset: str | None, data_root: str | None
                      data_root=data_root if data_root is not None else meta.get("data_root"),
                      image_size=size, split=split, seed=int(meta.get("seed", 0)))
     pool = task.eval.images
+    if n > len(pool):
+        warnings.warn(f"--images {n}: the {split} split has {len(pool)} images; showing all of them", MLAEWarning,
+                      stacklevel=2)
     index = torch.linspace(0, len(pool) - 1, min(n, len(pool))).round().long().unique()
     raw = pool[index]
     x = Inputs(task.augment, size, torch.device("cpu"), meta.get("input_mean"), meta.get("input_std"))(raw,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
-from ..recipes import RecipeError, get_method, parse_setting
+from ..recipes import RecipeError, get_method, parse_setting, read_yaml
 
 __all__ = ["Param", "DEFAULT_SPACE", "DEFAULT_RANGES", "parse_param", "load_space", "build_space"]
 
@@ -98,9 +97,7 @@ def _param(name: str, spec: Any, method: str) -> Param:
 
 def load_space(path: str, method: str) -> list[Param]:
     """A YAML mapping ``name: [values]`` or ``name: "low:high[:log]"`` or ``name: {low:, high:, log:, int:}``."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = read_yaml(path, "search space", "--space")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: the search space must map setting names to values or ranges")
     return [_param(str(k).replace("-", "_"), v, method) for k, v in data.items()]
