@@ -363,6 +363,31 @@ def test_sigterm_stops_compare_and_its_runs_which_then_continue(vtab, tmp_path):
     assert not (other / "train.log").exists()  # the queued run never started
 
 
+def test_sigterm_stops_sweep_workers_and_queues_their_trials_again(vtab, tmp_path):
+    """SIGTERM to `mlae sweep --jobs 2` alone reaches its worker processes: each fails its trial, which is queued
+    again for the next run of the command, and its run folder keeps a checkpoint and no lock."""
+    import optuna
+
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "mlae", "sweep", "--dataset", "vtab:cifar", "--data-root", str(vtab), *TINY,
+            "--epochs", "100000", "--param", "dropout=0,0.5", "--no-prune", "--jobs", "2",
+            "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials = [out / "trials" / str(n) for n in (0, 1)]
+    deadline = time.time() + 300
+    while (not all((t / "checkpoint.safetensors").exists() for t in trials) and time.time() < deadline
+           and proc.poll() is None):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; rerun the same command to continue the sweep" in err, err
+    for t in trials:
+        assert (t / "checkpoint.safetensors").exists() and not (t / ".mlae.lock").exists()
+    study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    assert states.count("FAIL") == 2 and states.count("WAITING") == 2 and "RUNNING" not in states, states
+
+
 def test_a_compare_folder_where_one_run_is_needed_says_so(tmp_path):
     from mlae.errors import MissingFileError
     from mlae.experiments.analysis import resolve_run

@@ -477,10 +477,21 @@ def _work(settings: dict) -> None:
     Sweep(**settings).run()
 
 
-def run_workers(settings: dict, jobs: int, threads: int | None, target: Callable[[dict], Any] = _work) -> None:
+def _start(target: Callable[[dict], Any], settings: dict) -> None:
+    """A worker process's entry: SIGTERM (from :func:`run_workers`) stops it as Ctrl-C does, so that its trial
+    is failed for a later retry and its run keeps a checkpoint, instead of the process dying mid-write."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    target(settings)
+
+
+def run_workers(settings: dict, jobs: int, threads: int | None, target: Callable[[dict], Any] = _work,
+                grace: float = 5.0) -> None:
     """Start ``jobs`` worker processes of the sweep that :class:`Sweep` ``(**settings)`` describes, ``threads``
     torch threads each, and wait for them. They share the study through its storage, as workers started by hand
-    do. ``target(settings)`` is what each process runs (a module-level function: the processes are spawned)."""
+    do. ``target(settings)`` is what each process runs (a module-level function: the processes are spawned).
+    Interrupted, it waits ``grace`` seconds for the workers to stop, then sends them SIGTERM."""
     import multiprocessing
 
     each = f" × {threads} torch thread(s) each" if threads else ""
@@ -488,14 +499,21 @@ def run_workers(settings: dict, jobs: int, threads: int | None, target: Callable
     settings = {**settings, "options": {**(settings.get("options") or {}), "threads": threads}}
     # spawn, not fork: a forked child would inherit torch's OpenMP state, which deadlocks under fork
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=target, args=(settings,)) for _ in range(jobs)]
+    workers = [context.Process(target=_start, args=(target, settings)) for _ in range(jobs)]
     for w in workers:
         w.start()
     try:
         for w in workers:
             w.join()
     except KeyboardInterrupt:
-        for w in workers:  # the workers got the same SIGINT and are failing their trials for a later retry
+        # Ctrl-C in a terminal reached the workers too (one process group): they are failing their trials for a
+        # later retry. A SIGTERM to this process alone (`kill`, a batch scheduler) did not: pass it on.
+        deadline = time.time() + grace
+        for w in workers:
+            w.join(max(0.0, deadline - time.time()))
+            if w.is_alive():
+                w.terminate()
+        for w in workers:
             w.join()
         raise
     failed = [w.exitcode for w in workers if w.exitcode != 0]
