@@ -125,6 +125,9 @@ REGIME_CLAIMS = CLAIMS + [("7. DMLoRA beats LoRA", "dmlora", "lora"),
                           ("MLAE-auto vs MLAE with p swept on val200", "mlae-auto", "mlae"),
                           ("MLAE-auto beats MLAE p = 0.5", "mlae-auto", "mlae-p0.5"),
                           ("MLAE-auto beats LoRA", "mlae-auto", "lora"),
+                          ("MLAE-auto (concrete) vs MLAE with p swept on val200", "mlae-auto-concrete", "mlae"),
+                          ("MLAE-auto (concrete) beats LoRA", "mlae-auto-concrete", "lora"),
+                          ("MLAE-auto (concrete) vs MLAE p = 0", "mlae-auto-concrete", "mlae-p0"),
                           ("selecting MLAE's p on test instead of val200", "mlae (test-selected)", "mlae"),
                           ("selecting LoRA's alpha on test instead of val200", "lora (test-selected)", "lora")]
 
@@ -171,12 +174,18 @@ def trials_section(rows: list[dict]) -> None:
 
 
 def learned_section(rows: list[dict]) -> None:
-    """MLAE-auto's learned p per task and seed, next to the p the val200 sweep chose. One number where every
-    layer learned the same p (the heldout learner sets one p for all layers), else the profile, first block
-    first."""
-    learned = [r for r in rows if r["variant"] == "mlae-auto" and r.get("learned_p")]
+    """For each MLAE-auto variant: its learned p per task and seed, next to the p the val200 sweep chose. One number
+    where every layer learned the same p (the heldout learner sets one p for all layers), else the profile, first
+    block first."""
+    for variant in sorted({r["variant"] for r in rows if r["variant"].startswith("mlae-auto")}):
+        _learned_table(rows, variant)
+
+
+def _learned_table(rows: list[dict], variant: str) -> None:
+    learned = [r for r in rows if r["variant"] == variant and r.get("learned_p")]
     if learned:
-        print("\n## MLAE-auto: the learned p against the p chosen on val200\n")
+        name = "MLAE-auto" + (f" ({variant.removeprefix('mlae-auto-')})" if variant != "mlae-auto" else "")
+        print(f"\n## {name}: the learned p against the p chosen on val200\n")
         seeds = sorted({int(r["seed"]) for r in learned})
         print("| dataset | p chosen on val200 | " + " | ".join(f"learned p, seed {s}" for s in seeds) + " |")
         print("|---|---|" + "---|" * len(seeds))
@@ -244,7 +253,8 @@ def regime_section(rows: list[dict]) -> None:
 # --update: the marked blocks of a Markdown file, "<!-- NAME: begin ... -->" up to "<!-- NAME: end -->", get the
 # table of the same name from the last study setting's section (the tables under these headings; for the
 # verdicts the pooled one, which comes last).
-UPDATABLE = {"trials": "## Trials", "selected": "## Selected hyperparameters", "learned": "## MLAE-auto",
+UPDATABLE = {"trials": "## Trials", "selected": "## Selected hyperparameters", "learned": "## MLAE-auto:",
+             "learned-concrete": "## MLAE-auto (concrete):",
              "test": "## Test top-1", "verdicts": "## Verdicts"}
 
 

@@ -61,7 +61,10 @@ CLAIM_VARIANTS = ("mlae-p0=mlae[dropout=0],lora-dropout,mlae-frozen-c=mlae[dropo
                   "mlae-4x2=mlae[dropout={p},experts=4,expert_rank=2],"
                   "mlae-2x4=mlae[dropout={p},experts=2,expert_rank=4],dmlora,"
                   # the paper's ablation: one p for every task; and p learned in the run (one run, no search)
-                  "mlae-p0.5=mlae[dropout=0.5],mlae-auto=mlae[dropout=auto]")
+                  "mlae-p0.5=mlae[dropout=0.5],mlae-auto=mlae[dropout=auto],"
+                  # the learner that keeps MLAE's binary masks and needs no held-out images: p per layer from the
+                  # training signal (it trains on all 1,000 images, where the heldout learner trains on 800)
+                  "mlae-auto-concrete=mlae[dropout=auto,dropout_learner=concrete]")
 
 
 CPU = cpu_name()  # timings in ``seconds`` compare only between rows of one CPU
