@@ -48,8 +48,8 @@ def register(subparsers) -> None:
                    "{low, high, log, int}; --param entries override it")
     g.add_argument("--sampler", choices=["grid", "tpe"], default="grid",
                    help="grid: every combination once (default); tpe: Optuna's TPE over --trials trials")
-    g.add_argument("--trials", type=int, metavar="N", help="tpe: number of trials of the study (default 30); "
-                   "grid: the whole grid is searched")
+    g.add_argument("--trials", type=int, metavar="N", help="tpe: number of trials of the study (default 30; a larger "
+                   "number extends an existing study); grid: the whole grid is searched")
     g.add_argument("--no-prune", dest="prune", action="store_false",
                    help="train every trial to the end (default: stop trials whose validation accuracy is below "
                    "the median of earlier trials at the same epoch, after the first half of training)")

@@ -164,8 +164,8 @@ class Sweep:
 
     def search_spec(self) -> dict:
         """What every worker of a study must agree on."""
+        # Not the TPE trial budget: a later command with more --trials extends the study (see _join)
         return {"sampler": self.sampler, "space": {p.name: p.describe() for p in self.space},
-                "trials": self.n_trials if self.sampler == "tpe" else None,
                 "config": _comparable(self.base)}
 
     def _check_grid(self) -> None:
@@ -210,6 +210,8 @@ class Sweep:
             return study
         study.set_user_attr("search", spec)
         study.set_user_attr("creator", self.worker)
+        if self.sampler == "tpe":
+            study.set_user_attr("trials", self.n_trials)
         if self.sampler == "grid":
             for i, params in enumerate(self.grid()):
                 _enqueue(study, params, grid_point=i)
@@ -227,6 +229,8 @@ class Sweep:
         theirs = study.user_attrs.get("search")
         if theirs and isinstance(theirs.get("config"), dict):  # a study created by an older version compares too
             theirs = {**theirs, "config": _comparable(theirs["config"])}
+        budget = study.user_attrs.get("trials") or (theirs or {}).get("trials")  # older studies: in the spec
+        theirs = {k: v for k, v in (theirs or {}).items() if k != "trials"} if theirs else theirs
         if theirs != spec:
             diff = sorted(k for k in set(theirs or {}) | set(spec) if (theirs or {}).get(k) != spec.get(k))
             a, b = theirs or {}, spec
@@ -238,6 +242,12 @@ class Sweep:
             raise RecipeError(f"study {self.study_name!r} in this storage searches something else ("
                               f"{'; '.join(map(str, detail[:6]))}); use the same options, or another --study-name "
                               "/ --out")
+        if self.sampler == "tpe" and self.n_trials > int(budget or 0):
+            study.set_user_attr("trials", self.n_trials)
+            if budget:
+                print(f"study {self.study_name!r}: trial budget raised from {budget} to {self.n_trials}", flush=True)
+        elif self.sampler == "tpe" and not study.user_attrs.get("trials"):
+            study.set_user_attr("trials", int(budget))  # a study of an older version: its budget as an attribute
 
     def _finish_setup(self, study, spec: dict) -> None:
         """The creating worker died while enqueueing the grid: enqueue the points nobody has."""
@@ -308,7 +318,12 @@ class Sweep:
         from optuna.trial import TrialState
 
         counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        return len(self.study.get_trials(deepcopy=False, states=counted)) < self.n_trials
+        return len(self.study.get_trials(deepcopy=False, states=counted)) < self.budget()
+
+    def budget(self) -> int:
+        """The TPE study's trial budget: the largest --trials any of its workers gave (one may raise it while the
+        others run; a worker with fewer helps to reach it)."""
+        return max(self.n_trials, int(self.study.user_attrs.get("trials") or 0))
 
     def complete(self) -> bool:
         from optuna.trial import TrialState
@@ -317,7 +332,7 @@ class Sweep:
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
             return False
         if self.sampler == "tpe":
-            return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) >= self.n_trials
+            return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) >= self.budget()
         return True
 
     # ----------------------------------------------------------------------------- trials
