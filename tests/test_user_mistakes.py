@@ -413,3 +413,18 @@ def test_a_yaml_option_naming_a_folder_missing_or_broken_file_is_one_line(option
                        ("bad.yaml", "bad.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2")):
         assert main([*command, option, str(tmp_path / name), "--out", str(tmp_path / "o")]) == 1
         assert said in _one_line_error(capsys)
+
+
+def test_compare_reuses_a_finished_mole_run_whose_experts_have_moved(pets_run, pets, tmp_path, capsys):
+    import shutil
+
+    expert, out = tmp_path / "expert", tmp_path / "cmp"
+    shutil.copytree(pets_run, expert)
+    args = ["compare", "--methods", "mole", "--datasets", f"folder:{pets}", "--seeds", "0", "--jobs", "1",
+            "--experts-from", str(expert), *[a for a in TINY if a != "--quiet"], "--out", str(out)]
+    assert main(args) == 0
+    shutil.rmtree(expert)  # the experts are gone: the finished run's tables can still be made again
+    assert main(args) == 0
+    assert "mole" in (out / "summary.md").read_text()
+    assert main([*args[:6], "0,1", *args[7:]]) == 1  # a run still to train needs them
+    assert "--experts-from:" in _one_line_error(capsys)

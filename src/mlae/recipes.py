@@ -310,12 +310,14 @@ def canonical_config(d: dict) -> dict:
     return {**d, **method.canonical_options(d)}
 
 
-def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
+def config_from_options(options: dict, recipe: str | os.PathLike | None = None, *, check: bool = True):
     """A :class:`mlae.engine.TrainConfig` from options as ``mlae train`` takes them (TrainConfig fields and method
     options by name, only those given), with its precedence: the method's and TrainConfig's defaults < ``recipe``
     (its ``per_dataset`` entry for the dataset included) < ``options``. With ``options["resume"]`` the run
     folder's own ``config.yaml`` takes the place of the defaults and the recipe. Method options that the chosen
-    method does not take are an error; a recipe written for another method keeps only its general settings."""
+    method does not take are an error; a recipe written for another method keeps only its general settings.
+    ``check``: also raise the error the method's options would meet in a run (:meth:`Method.check_options`);
+    off for a run that has finished, whose inputs (MoLE's expert files) need not exist any more."""
     from .engine import TrainConfig
     from .rundir import default_out
 
@@ -346,7 +348,8 @@ def config_from_options(options: dict, recipe: str | os.PathLike | None = None):
         # The recipe was written for another method: keep its general settings, drop its method options.
         base = {k: v for k, v in base.items() if k in fields or k in own}
     cfg = TrainConfig.from_dict({**base, **options})
-    method.check_options(cfg.options())  # a value out of range is named now, not after the data has loaded
+    if check:
+        method.check_options(cfg.options())  # a value out of range is named now, not after the data has loaded
     # A setting the user gave that the configuration ignores (MLAE's --dropout-learner with a fixed p) is a
     # mistake to point out; stored files that carry such settings load (Method.canonical_options resets them).
     given = cfg.options()

@@ -80,16 +80,16 @@ def _check_distinct(datasets: list[str]) -> None:
         seen[slug] = d
 
 
-def resolve_config(given: dict[str, Any], **overrides):
+def resolve_config(given: dict[str, Any], *, check: bool = True, **overrides):
     """TrainConfig from train options (with `mlae train`'s precedence: defaults < ``given["config"]`` recipe <
     options), then ``overrides``. Method options that the method does not take are dropped, so one set of options
-    can drive several methods."""
+    can drive several methods. ``check``: as for :func:`mlae.recipes.config_from_options`."""
     from ..engine import TrainConfig
 
     method = get_method(overrides.get("method", given.get("method", TrainConfig.method)))
     fields = set(TrainConfig.__dataclass_fields__)
     keep = {k: v for k, v in given.items() if k in fields or k in method.defaults()}
-    return config_from_options({**keep, **overrides}, recipe=given.get("config"))
+    return config_from_options({**keep, **overrides}, recipe=given.get("config"), check=check)
 
 
 def plan(variants: list[Variant], datasets: list[str], seeds: list[int], out: str | Path,
@@ -105,10 +105,12 @@ def plan(variants: list[Variant], datasets: list[str], seeds: list[int], out: st
         for d in datasets:
             for s in seeds:
                 folder = Path(out) / "runs" / v.slug / dataset_slug(d) / f"s{s}"
-                cfg = resolve_config(given, dataset=d, method=v.method, seed=s, out=str(folder), **v.overrides)
+                finished = (folder / RESULTS).exists()  # reused, not run: MoLE's experts need not exist now
+                cfg = resolve_config(given, check=not finished, dataset=d, method=v.method, seed=s, out=str(folder),
+                                     **v.overrides)
                 config_ = {k: val for k, val in cfg.to_dict().items() if k not in ("threads", "runs_dir")}
                 runs.append(Run(v, d, s, folder, config_))
-                if (folder / RESULTS).exists():
+                if finished:
                     changed = _changed(folder / RUN_RECIPE, config_)
                     if changed:
                         raise RecipeError(
