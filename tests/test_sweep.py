@@ -233,13 +233,17 @@ def test_grid_needs_values_and_tpe_runs_with_ranges(vtab_root, tmp_path, capsys)
     assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "1", "--param",
                       "coeff_init=0.25:4:log", "--param", "dropout=0,0.5", "--no-final")) == 0
     assert len(_trials(f"sqlite:///{out / 'study.db'}", "tpe")) == 2
-    # more --trials extends the study; a worker with fewer then helps reach the larger budget (and finds it done)
+    # more --trials extends the study; fewer, or none (whose default is 30 for a new study), keep its budget
     assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "3", "--epochs", "1", "--param",
                       "coeff_init=0.25:4:log", "--param", "dropout=0,0.5", "--no-final")) == 0
     assert "trial budget raised from 2 to 3" in capsys.readouterr().out
     assert len(_trials(f"sqlite:///{out / 'study.db'}", "tpe")) == 3
     assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "1", "--param",
                       "coeff_init=0.25:4:log", "--param", "dropout=0,0.5", "--no-final")) == 0
+    assert "its trial budget is 3; --trials 2 does not lower it" in capsys.readouterr().out
+    assert main(_argv(vtab_root, out, "--sampler", "tpe", "--epochs", "1", "--param",
+                      "coeff_init=0.25:4:log", "--param", "dropout=0,0.5", "--no-final")) == 0
+    assert "raised" not in capsys.readouterr().out
     assert len(_trials(f"sqlite:///{out / 'study.db'}", "tpe")) == 3
     # a worker with other settings may not join the study
     assert main(_argv(vtab_root, out, "--sampler", "tpe", "--trials", "2", "--epochs", "3", "--param",

@@ -408,9 +408,13 @@ def test_a_yaml_option_naming_a_folder_missing_or_broken_file_is_one_line(option
     what = "search space" if option == "--space" else "recipe"
     (tmp_path / "folder").mkdir()
     (tmp_path / "bad.yaml").write_text("a: [1\n")
+    (tmp_path / "ctrl.yaml").write_text("a: \x07\n")
+    (tmp_path / "model.bin").write_bytes(b"\x80\xff\x00" * 20)
     for name, said in (("folder", f"{option} {tmp_path / 'folder'} is a folder; name the YAML file of the {what}"),
                        ("nope.yaml", f"{option} {tmp_path / 'nope.yaml'}: {what} not found"),
-                       ("bad.yaml", "bad.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2")):
+                       ("bad.yaml", "bad.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2"),
+                       ("ctrl.yaml", "ctrl.yaml: not valid YAML (special characters are not allowed"),
+                       ("model.bin", f"{option} {tmp_path / 'model.bin'}: not a text file")):
         assert main([*command, option, str(tmp_path / name), "--out", str(tmp_path / "o")]) == 1
         assert said in _one_line_error(capsys)
 

@@ -273,10 +273,13 @@ def read_yaml(path: str | os.PathLike, what: str, option: str) -> Any:
         raise RecipeError(f"{option} {path}: {what} not found") from None
     except IsADirectoryError:
         raise RecipeError(f"{option} {path} is a folder; name the YAML file of the {what}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{option} {path}: not a text file; name the YAML file of the {what}") from None
     except yaml.YAMLError as err:
-        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or getattr(err, "reason", None) or "unreadable"
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}: not valid YAML ({problem or 'unreadable'}{where})") from None
+        raise RecipeError(f"{option} {path}: not valid YAML ({problem}{where})") from None
 
 
 def load_recipe(path: str | os.PathLike) -> dict:

@@ -1,6 +1,7 @@
 """`mlae pretrain`: pretrain the embedded ViT from scratch on formula-driven fractal images (:mod:`mlae.pretrain`).
 
-With its defaults this command reproduces the shipped weights; docs/BACKBONES.md has the exact command line.
+With its defaults (and ``--threads 2``) this command reproduces the v2 weights; docs/BACKBONES.md has the exact
+command lines of each shipped backbone.
 """
 from __future__ import annotations
 

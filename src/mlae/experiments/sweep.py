@@ -146,9 +146,10 @@ class Sweep:
         self.space = build_space(self.method, sampler, space, params)
         if sampler == "grid" and trials is not None:
             raise RecipeError("--trials applies to --sampler tpe; the grid sampler searches the whole grid")
-        self.n_trials = trials or 30
-        if self.n_trials < 1:
+        if trials is not None and trials < 1:
             raise RecipeError("--trials must be >= 1")
+        # the TPE budget: --trials, or 30 for a new study; joining one, at least the study's own (see _join)
+        self.trials_given, self.n_trials = trials, trials or 30
         self.base = {k: v for k, v in self.base_cfg.to_dict().items() if k not in ("out", "runs_dir")}
         if sampler == "grid":
             self._check_grid()  # before anything is written
@@ -242,12 +243,24 @@ class Sweep:
             raise RecipeError(f"study {self.study_name!r} in this storage searches something else ("
                               f"{'; '.join(map(str, detail[:6]))}); use the same options, or another --study-name "
                               "/ --out")
-        if self.sampler == "tpe" and self.n_trials > int(budget or 0):
-            study.set_user_attr("trials", self.n_trials)
-            if budget:
-                print(f"study {self.study_name!r}: trial budget raised from {budget} to {self.n_trials}", flush=True)
-        elif self.sampler == "tpe" and not study.user_attrs.get("trials"):
-            study.set_user_attr("trials", int(budget))  # a study of an older version: its budget as an attribute
+        if self.sampler == "tpe":
+            self._join_budget(study, int(budget or 0))
+
+    def _join_budget(self, study, budget: int) -> None:
+        """A TPE study's budget is the largest --trials of its workers: a worker with more raises it (two raising
+        it at once: each re-reads and sets again while the stored value is below its own), one without --trials
+        or with fewer takes the study's. ``budget`` 0: none recorded (the creator died before recording it)."""
+        wanted = self.trials_given
+        if budget and wanted is not None and wanted < budget:
+            print(f"study {self.study_name!r}: its trial budget is {budget}; --trials {wanted} does not lower it",
+                  flush=True)
+        self.n_trials = max(budget, wanted or (0 if budget else self.n_trials))
+        for _ in range(5):
+            if int(study.user_attrs.get("trials") or 0) >= self.n_trials:
+                break
+            study.set_user_attr("trials", self.n_trials)  # older versions kept the budget in the spec only
+        if budget and self.n_trials > budget:
+            print(f"study {self.study_name!r}: trial budget raised from {budget} to {self.n_trials}", flush=True)
 
     def _finish_setup(self, study, spec: dict) -> None:
         """The creating worker died while enqueueing the grid: enqueue the points nobody has."""
@@ -322,7 +335,7 @@ class Sweep:
 
     def budget(self) -> int:
         """The TPE study's trial budget: the largest --trials any of its workers gave (one may raise it while the
-        others run; a worker with fewer helps to reach it)."""
+        others run)."""
         return max(self.n_trials, int(self.study.user_attrs.get("trials") or 0))
 
     def complete(self) -> bool:
@@ -497,7 +510,12 @@ def _start(target: Callable[[dict], Any], settings: dict) -> None:
     is failed for a later retry and its run keeps a checkpoint, instead of the process dying mid-write."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    def stop(signum, frame):
+        # once: a second signal inside the trial's cleanup (failing it, queueing it again) would lose the trial
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     target(settings)
 
 
@@ -515,9 +533,9 @@ def run_workers(settings: dict, jobs: int, threads: int | None, target: Callable
     # spawn, not fork: a forked child would inherit torch's OpenMP state, which deadlocks under fork
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_start, args=(target, settings)) for _ in range(jobs)]
-    for w in workers:
-        w.start()
     try:
+        for w in workers:
+            w.start()
         for w in workers:
             w.join()
     except KeyboardInterrupt:
@@ -525,12 +543,16 @@ def run_workers(settings: dict, jobs: int, threads: int | None, target: Callable
         # later retry. A SIGTERM to this process alone (`kill`, a batch scheduler) did not: pass it on.
         deadline = time.time() + grace
         for w in workers:
-            w.join(max(0.0, deadline - time.time()))
-            if w.is_alive():
+            if w.pid is not None:
+                w.join(max(0.0, deadline - time.time()))
+        raise
+    finally:  # also after a second interrupt: no worker outlives this call
+        for w in workers:
+            if w.pid is not None and w.is_alive():
                 w.terminate()
         for w in workers:
-            w.join()
-        raise
+            if w.pid is not None:
+                w.join()
     failed = [w.exitcode for w in workers if w.exitcode != 0]
     if failed:
         raise SweepError(f"{len(failed)} of {jobs} sweep workers failed (exit {', '.join(map(str, failed))}); "
