@@ -339,6 +339,17 @@ def test_best_yaml_trains_from_another_folder(vtab, tmp_path, monkeypatch):
     assert main(["train", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
 
 
+def _sigterm_once(args: list[str], ready) -> tuple[subprocess.Popen, str]:
+    """Start ``args``, send its main process alone a SIGTERM (as a batch scheduler does) once ``ready()``, and wait
+    for it to end: (the process, its stderr)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    return proc, proc.communicate(timeout=120)[1]
+
+
 def test_sigterm_stops_compare_and_its_runs_which_then_continue(vtab, tmp_path):
     """A batch scheduler stops a job with SIGTERM to its main process only. compare passes it on to the run in
     progress, which keeps its checkpoint and releases its lock; no queued run starts; the same command continues."""
@@ -347,14 +358,8 @@ def test_sigterm_stops_compare_and_its_runs_which_then_continue(vtab, tmp_path):
             "--warmup-epochs", "0", "--threads", "1", "--epochs", "100000"]
     args = [sys.executable, "-m", "mlae", "compare", "--methods", "lora", "--datasets", "vtab:cifar", "--seeds",
             "0,1", "--jobs", "1", "--data-root", str(vtab), *tiny, "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [out / "runs" / "lora" / "vtab-cifar" / f"s{s}" for s in (0, 1)]
-    deadline = time.time() + 300
-    while (not any((r / "checkpoint.safetensors").exists() for r in runs) and time.time() < deadline
-           and proc.poll() is None):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc, err = _sigterm_once(args, lambda: any((r / "checkpoint.safetensors").exists() for r in runs))
     assert proc.returncode == 130 and "interrupted; run the same command again to continue" in err
     started = [r for r in runs if (r / "checkpoint.safetensors").exists()]
     assert len(started) == 1 and not (started[0] / ".mlae.lock").exists() and not (out / ".mlae.lock").exists()
@@ -372,14 +377,8 @@ def test_sigterm_stops_sweep_workers_and_queues_their_trials_again(vtab, tmp_pat
     args = [sys.executable, "-m", "mlae", "sweep", "--dataset", "vtab:cifar", "--data-root", str(vtab), *TINY,
             "--epochs", "100000", "--param", "dropout=0,0.5", "--no-prune", "--jobs", "2",
             "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trials = [out / "trials" / str(n) for n in (0, 1)]
-    deadline = time.time() + 300
-    while (not all((t / "checkpoint.safetensors").exists() for t in trials) and time.time() < deadline
-           and proc.poll() is None):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc, err = _sigterm_once(args, lambda: all((t / "checkpoint.safetensors").exists() for t in trials))
     assert proc.returncode == 130 and "interrupted; rerun the same command to continue the sweep" in err, err
     for t in trials:
         assert (t / "checkpoint.safetensors").exists() and not (t / ".mlae.lock").exists()
