@@ -231,7 +231,7 @@ class Sweep:
         if theirs and isinstance(theirs.get("config"), dict):  # a study created by an older version compares too
             theirs = {**theirs, "config": _comparable(theirs["config"])}
         budget = study.user_attrs.get("trials") or (theirs or {}).get("trials")  # older studies: in the spec
-        theirs = {k: v for k, v in (theirs or {}).items() if k != "trials"} if theirs else theirs
+        theirs = {k: v for k, v in theirs.items() if k != "trials"} if theirs else theirs
         if theirs != spec:
             diff = sorted(k for k in set(theirs or {}) | set(spec) if (theirs or {}).get(k) != spec.get(k))
             a, b = theirs or {}, spec
@@ -254,7 +254,7 @@ class Sweep:
         if budget and wanted is not None and wanted < budget:
             print(f"study {self.study_name!r}: its trial budget is {budget}; --trials {wanted} does not lower it",
                   flush=True)
-        self.n_trials = max(budget, wanted or (0 if budget else self.n_trials))
+        self.n_trials = max(budget, wanted or 0) or self.n_trials  # neither: a new study's default
         for _ in range(5):
             if int(study.user_attrs.get("trials") or 0) >= self.n_trials:
                 break
