@@ -25,7 +25,8 @@ CASES = {
     "mlae-fixed": lambda **kw: mlae.MLAEConfig(experts=4, masking="fixed", pattern="incremental", **kw),
     "mlae-mixed": lambda **kw: mlae.MLAEConfig(experts=4, masking="mixed", pattern="hourglass", dropout=0.3, **kw),
     "mlae-frozen-coeff": lambda **kw: mlae.MLAEConfig(experts=4, adaptive=False, coeff_init=2.0, **kw),
-    "mlae-auto": lambda **kw: mlae.MLAEConfig(experts=4, dropout="auto", coeff_init=0.5, **kw),
+    "mlae-auto-heldout": lambda **kw: mlae.MLAEConfig(experts=4, dropout="auto", dropout_learner="heldout",
+                                                      coeff_init=0.5, **kw),
     "mlae-auto-concrete": lambda **kw: mlae.MLAEConfig(experts=4, dropout="auto", dropout_learner="concrete",
                                                        dropout_per_expert=True, mask_granularity="sample", **kw),
     "dmlora": lambda **kw: mlae.DMLoRAConfig(branches=2, rank=4, branch_dropout=0.5, **kw),
@@ -460,7 +461,7 @@ def test_arrays_are_no_scalar_values(value):
             mlae.MLAEConfig(dropout=v)
 
 
-@pytest.mark.parametrize("case", ["lora", "mlae-stochastic", "dmlora", "mlae-auto"])
+@pytest.mark.parametrize("case", ["lora", "mlae-stochastic", "dmlora", "mlae-auto-heldout", "mlae-auto-concrete"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_adapters_on_a_model_already_in_half_precision(case, dtype):
     """apply() on a bf16/fp16 model: the new factors are fp32 (Adam's small steps survive), and outside autocast

@@ -186,7 +186,8 @@ def test_similarity_refuses_runs_without_experts(vtab_root, runs, tmp_path, caps
 def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path, capsys):
     auto = _train(vtab_root, tmp_path / "auto", "--method", "mlae", "--dropout", "auto", "--dropout-learner",
                   "variational", "--epochs", "2")
-    heldout = _train(vtab_root, tmp_path / "heldout", "--method", "mlae", "--dropout", "auto", "--epochs", "2")
+    heldout = _train(vtab_root, tmp_path / "heldout", "--method", "mlae", "--dropout", "auto", "--dropout-learner",
+                     "heldout", "--epochs", "2")
     per_expert = _train(vtab_root, tmp_path / "per_expert", "--method", "mlae", "--dropout", "auto",
                         "--dropout-per-expert", "--dropout-learner", "concrete", "--experts", "3")
     out = tmp_path / "dropout"
@@ -203,7 +204,7 @@ def test_dropout_command_plots_the_learned_p_per_layer(vtab_root, runs, tmp_path
     assert -1 <= h["depth_correlation"] <= 1
     experts = report["per_expert"]["per_expert"]["blocks.0.attn.qkv"]
     assert len(experts) == 3 and report["per_expert"]["final"]["blocks.0.attn.qkv"] == pytest.approx(sum(experts) / 3)
-    # The heldout learner (the default): one p per epoch, the same in every layer, so no correlation with depth.
+    # The heldout learner: one p per epoch, the same in every layer, so no correlation with depth.
     ho, ho_metrics = report["heldout"], [json.loads(line) for line in (heldout / "metrics.jsonl").read_text().splitlines()]
     assert ho["epochs"] == [1, 2] and len({v for v in ho["final"].values()}) == 1 and ho["depth_correlation"] is None  # NaN
     assert ho["p"]["blocks.3.attn.qkv"] == [m["learned"]["blocks.3.attn.qkv"]["dropout"] for m in ho_metrics]

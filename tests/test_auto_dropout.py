@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlae
-from mlae.adapters.mlae import GAIN, GRADIENT_LEARNERS, LEARNERS, P_MAX, LearnedDropout, MLAELinear
+from mlae.adapters.mlae import GAIN, GRADIENT_LEARNERS, LEARNERS, P_MAX, LearnedDropout, MLAELinear, MLAETraining
 from conftest import make_tiny_vit
 
 
@@ -211,8 +211,8 @@ def test_learner_settings_with_a_fixed_p_are_reset_in_the_config_and_refused_on_
 
     legacy = {"dropout": 0.5, "dropout_learner": "variational", "dropout_per_expert": False, "dropout_init": 0.1}
     assert mlae.MLAEConfig(**legacy) == mlae.MLAEConfig(dropout=0.5)
-    assert mlae.MLAEConfig(dropout=0.5, dropout_learner="concrete", dropout_per_expert=True).dropout_learner == "heldout"
-    for given in ({"dropout_learner": "concrete"}, {"dropout_per_expert": True}, {"dropout_holdout": 0.3}):
+    assert mlae.MLAEConfig(dropout=0.5, dropout_learner="heldout", dropout_per_expert=True).dropout_learner == "concrete"
+    for given in ({"dropout_learner": "heldout"}, {"dropout_per_expert": True}, {"dropout_holdout": 0.3}):
         with pytest.raises(ValueError, match="apply to --dropout auto only"):
             config_from_options({"method": "mlae", "dropout": 0.5, **given})
     now = config_from_options({"method": "mlae", "dropout": 0.5, "dataset": "suite:digits"}).to_dict()
@@ -395,15 +395,19 @@ def test_heldout_needs_no_train_size_and_adds_no_aux_loss(tmp_path):
 def test_bad_heldout_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mlae.MLAEConfig(dropout="auto", dropout_learner="heldout", **kwargs)
-    with pytest.raises(ValueError, match=match):
-        mlae.MLAEConfig(dropout="auto", **kwargs)  # heldout is the default learner
 
 
-def test_heldout_is_the_default_learner():
+def test_concrete_is_the_default_learner():
+    """The paper-regime study measured the concrete learner best (docs/REPRODUCTION.md), so `--dropout auto` alone
+    means it: a p per layer, trained with the network, nothing held out, per-expert p allowed."""
     from mlae.recipes import get_method
 
-    assert LEARNERS[0] == mlae.MLAEConfig().dropout_learner == "heldout"
-    assert get_method("mlae").defaults()["dropout_learner"] == "heldout"
+    assert LEARNERS[0] == mlae.MLAEConfig().dropout_learner == "concrete"
+    assert get_method("mlae").defaults()["dropout_learner"] == "concrete"
+    model = mlae.apply(make_tiny_vit(depth=2), mlae.MLAEConfig(experts=3, dropout="auto", dropout_per_expert=True))
+    learned = [m for m in model.modules() if isinstance(m, LearnedDropout)]
+    assert [(m.learner, len(m.values())) for m in learned] == [("concrete", 3)] * 2
+    assert MLAETraining(model, {"dropout": "auto"}).held_out_fraction() == 0.0
 
 
 def test_holdout_without_the_heldout_learner_is_refused():

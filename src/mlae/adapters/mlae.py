@@ -12,24 +12,26 @@ Masking strategies (paper §3.3): *stochastic* draws a Bernoulli mask on every t
 dropout, inverted so that evaluation uses all experts unscaled); *fixed* keeps ``n_l`` experts in layer ``l``
 (only those are allocated: the others would never train or run); *mixed* is fixed counts plus stochastic masking.
 
-Learned masking probability (``dropout="auto"``), three learners (:data:`LEARNERS`). The default, ``heldout``
-(it measured best, docs/METHODS.md), has no gradient and no prior: one p for all layers (:class:`ControlledDropout`,
-MLAE's binary Bernoulli masks exactly as a fixed p) is set after every epoch by :class:`DropoutController` from
-the gap between the eval-mode loss on training images ``L_t`` and on images held out of training ``L_h``:
-``p ← p + BETA · (clip(1 − L_t / L_h, 0, P_MAX) − p)``. The engine holds out ``dropout_holdout`` of the training
-split for it (:meth:`MLAETraining.held_out_fraction`) and calls it through :meth:`MLAETraining.end_epoch`.
-
-The other two train ``p = P_MAX · σ(GAIN · θ)`` per layer (or per expert) with the network, as the variational
-objective ``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training examples, passed in through
+Learned masking probability (``dropout="auto"``), three learners (:data:`LEARNERS`). The default, ``concrete``
+(it measured best on the paper-regime benchmark, docs/METHODS.md and docs/REPRODUCTION.md), and ``variational``
+train ``p = P_MAX · σ(GAIN · θ)`` per layer (or per expert) with the network, as the variational objective
+``mean task loss + (1/N) Σ_l KL_l(p_l)`` has it (N = training examples, passed in through
 :func:`mlae.set_train_size`; the KL term is the aux loss ``"dropout_kl"``), with two estimators:
 
+* ``concrete`` (Gal, Hron & Kendall 2017): the mask is drawn hard, ``z = 1[logit p + logit u > 0]`` with
+  ``u ~ U(0, 1)`` (exactly Bernoulli(p), so the forward mask stays binary), and the gradient flows through its
+  relaxation ``σ((logit p + logit u) / TEMPERATURE)`` (straight-through). ``KL = Σ_experts −H(p)``.
 * ``variational`` (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): Gaussian noise
   ``ξ ~ N(1, α)``, ``α = p / (1 − p)`` (the mean and variance of the inverted Bernoulli mask), with the
   log-uniform prior's KL approximation ``k1 − k1·σ(k2 + k3 log α) + ½ log(1 + 1/α)`` per expert. Its mask is not
   binary: every expert trains in every step, with noise.
-* ``concrete`` (Gal, Hron & Kendall 2017): the mask is drawn hard, ``z = 1[logit p + logit u > 0]`` with
-  ``u ~ U(0, 1)`` (exactly Bernoulli(p), so the forward mask stays binary), and the gradient flows through its
-  relaxation ``σ((logit p + logit u) / TEMPERATURE)`` (straight-through). ``KL = Σ_experts −H(p)``.
+
+The third, ``heldout`` (it measured best on a toy problem), has no gradient and no prior: one p for all layers
+(:class:`ControlledDropout`, MLAE's binary Bernoulli masks exactly as a fixed p) is set after every epoch by
+:class:`DropoutController` from the gap between the eval-mode loss on training images ``L_t`` and on images held
+out of training ``L_h``: ``p ← p + BETA · (clip(1 − L_t / L_h, 0, P_MAX) − p)``. The engine holds out
+``dropout_holdout`` of the training split for it (:meth:`MLAETraining.held_out_fraction`) and calls it through
+:meth:`MLAETraining.end_epoch`.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ __all__ = ["MLAEConfig", "MLAELinear", "LearnedDropout", "ControlledDropout", "D
 
 AUTO = "auto"
 _DEFAULT_P = 0.5  # the default p (the median of the paper's Table 10)
-LEARNERS = ("heldout", "variational", "concrete")  # the default first, as `mlae train --help` lists them
+LEARNERS = ("concrete", "heldout", "variational")  # the default first, as `mlae train --help` lists them
 HELDOUT = "heldout"  # the learner without a gradient: a controller on the held-out gap (DropoutController)
 GRADIENT_LEARNERS = ("variational", "concrete")  # those that train p as a parameter (LearnedDropout)
 P_MAX = 0.9        # a learned p stays in (0, P_MAX]: the top of the paper's search grid
@@ -94,15 +96,17 @@ class MLAEConfig(AdapterConfig):
                                               type=_dropout)
     """Expert-level masking probability p (stochastic and mixed masking). 0.5 is the median of the paper's
     per-dataset choices (Table 10); p = 0 is the "decomposition only" ablation. "auto": learn p while
-    training: one p for all layers with the default heldout learner, one per layer (or expert) with the others
-    (see the module docstring)."""
-    dropout_learner: str = option("heldout", "with --dropout auto: heldout (one p for all layers, set each epoch "
-                                  "from the gap between training and held-out loss; holds out --dropout-holdout of "
-                                  "the training images), variational (Gaussian noise) or concrete (binary masks, "
-                                  "straight-through gradient)", choices=LEARNERS)
-    """dropout="auto" only: how p is learned, "heldout" (the default, measured best in docs/METHODS.md: binary
-    masks; a controller on the training/held-out loss gap, on training images held out of training:
-    ``dropout_holdout``), "variational" (Gaussian noise) or "concrete" (binary masks, as MLAE's)."""
+    training: one p per layer (or expert) with the default concrete learner and the variational one, one p for
+    all layers with the heldout learner (see the module docstring)."""
+    dropout_learner: str = option(LEARNERS[0], "with --dropout auto: concrete (binary masks, a p per layer "
+                                  "learned by a straight-through gradient), heldout (one p for all layers, set each "
+                                  "epoch from the gap between training and held-out loss; holds out "
+                                  "--dropout-holdout of the training images) or variational (Gaussian noise)",
+                                  choices=LEARNERS)
+    """dropout="auto" only: how p is learned, "concrete" (the default, measured best on the paper-regime benchmark
+    in docs/REPRODUCTION.md: binary masks as MLAE's, a p per layer or expert trained with the network), "heldout"
+    (binary masks; one p set by a controller on the training/held-out loss gap, on training images held out of
+    training: ``dropout_holdout``) or "variational" (Gaussian noise)."""
     dropout_init: float = option(0.1, "with --dropout auto: the initial p")
     """dropout="auto" only: the initial p (Gal et al.'s)."""
     dropout_per_expert: bool = option(False, "with --dropout auto: learn one p per expert instead of per layer")
@@ -150,9 +154,9 @@ class MLAEConfig(AdapterConfig):
                 raise InputError(f"dropout_init (--dropout-init) must be in (0, {P_MAX}), got {self.dropout_init!r}")
             if self.dropout_learner == HELDOUT:
                 if self.dropout_per_expert:
-                    raise InputError("dropout_learner='heldout' (the default) sets one p for all layers from a "
-                                     "whole-model signal: drop dropout_per_expert, or use dropout_learner='variational' "
-                                     "or 'concrete'")
+                    raise InputError("dropout_learner='heldout' sets one p for all layers from a "
+                                     "whole-model signal: drop dropout_per_expert, or use dropout_learner='concrete' "
+                                     "or 'variational'")
                 if not isinstance(self.dropout_holdout, (int, float)) or not 0 < self.dropout_holdout <= HOLDOUT_MAX:
                     raise InputError(f"dropout_holdout (--dropout-holdout) must be in (0, {HOLDOUT_MAX}], got {self.dropout_holdout!r}")
             elif self.dropout_holdout != HOLDOUT:
