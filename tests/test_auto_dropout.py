@@ -2,6 +2,7 @@
 goes on toy problems built to overfit and to underfit, the hooks, the files and the engine's bookkeeping."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -271,13 +272,13 @@ def test_cli_option_accepts_auto():
 # --- the engine --------------------------------------------------------------------------------------------
 
 
-def _config(tmp_path, name, **kw):
+def _config(tmp_path, name, learner="variational", **kw):
     from mlae.engine import TrainConfig
 
     return TrainConfig(dataset="vtab:cifar", data_root=str(tmp_path / "vtab"), backbone="test_vit", pretrained=False,
                        img_size=32, patch_size=4, epochs=3, warmup_epochs=0, batch_size=16, threads=1,
                        out=str(tmp_path / name), progress=False, method="mlae",
-                       method_options={"dropout": "auto", "dropout_learner": "variational", "experts": 4}, **kw)
+                       method_options={"dropout": "auto", "dropout_learner": learner, "experts": 4}, **kw)
 
 
 def _straight_killed_resumed(engine, make_config, tmp_path):
@@ -307,13 +308,14 @@ def _straight_killed_resumed(engine, make_config, tmp_path):
     return straight, resumed, lines
 
 
-def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("learner", GRADIENT_LEARNERS)
+def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path, learner):
     pytest.importorskip("mlae.backbones")
     from mlae import engine
     from mlae.data import testing
 
     testing.make_vtab_folder(tmp_path / "vtab", name="cifar", n_train=48, n_test=16, size=32)
-    straight, resumed, lines = _straight_killed_resumed(engine, _config, tmp_path)
+    straight, resumed, lines = _straight_killed_resumed(engine, functools.partial(_config, learner=learner), tmp_path)
     assert lines["killed"] == lines["straight"] and len(lines["straight"]) == 3
     assert resumed["learned"] == straight["learned"] == lines["straight"][-1]["learned"]
     # p moved, per layer, and is what the adapter file's header says.
@@ -321,7 +323,8 @@ def test_engine_records_p_per_epoch_and_resumes_bit_identically(tmp_path):
     assert len(set(per_epoch)) == 3 and all(0 < p <= P_MAX for p in per_epoch)
     assert set(straight["learned"]) == {f"blocks.{i}.attn.qkv" for i in range(6)}
     assert mlae.read_adapter_learned(tmp_path / "straight" / "adapter.safetensors") == straight["learned"]
-    assert all(m["aux_loss"] > 0 for m in lines["straight"])  # the variational KL / N was added
+    # The KL / N was added: positive for the variational prior, −H(p) / N < 0 for the concrete one.
+    assert all((m["aux_loss"] > 0) == (learner == "variational") and m["aux_loss"] != 0 for m in lines["straight"])
 
 
 # --- the heldout learner: a controller on the training/held-out gap --------------------------------------------
