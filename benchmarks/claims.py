@@ -186,8 +186,8 @@ def learned_section(rows: list[dict]) -> None:
 def _learned_table(rows: list[dict], variant: str) -> None:
     learned = [r for r in rows if r["variant"] == variant and r.get("learned_p")]
     if learned:
-        name = f"MLAE-auto ({variant.removeprefix('mlae-auto-') if variant != 'mlae-auto' else 'heldout'})"
-        print(f"\n## {name}: the learned p against the p chosen on val200\n")
+        learner = "heldout" if variant == "mlae-auto" else variant.removeprefix("mlae-auto-")  # see CLAIM_VARIANTS
+        print(f"\n## MLAE-auto ({learner}): the learned p against the p chosen on val200\n")
         seeds = sorted({int(r["seed"]) for r in learned})
         print("| dataset | p chosen on val200 | " + " | ".join(f"learned p, seed {s}" for s in seeds) + " |")
         print("|---|---|" + "---|" * len(seeds))
