@@ -143,7 +143,7 @@ def _mode(cmd: list[str]) -> str:
     return mode
 
 
-def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_path, monkeypatch, capsys):
     """An unfinished run with a checkpoint is resumed when its settings are those asked for, else restarted."""
     import yaml
 
@@ -166,13 +166,16 @@ def test_interrupted_run_resumes_only_with_unchanged_settings(vtab_root, tmp_pat
     (folder / "checkpoint.safetensors").write_bytes(b"")
     assert main(argv) == 1  # the stand-in "fails": nothing finished
     assert _mode(commands[-1]) == "--overwrite"  # the run's settings are unknown: start over
+    assert "checkpoint is discarded, its settings are unknown" in capsys.readouterr().out
     recipe = yaml.safe_load((folder / "compare.yaml").read_text())
     assert recipe["epochs"] == 1
     (folder / "config.yaml").write_text(yaml.safe_dump({**recipe, "threads": 1}))  # as `mlae train` writes it
     assert main(argv) == 1
     assert _mode(commands[-1]) == "--resume"
+    assert "discarded" not in capsys.readouterr().out
     assert main([*argv, "--epochs", "2"]) == 1
     assert _mode(commands[-1]) == "--overwrite"
+    assert "discarded, it was made with other settings (epochs: 1 -> 2)" in capsys.readouterr().out
     # A run folder written before --normalize / --head-init existed held their defaults: still the same settings.
     older = {k: v for k, v in recipe.items() if k not in ("normalize", "head_init")}
     (folder / "config.yaml").write_text(yaml.safe_dump({**older, "threads": 1}))

@@ -175,8 +175,16 @@ def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | Non
 
     def execute(run: Run) -> None:
         run.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{run.variant.label} / {run.dataset} / seed {run.seed}"
         # `--resume` continues with the run folder's own config.yaml: only when the settings are unchanged.
-        resume = (run.folder / CHECKPOINT).exists() and _changed(run.folder / "config.yaml", run.config) == []
+        resume = False
+        if (run.folder / CHECKPOINT).exists():
+            changed = _changed(run.folder / "config.yaml", run.config)
+            resume = changed == []
+            if not resume:  # say so: the partial run's epochs are about to be thrown away
+                why = ("its settings are unknown (no config.yaml)" if changed is None
+                       else "it was made with other settings (" + ", ".join(changed[:5]) + ")")
+                print(f"restart {name}: the unfinished run's checkpoint is discarded, {why}", flush=True)
         (run.folder / RUN_RECIPE).write_text(yaml.safe_dump(run.config, sort_keys=False))
         cmd = [sys.executable, "-m", "mlae", "train", "--config", str(run.folder / RUN_RECIPE),
                "--out", str(run.folder), "--quiet", "--resume" if resume else "--overwrite"]
@@ -200,7 +208,6 @@ def execute_runs(todo: list[Run], *, jobs: int | None = None, threads: int | Non
         finally:
             with lock:
                 free.append(gpu)
-        name = f"{run.variant.label} / {run.dataset} / seed {run.seed}"
         if rc == 0 and (run.folder / RESULTS).exists():
             top1 = json.loads((run.folder / RESULTS).read_text())["top1"]
             print(f"done   {name}: top-1 {100 * top1:.2f}%", flush=True)
