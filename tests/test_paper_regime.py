@@ -124,12 +124,14 @@ def test_learned_p_table_shows_one_number_for_a_flat_profile(capsys):
     spec = importlib.util.spec_from_file_location("claims", ROOT / "benchmarks" / "claims.py")
     claims = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(claims)
-    rows = [{"dataset": "suite:digits", "variant": "mlae-auto", "seed": "0", "learned_p": "0.5 0.5 0.5"},
-            {"dataset": "suite:digits", "variant": "mlae-auto", "seed": "1", "learned_p": "0.1 0.2 0.3"},
+    rows = [{"dataset": "suite:digits", "variant": "mlae-auto-heldout", "seed": "0", "learned_p": "0.5 0.5 0.5"},
+            {"dataset": "suite:digits", "variant": "mlae-auto-heldout", "seed": "1", "learned_p": "0.1 0.2 0.3"},
             {"dataset": "suite:digits", "variant": "mlae", "selected_by": "val", "seed": "0", "p": "0.3"},
-            {"dataset": "suite:textures", "variant": "mlae-auto", "seed": "1", "learned_p": "0.7 0.7 0.7"}]
+            {"dataset": "suite:textures", "variant": "mlae-auto-heldout", "seed": "1", "learned_p": "0.7 0.7 0.7"}]
     claims.learned_section(rows)
-    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    heading, table = capsys.readouterr().out.split("\n\n")[:2]
+    assert heading.strip().startswith("## MLAE-auto (heldout):")  # the variant names its learner
+    table = table.splitlines()
     assert table[0] == "| dataset | p chosen on val200 | learned p, seed 0 | learned p, seed 1 |"
     assert table[2] == "| suite:digits | 0.3 | 0.5 (all 3 layers) | 0.1 0.2 0.3 |"
     assert table[3] == "| suite:textures | – | – | 0.7 (all 3 layers) |"
