@@ -246,7 +246,7 @@ class Study:
         self.execute(wanted)
 
     def part_claims(self) -> None:
-        wanted = []
+        by_variant: dict[str, list] = {}  # variant by variant, so that a study stopped early has whole claims
         for d in self.datasets:
             label = self.chosen(d, "mlae", "val")
             if label is None:
@@ -256,8 +256,8 @@ class Study:
             for v in parse_methods(self.args.claim_variants.replace("{p}", f"{p:g}")):
                 spec = v.method + ("[" + ",".join(f"{k}={_text(x)}" for k, x in v.overrides.items()) + "]"
                                    if v.overrides else "")
-                wanted += [(spec, d, s, "test", v.label, "fixed") for s in self.seeds]
-        self.execute(wanted)
+                by_variant.setdefault(v.label, []).extend((spec, d, s, "test", v.label, "fixed") for s in self.seeds)
+        self.execute([w for runs in by_variant.values() for w in runs])
 
     def part_status(self) -> None:
         rows = read_rows(self.csv)

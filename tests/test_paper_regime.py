@@ -135,3 +135,25 @@ def test_learned_p_table_shows_one_number_for_a_flat_profile(capsys):
     assert table[0] == "| dataset | p chosen on val200 | learned p, seed 0 | learned p, seed 1 |"
     assert table[2] == "| suite:digits | 0.3 | 0.5 (all 3 layers) | 0.1 0.2 0.3 |"
     assert table[3] == "| suite:textures | – | – | 0.7 (all 3 layers) |"
+
+
+def test_claims_part_trains_variant_by_variant(tmp_path, monkeypatch):
+    """A claims part stopped early leaves whole claims (a variant on every task and seed), not whole tasks."""
+    spec = importlib.util.spec_from_file_location("paper_regime", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = tmp_path / "rows.csv"
+    for d, best in (("suite:digits", "0"), ("suite:textures", "0.5")):
+        for p in ("0", "0.5"):
+            module.append_row(table, {c: "" for c in module.COLUMNS} | {
+                "dataset": d, "variant": f"mlae[dropout={p}]", "selected_by": "trial", "epochs": "1", "lr": "0.002",
+                "backbone": "test_vit", "precision": "bf16", "val_top1": "60" if p == best else "50"})
+    wanted = []
+    monkeypatch.setattr(module.Study, "execute", lambda self, runs: wanted.extend(runs))
+    module.main(["claims", "--datasets", "suite:digits,suite:textures", "--seeds", "0,1", "--epochs", "1",
+                 "--lr", "2e-3", "--p-grid", "0,0.5", "--backbone", "test_vit", "--csv", str(table),
+                 "--claim-variants", "a=mlae[dropout={p}],b=lora"])
+    assert [(w[4], w[1], w[2]) for w in wanted] == [
+        ("a", "suite:digits", 0), ("a", "suite:digits", 1), ("a", "suite:textures", 0), ("a", "suite:textures", 1),
+        ("b", "suite:digits", 0), ("b", "suite:digits", 1), ("b", "suite:textures", 0), ("b", "suite:textures", 1)]
+    assert [w[0] for w in wanted[:4]] == ["mlae[dropout=0]"] * 2 + ["mlae[dropout=0.5]"] * 2  # {p}: each task's own
