@@ -33,6 +33,7 @@ import io
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -120,7 +121,7 @@ class Study:
                 self.base[key] = getattr(args, key)
         if args.no_pretrained:
             self.base["pretrained"] = False
-        self.counting: set | None = None  # while the status part counts the runs left
+        self.counting: dict | None = None  # while the status part counts the runs left: run key -> variant
 
     # --------------------------------------------------------------------------------------- bookkeeping
     def key(self, run: Run) -> tuple:
@@ -161,7 +162,7 @@ class Study:
                 continue
             if self.counting is not None:  # the status part: count what is left, train and write nothing
                 if not rows:
-                    self.counting.add(key)
+                    self.counting.setdefault(key, variant)
                 continue
             if rows:  # the same run under another role: record it again, no training
                 row = {**rows[0], "variant": variant, "selected_by": selected_by}
@@ -280,17 +281,20 @@ class Study:
         jobs = self.args.jobs or cpu_cores()  # the parts' default: one job per core
         for name, part in (("select", self.part_select), ("test --selected-by val", lambda: self.part_test("val")),
                            ("claims", self.part_claims), ("test", lambda: self.part_test("both"))):
-            self.counting = set()
+            self.counting = {}
             with contextlib.redirect_stderr(io.StringIO()):  # "run the select part first" notes
                 part()
             left[name], self.counting = self.counting, None
         seen: set = set()
         for name, keys in left.items():  # a run counts in the first part that trains it
-            new = keys - seen
-            seen |= keys
+            new = [k for k in keys if k not in seen]
+            seen |= set(keys)
             eta = (f", about {len(new) * seconds[len(seconds) // 2] / jobs / 3600:.1f} h at {jobs} jobs "
                    f"(median {seconds[len(seconds) // 2]:.0f} s per run on this CPU)" if seconds and new else "")
             print(f"left: {name}: {len(new)} run(s){eta}")
+            if name == "claims" and new:  # the order the part trains them in
+                per = Counter(keys[k] for k in new)
+                print("  by variant: " + ", ".join(f"{v} {n}" for v, n in per.items()))
 
 
 def _options(run: Run) -> str:

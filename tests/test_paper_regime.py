@@ -42,6 +42,7 @@ def test_selection_on_val_rows_and_resumption(tmp_path):
     status = _run("status", tmp_path)
     assert "left: select: 0 run(s)\n" in status and "left: test --selected-by val: 2 run(s), about" in status
     assert (tmp_path / "rows.csv").read_text() == before and "to train" not in status
+    assert "\n  by variant: " in status and ", lora-dropout 1," in status  # the claims part, in its order
 
     # The honest protocol's retrains alone first: no candidate is trained for "selected on test" yet.
     _run("test", tmp_path, "--selected-by", "val")
