@@ -118,6 +118,12 @@ def test_export_refuses_to_overwrite_and_records_provenance(run, tmp_path, capsy
         assert said in capsys.readouterr().err
     assert out.read_bytes() == before
     assert main(["export", "--adapter", str(adapter), "--out", str(out), "--overwrite"]) == 0
+    # --overwrite never reaches the trained adapter or its run folder: it would replace what it exports
+    trained = adapter.read_bytes()
+    for inside in (adapter, run, run / "merged.safetensors"):
+        assert main(["export", "--adapter", str(run), "--out", str(inside), "--overwrite"]) == 1
+        assert f"choose --out outside {run}" in capsys.readouterr().err
+    assert adapter.read_bytes() == trained and not (run / "merged.safetensors").exists()
 
 
 def test_merged_export_carries_input_size_and_normalisation_for_timm(run, tmp_path):

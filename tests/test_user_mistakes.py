@@ -78,12 +78,18 @@ def test_a_folder_with_one_class_is_refused(tmp_path, capsys):
     assert "only one class folder (cat); a classifier needs at least two" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("command", ["train", "compare", "sweep"])
 @pytest.mark.parametrize("where", ["itself", "inside"])
-def test_a_run_folder_inside_the_dataset_folder_is_refused(where, pets, capsys):
-    """It would become one more class folder for the next run on that dataset."""
+def test_a_run_folder_inside_the_dataset_folder_is_refused(where, command, pets, capsys):
+    """It would become one more class folder for the next run on that dataset: refused before anything is
+    written, by compare and sweep as by train."""
     before = sorted(p.name for p in pets.iterdir())
     out = pets if where == "itself" else pets / "runs" / "a"
-    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--out", str(out)]) == 1
+    args = {"train": ["train", "--dataset", f"folder:{pets}"],
+            "compare": ["compare", "--methods", "linear", "--datasets", f"folder:{pets}"],
+            "sweep": ["sweep", "--dataset", f"folder:{pets}", "--param", "dropout=0"]}[command]
+    tiny = [a for a in TINY if a != "--quiet"] if command == "compare" else TINY  # compare logs each run's output
+    assert main([*args, *tiny, "--out", str(out)]) == 1
     assert f"is inside the dataset folder {pets.resolve()}" in _one_line_error(capsys)
     assert sorted(p.name for p in pets.iterdir()) == before
 
@@ -394,6 +400,18 @@ def test_a_compare_folder_where_one_run_is_needed_says_so(tmp_path):
     (tmp_path / "cmp" / "runs" / "lora").mkdir(parents=True)
     with pytest.raises(MissingFileError, match="an `mlae compare` folder: name one of its run folders"):
         resolve_run(tmp_path / "cmp")
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_sweep_whose_every_trial_failed_is_an_error_and_writes_no_best_yaml(jobs, pets, tmp_path, capfd):
+    """Not exit 0 and "wrote best.yaml" (which was never written): the study has no result."""
+    out = tmp_path / "s"
+    assert main(["sweep", "--dataset", f"folder:{pets}", *TINY, "--target-modules", "nothere", "--param",
+                 "dropout=0,0.5", "--param", "coeff_init=1", "--jobs", jobs, "--out", str(out)]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert sum("trial" in line and "failed: no nn.Linear" in line for line in err) == 2, err
+    assert err[-1].startswith("mlae: error: no trial of the study completed: 2 failed"), err
+    assert not (out / "best.yaml").exists()
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])

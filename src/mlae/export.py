@@ -33,6 +33,17 @@ def timm_pretrained_cfg(meta: dict) -> dict:
             "num_classes": int(meta["num_classes"]), **({"label_names": meta["classes"]} if meta.get("classes") else {})}
 
 
+def _check_outside_run(adapter: Path, target: Path) -> None:
+    """Refuse an ``out`` that is the adapter itself or lies in its run folder: ``--overwrite`` would replace the
+    trained adapter (or the run's other files) with the export, and the run could not be evaluated again."""
+    source, where = adapter.resolve(), target.resolve()
+    run = source.parent
+    in_run = (run / "config.yaml").exists() or (run / "results.json").exists()  # a `mlae train` folder
+    if where == source or (in_run and (where == run or run in where.parents)):
+        raise InputError(f"--out {target} is {'the adapter itself' if where == source else 'inside its run folder'} "
+                         f"{run}: the export would replace the run's files; choose --out outside {run}")
+
+
 def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Path:
     """``fmt="merged"``: a ``.safetensors`` ``out`` is one file (timm name, kwargs, pretrained_cfg and provenance in
     its metadata); any other ``out`` is a folder in timm's ``local-dir:`` layout (``config.json`` +
@@ -46,6 +57,7 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
     if fmt == "peft" and target.suffix == ".safetensors":  # a PEFT adapter is a folder, never one file
         raise InputError(f"--format peft writes a folder (adapter_config.json + adapter_model.safetensors), not "
                          f"{target.name}; give --out a folder name such as {target.with_suffix('')}")
+    _check_outside_run(Path(adapter), target)
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
         raise InputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
     model, meta = load_trained(adapter)

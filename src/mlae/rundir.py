@@ -97,16 +97,23 @@ def _check_out(out: Path, cfg: TrainConfig) -> None:
     flag = "--out" if cfg.out is not None else "the run folder"
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{flag} {out} is a file, not a folder; name a folder for the run")
-    spec = absolute_spec(cfg.dataset)
-    if spec.startswith("folder:"):
-        data, where = Path(spec[len("folder:"):]), out.resolve()
-        if where == data or data in where.parents:
-            raise RunDirError(f"{flag} {out} is inside the dataset folder {data}: the next run on it would read "
-                              f"the run folder as a class; choose a folder outside it with --out")
+    check_outside_datasets(out, [cfg.dataset], flag)
     if not cfg.resume and out.is_dir() and not any((out / name).exists() for name in _RUN_FILES) and any(
             not p.name.startswith(".") for p in out.iterdir()):
         raise RunDirError(f"{flag} {out} holds other files and no run; choose a new or empty folder, so that the "
                           "run's files do not mix with them")
+
+
+def check_outside_datasets(out: Path, specs: list[str], flag: str = "--out") -> None:
+    """Refuse an output folder inside a ``folder:`` dataset: the next run on that dataset would read it as one more
+    class folder. For `mlae train`, and for `compare` and `sweep` before they write anything."""
+    for spec in specs:
+        spec = absolute_spec(spec)
+        if spec.startswith("folder:"):
+            data, where = Path(spec[len("folder:"):]), Path(out).resolve()
+            if where == data or data in where.parents:
+                raise RunDirError(f"{flag} {out} is inside the dataset folder {data}: the next run on it would "
+                                  f"read the folder as a class; choose a folder outside it with {flag}")
 
 
 def _check_resume(out: Path, cfg: TrainConfig) -> None:

@@ -34,7 +34,7 @@ from ..errors import MLAEError
 from ..files import LOCK_FILE, pid_alive
 from ..hardware import cpu_jobs
 from ..recipes import RecipeError, canonical_config, get_method
-from ..rundir import CHECKPOINT, RESULTS, WORKER_LOCAL
+from ..rundir import CHECKPOINT, RESULTS, WORKER_LOCAL, check_outside_datasets
 from .compare import resolve_config
 from .sweep_report import best_trial, write_reports
 from .sweep_space import build_space
@@ -156,6 +156,7 @@ class Sweep:
         from ..recipes import dataset_key
 
         self.out = Path(out or Path("sweeps") / f"{dataset_key(self.base_cfg.dataset)}_{self.method}")
+        check_outside_datasets(self.out, [self.base_cfg.dataset])
         self.out.mkdir(parents=True, exist_ok=True)
         self.study_name = study_name or self.out.resolve().name
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -447,7 +448,19 @@ class Sweep:
             print(f"this worker ran {ran} trial(s); others are still running — the worker that completes the study "
                   "writes the final result", flush=True)
         write_reports(self.study, self.out, self.space, self.base, final, self.sampler)
-        print(f"wrote {self.out / 'trials.md'}, {self.out / 'best.yaml'}, {self.out / 'heatmap.png'}", flush=True)
+        written = [self.out / name for name in ("trials.md", "best.yaml", "heatmap.png") if (self.out / name).exists()]
+        print("wrote " + ", ".join(map(str, written)), flush=True)
+
+    def check_completed(self) -> None:
+        """A finished study none of whose trials completed has no result: an error (exit 1), not a report."""
+        from optuna.trial import TrialState
+
+        if self.complete() and best_trial(self.study) is None:
+            failed = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                      if not t.user_attrs.get("spare")]
+            raise SweepError(f"no trial of the study completed: {len(failed)} failed (their errors are above and in "
+                             f"{self.out / 'trials'}); fix the cause and start the sweep again with another --out "
+                             "or --study-name")
 
     # ----------------------------------------------------------------------------- final
 
@@ -460,8 +473,7 @@ class Sweep:
         from ..engine import TrainConfig, train
 
         best = best_trial(self.study)
-        if best is None:
-            print("no trial completed; nothing to retrain", file=sys.stderr)
+        if best is None:  # sweep() then says so, as its error
             return None
         folder = self.out / "final"
         with open(self.out / "final.lock", "w") as lock:
@@ -573,7 +585,14 @@ def sweep(options: dict[str, Any] | None = None, *, jobs: int | None = None,
     if n > 1:
         # checks the search and opens (or creates) the study here, so that a mistake in the options is one line
         # from this process rather than the same line from every worker and a count of failed workers
-        Sweep(options, **settings)
-        run_workers({**settings, "options": options}, n, threads, target)
+        parent = Sweep(options, **settings)
+        try:
+            run_workers({**settings, "options": options}, n, threads, target)
+        except SweepError:
+            parent.check_completed()  # the cause, when no trial completed, rather than a count of failed workers
+            raise
+        parent.check_completed()
     else:
-        Sweep(options, **settings).run()
+        worker = Sweep(options, **settings)
+        worker.run()
+        worker.check_completed()
