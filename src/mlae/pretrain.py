@@ -21,15 +21,66 @@ from . import fractals
 from .attention import set_attention
 from .backbones import (CARD_FILE, EMBEDDED_ARCH, EMBEDDED_MEAN, EMBEDDED_STD, WEIGHTS_FILE,
                         _is_head, build_embedded)
+from .errors import InputError
 from .files import atomic_save_file, atomic_write_text
 
-__all__ = ["pretrain", "DEFAULTS"]
+__all__ = ["pretrain", "check_options", "DEFAULTS"]
 
 DEFAULTS: dict[str, Any] = dict(classes=100, per_class=600, epochs=8, batch_size=128, lr=1e-3,
                                 weight_decay=0.05, warmup=0.05, label_smoothing=0.1, drop_path=0.1,
                                 seed=0, eval_per_class=10, depth=EMBEDDED_ARCH["depth"],
                                 dim=EMBEDDED_ARCH["embed_dim"], heads=EMBEDDED_ARCH["num_heads"],
                                 patch_size=EMBEDDED_ARCH["patch_size"], img_size=EMBEDDED_ARCH["img_size"])
+
+
+def check_options(*, classes: int, per_class: int, eval_per_class: int, epochs: int, steps: int | None,
+                  batch_size: int, lr: float, weight_decay: float, warmup: float, label_smoothing: float,
+                  drop_path: float, seed: int, depth: int, dim: int, heads: int, patch_size: int, img_size: int,
+                  threads: int | None = None, **_) -> None:
+    """Refuse, with one :class:`~mlae.errors.InputError` naming the flag, its value and the fix, a setting that
+    would crash the run or train nothing; called before any image is rendered or any file is written."""
+    def at_least(flag: str, value, minimum: int, why: str = "") -> None:
+        if value < minimum:
+            raise InputError(f"{flag} must be >= {minimum}{why}, not {value!r}")
+
+    at_least("--classes", classes, 2, " (a classifier needs two classes to tell apart)")
+    at_least("--per-class", per_class, 1)
+    at_least("--eval-per-class", eval_per_class, 1, " (the held-out accuracy needs images)")
+    at_least("--epochs", epochs, 1)
+    if steps is not None:
+        at_least("--steps", steps, 1, " (or leave it out to run every epoch)")
+    at_least("--batch-size", batch_size, 1)
+    train_images = classes * per_class
+    if batch_size > train_images:  # every batch is full (the last partial one is dropped): no step would run
+        raise InputError(f"--batch-size {batch_size} is larger than the {train_images} training images (--classes "
+                         f"{classes} x --per-class {per_class}), so no optimiser step would run: lower --batch-size "
+                         f"or raise --per-class")
+    # `not x > 0` also refuses NaN, as TrainConfig does
+    if not lr > 0 or math.isinf(lr):
+        raise InputError(f"--lr must be a positive number, not {lr!r}")
+    if not 0 <= weight_decay < math.inf:
+        raise InputError(f"--weight-decay must be a number >= 0, not {weight_decay!r}")
+    if not 0 <= warmup < 1:
+        raise InputError(f"--warmup is the fraction of the steps spent in linear warmup: it must be in [0, 1), not "
+                         f"{warmup!r}")
+    if not 0 <= label_smoothing < 1:
+        raise InputError(f"--label-smoothing must be in [0, 1), not {label_smoothing!r}")
+    if not 0 <= drop_path < 1:
+        raise InputError(f"--drop-path (the stochastic depth rate) must be in [0, 1), not {drop_path!r}")
+    at_least("--seed", seed, 0)  # numpy's SeedSequence, which draws the fractals, takes none below 0
+    if threads is not None:
+        at_least("--threads", threads, 1)
+    at_least("--depth", depth, 1)
+    at_least("--heads", heads, 1)
+    at_least("--dim", dim, 1)
+    if dim % heads:
+        raise InputError(f"--dim {dim} is not divisible by --heads {heads}: choose a width that is a multiple of "
+                         f"the heads")
+    at_least("--patch-size", patch_size, 1)
+    at_least("--img-size", img_size, 1)
+    if img_size % patch_size:
+        raise InputError(f"--img-size {img_size} is not divisible by --patch-size {patch_size}: choose an input "
+                         f"size that is a multiple of the patch size")
 
 
 def _normalise(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -56,6 +107,7 @@ def pretrain(*, classes: int, per_class: int, eval_per_class: int, epochs: int, 
              img_size: int, out: Path, quiet: bool = False, bf16: bool = True,
              attention: str = "auto") -> dict[str, Any]:
     """Render the fractal data, train, evaluate on fresh renders, write weights + card; returns the card."""
+    check_options(**locals())  # before any rendering: the same checks as the command's
     from tqdm import tqdm
 
     t0 = time.time()

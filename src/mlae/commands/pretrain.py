@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..attention import ATTENTION_CHOICES
 from ..hardware import CPU_AUTO_PRECISION
-from .train import threads_count
+from .train import _fail, threads_count
 
 __all__ = ["register", "run"]
 
@@ -31,22 +31,25 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = DEFAULTS
     g = p.add_argument_group("data (fractal classes)")
-    g.add_argument("--classes", type=int, default=d["classes"], help="number of IFS fractal classes")
-    g.add_argument("--per-class", type=int, default=d["per_class"], help="training images per class")
+    g.add_argument("--classes", type=int, default=d["classes"], help="number of IFS fractal classes (>= 2)")
+    g.add_argument("--per-class", type=int, default=d["per_class"],
+                   help="training images per class (--classes x --per-class must be at least --batch-size)")
     g.add_argument("--eval-per-class", type=int, default=d["eval_per_class"],
-                   help="held-out images per class (fresh renders) for the final accuracy")
+                   help="held-out images per class (fresh renders) for the final accuracy (>= 1)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs")
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (>= 1)")
     g.add_argument("--steps", type=int, default=None,
                    help="stop after this many optimiser steps (smoke tests / CI); the schedule still "
                    "spans --epochs")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per optimiser step")
-    g.add_argument("--lr", type=float, default=d["lr"], help="AdamW peak learning rate (cosine decay)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
-    g.add_argument("--warmup", type=float, default=d["warmup"], help="fraction of steps of linear warmup")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="images per optimiser step (an epoch's last partial batch is dropped)")
+    g.add_argument("--lr", type=float, default=d["lr"], help="AdamW peak learning rate (> 0; cosine decay)")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay (>= 0)")
+    g.add_argument("--warmup", type=float, default=d["warmup"],
+                   help="fraction of the steps spent in linear warmup, in [0, 1)")
     g.add_argument("--label-smoothing", type=float, default=d["label_smoothing"],
-                   help="label smoothing of the cross-entropy")
-    g.add_argument("--drop-path", type=float, default=d["drop_path"], help="stochastic depth rate")
+                   help="label smoothing of the cross-entropy, in [0, 1)")
+    g.add_argument("--drop-path", type=float, default=d["drop_path"], help="stochastic depth rate, in [0, 1)")
     g.add_argument("--seed", type=int, default=d["seed"], help="seed of the fractal classes, the renders and the "
                    "initial weights")
     g.add_argument("--threads", type=threads_count, default=0, metavar="N", help="torch CPU threads (default or 0: "
@@ -60,10 +63,11 @@ def register(subparsers) -> None:
                    help="attention kernel (auto: math on a CPU under bf16, where the fused backward is slow)")
     g = p.add_argument_group("architecture (a timm VisionTransformer)")
     g.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks")
-    g.add_argument("--dim", type=int, default=d["dim"], help="embedding width")
+    g.add_argument("--dim", type=int, default=d["dim"], help="embedding width (a multiple of --heads)")
     g.add_argument("--heads", type=int, default=d["heads"], help="attention heads")
     g.add_argument("--patch-size", type=int, default=d["patch_size"], help="patch size (pixels)")
-    g.add_argument("--img-size", type=int, default=d["img_size"], help="input size (pixels)")
+    g.add_argument("--img-size", type=int, default=d["img_size"],
+                   help="input size (pixels; a multiple of --patch-size)")
     p.add_argument("--out", type=Path, default=Path("embedded_vit"),
                    help="output directory for the weights and the JSON card")
     p.add_argument("--overwrite", action="store_true",
@@ -72,23 +76,39 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+_OPTIONS = ("classes", "per_class", "eval_per_class", "epochs", "steps", "batch_size", "lr", "weight_decay",
+           "warmup", "label_smoothing", "drop_path", "seed", "depth", "dim", "heads", "patch_size", "img_size",
+           "out", "quiet", "attention")
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except Exception as err:  # a user error (mlae.MLAEError, a refused write) as one line; a bug keeps its traceback
+        return _fail(err)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..backbones import CARD_FILE, WEIGHTS_FILE
-    from ..pretrain import pretrain
+    from ..errors import InputError, RunDirError
     from ..hardware import auto_threads, resolve_precision
+    from ..pretrain import check_options, pretrain
 
-    existing = Path(args.out) / WEIGHTS_FILE
+    # All checked up front: finding out after an hour of pretraining that the options trained nothing, or that the
+    # result cannot be written, is worse.
+    options = {k: getattr(args, k) for k in _OPTIONS}
+    check_options(**options)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder: choose another --out")
+    existing = out / WEIGHTS_FILE
     if existing.exists() and not args.overwrite:
-        # checked up front: finding out after an hour of pretraining that the result cannot be written is worse
-        raise SystemExit(f"mlae pretrain: {existing} already exists; pass --overwrite to replace it "
-                         f"(e.g. the shipped weights) or choose another --out")
-    card = pretrain(**{k: getattr(args, k) for k in (
-        "classes", "per_class", "eval_per_class", "epochs", "steps", "batch_size", "lr", "weight_decay",
-        "warmup", "label_smoothing", "drop_path", "seed", "depth", "dim", "heads", "patch_size",
-        "img_size", "out", "quiet", "attention")},
-        threads=args.threads or auto_threads(), bf16=resolve_precision(args.precision, torch.device("cpu")) == "bf16")
+        raise RunDirError(f"{existing} already exists; pass --overwrite to replace it (e.g. the shipped weights) "
+                          f"or choose another --out")
+    card = pretrain(**options, threads=args.threads or auto_threads(),
+                    bf16=resolve_precision(args.precision, torch.device("cpu")) == "bf16")
     acc = card["pretraining"]["heldout_top1"]
-    print(f"fractal held-out top-1 {acc:.4f}; wrote {Path(args.out) / WEIGHTS_FILE} and {CARD_FILE}")
+    print(f"fractal held-out top-1 {acc:.4f}; wrote {existing} and {CARD_FILE}")
     return 0
