@@ -181,6 +181,14 @@ def test_tensorboard_logs_metrics_and_coefficients(work, tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([m["train_loss"] for m in metrics])
     assert events.Histograms("coeff")
+    # --overwrite starts the record anew: the old run's curves do not stay next to the new run's
+    assert main(["train", "--dataset", f"folder:{work / 'pets'}", "--backbone", str(work / "bb"), *FAST,
+                 "--epochs", "1", "--tensorboard", "--overwrite", "--out", str(out)]) == 0
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    assert [e.step for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars("train_loss")] == [1]
+    assert main(["train", "--dataset", f"folder:{work / 'pets'}", "--backbone", str(work / "bb"), *FAST,
+                 "--epochs", "1", "--overwrite", "--out", str(out)]) == 0
+    assert not (out / "tensorboard").exists()
 
 
 def test_tensorboard_missing_is_a_warning_not_a_failure(work, tmp_path, monkeypatch, capsys):

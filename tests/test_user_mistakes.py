@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,24 @@ def test_eval_and_predict_take_a_merged_export_and_agree_with_the_adapter(target
     assert adapter_line.split("\t")[1].split()[0] == merged_line.split("\t")[1].split()[0]  # same top class
     assert main(["export", "--adapter", str(merged), "--out", str(tmp_path / "again.safetensors")]) == 1
     assert "is already a merged export" in _one_line_error(capsys)
+
+
+def test_val_of_a_run_trained_on_train_val_is_called_no_held_out_accuracy(pets_run, pets, tmp_path, capsys):
+    """`--split test` (the default) trains on train+val: its val top-1 measures training images. Said, for the run
+    and for its merged export; a `--split val` run's val is held out, and its eval says nothing."""
+    merged = tmp_path / "merged.safetensors"
+    assert main(["export", "--adapter", str(pets_run), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    from mlae.errors import MLAEWarning
+
+    for weights in (pets_run, merged):
+        with pytest.warns(MLAEWarning, match="trained with --split test, on train\\+val: the val split was among"):
+            assert main(["eval", "--adapter", str(weights), "--split", "val"]) == 0
+    held_out = tmp_path / "val-run"
+    assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--split", "val", "--out", str(held_out)]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MLAEWarning)
+        assert main(["eval", "--adapter", str(held_out), "--split", "val"]) == 0
 
 
 def test_a_merged_export_without_its_dataset_spec_asks_for_dataset(pets_run, pets, tmp_path, capsys):

@@ -33,8 +33,8 @@ from .hardware import (THREADS_RULE, DistInfo, auto_threads, autocast, init_dist
                        resolve_precision)
 from .inject import aux_losses, count_parameters, learned_values, set_progress, set_train_size
 from .recipes import Method, get_method
-from .rundir import (CHECKPOINT, RESULTS, clear_run_files, draw_curves, load_checkpoint, prepare_run_dir,
-                     save_checkpoint, save_figure, write_config)
+from .rundir import (CHECKPOINT, RESULTS, TENSORBOARD_DIR, clear_run_files, draw_curves, load_checkpoint,
+                     prepare_run_dir, save_checkpoint, save_figure, write_config)
 from .trained import backbone_kwargs, build_backbone, save_weights, weights_metadata
 from .utils import get_rng_state, seed_everything
 
@@ -643,7 +643,7 @@ def _open_tensorboard(out: Path, first_epoch: int):
         return None
     # purge_step: events a killed run logged after its last checkpoint are dropped, so resumed curves do not
     # double back over the epochs that are trained again.
-    return SummaryWriter(str(out / "tensorboard"), purge_step=first_epoch)
+    return SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=first_epoch)
 
 
 def _log_tensorboard(writer, m: dict, hooks: TrainingHooks) -> None:

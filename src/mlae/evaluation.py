@@ -19,7 +19,7 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     from .attention import set_attention
     from .data import load_task
     from .engine import Inputs, evaluate
-    from .trained import load_trained
+    from .trained import absolute_spec, load_trained
     from .hardware import resolve_device, resolve_precision
 
     model, meta = load_trained(path)
@@ -31,6 +31,10 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_root: str | Non
     if spec is None:
         raise InputError(f"{path} is a merged export that does not record its dataset spec (exports before "
                          f"2026-12-03): name it with --dataset (it was trained on {meta.get('dataset')!r})")
+    if split == "val" and meta.get("split") == "test" and absolute_spec(spec) == meta.get("dataset_spec"):
+        warnings.warn(f"{path} was trained with --split test, on train+val: the val split was among its training "
+                      "images, so its val top-1 is no held-out accuracy; evaluate --split test, or train with "
+                      "--split val to keep val out", MLAEWarning, stacklevel=2)
     task = load_task(spec, data_root=data_root if data_root is not None else meta.get("data_root"),
                      image_size=int(meta["image_size"]), split=split, seed=int(meta.get("seed", 0)), cache=cache,
                      skip_bad=bool(meta.get("skip_bad_images")) and spec.startswith("folder:"))

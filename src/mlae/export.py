@@ -77,7 +77,7 @@ def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Pa
                   "source_sha256": _file_sha256(adapter), "backbone": meta.get("backbone"),
                   "dataset": meta.get("dataset"), "classes": meta.get("classes"),
                   # what `mlae eval` needs to test the merged model on the run's own split
-                  **{k: meta.get(k) for k in ("dataset_spec", "data_root", "seed", "augment", "skip_bad_images")}}
+                  **{k: meta.get(k) for k in ("dataset_spec", "data_root", "seed", "augment", "skip_bad_images", "split")}}
     header = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
               "num_classes": str(meta["num_classes"]), "image_size": str(meta["image_size"]),
               "input_mean": json.dumps(pretrained_cfg["mean"]), "input_std": json.dumps(pretrained_cfg["std"]),

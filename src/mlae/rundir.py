@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,6 +32,7 @@ __all__ = ["CHECKPOINT", "RESULTS", "RUN_LOCAL", "RESUME_MAY_CHANGE", "WORKER_LO
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard's event files
 # Any one of these marks a run folder (compare.yaml and train.log: what `mlae compare` writes into a run's folder
 # before it starts the run).
 _RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, ADAPTER_FILE, MODEL_FILE, "compare.yaml",
@@ -145,6 +147,8 @@ def clear_run_files(out: Path) -> None:
     for name in ("config.yaml", "metrics.jsonl", CHECKPOINT, RESULTS, ADAPTER_FILE, MODEL_FILE, "curves.png",
                  *figures):
         (out / name).unlink(missing_ok=True)
+    if (out / TENSORBOARD_DIR).is_dir():  # the old run's curves would show next to the new one's
+        shutil.rmtree(out / TENSORBOARD_DIR)
 
 
 def write_config(path: Path, cfg: TrainConfig, out: Path) -> None:

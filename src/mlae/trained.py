@@ -70,7 +70,8 @@ def weights_metadata(cfg: TrainConfig, task, inputs: Inputs, normalize: str) -> 
             "normalize": normalize, "input_mean": inputs.mean, "input_std": inputs.std, "augment": task.augment,
             "dataset": task.name, "dataset_spec": absolute_spec(cfg.dataset),
             "data_root": _absolute(cfg.data_root), "method": cfg.method, "classes": task.classes,
-            "skip_bad_images": cfg.skip_bad_images}
+            "skip_bad_images": cfg.skip_bad_images,
+            "split": cfg.split}  # "test": trained on train+val, so its val split is no held-out set
 
 
 def save_weights(out: Path, model: nn.Module, adapter: bool, meta: dict[str, Any]) -> None:
