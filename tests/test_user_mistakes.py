@@ -437,6 +437,9 @@ def test_a_sweep_whose_every_trial_failed_is_an_error_and_writes_no_best_yaml(jo
 def test_a_grid_value_listed_twice_is_refused(jobs, tmp_path, capsys):
     assert main(["sweep", "--param", "dropout=0,0.0,0.5", "--jobs", jobs, "--out", str(tmp_path / "s")]) == 1
     assert "dropout: 0.0 listed twice; list each value once" in _one_line_error(capsys)
+    assert main(["sweep", "--param", "dropout=0,0.5", "--param", "dropout=0.1", "--jobs", jobs, "--out",
+                 str(tmp_path / "s")]) == 1
+    assert "--param dropout given twice; list all its values in one --param" in _one_line_error(capsys)
 
 
 @pytest.mark.parametrize("option, command", [("--space", ["sweep"]), ("--config", ["train", "--dataset", "suite:digits"])])

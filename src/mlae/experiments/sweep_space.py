@@ -110,9 +110,14 @@ def build_space(method: str, sampler: str = "grid", space: str | None = None,
     found: dict[str, Param] = {}
     if space:
         found.update((p.name, p) for p in load_space(space, method))
+    given: set[str] = set()
     for text in params or []:
         p = parse_param(text, method)
-        found[p.name] = p
+        if p.name in given:  # the later one would silently replace the earlier
+            raise RecipeError(f"--param {p.name} given twice; list all its values in one --param "
+                              f"({p.name}=A,B,C)")
+        given.add(p.name)
+        found[p.name] = p  # over the --space file's
     if not found:
         if method != "mlae":  # the default space is MLAE's p and c_i: another method names what it searches
             raise RecipeError(f"with no --param or --space the sweep searches MLAE's dropout and coeff_init; for "
