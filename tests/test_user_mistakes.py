@@ -108,6 +108,21 @@ def test_a_folder_that_holds_other_files_is_not_a_run_folder(pets, tmp_path, cap
     assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--out", str(empty)]) == 0  # an empty one is fine
 
 
+def test_a_comparison_does_not_write_into_a_run_folder_or_a_folder_of_other_files(pets, pets_run, tmp_path, capsys):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    before = sorted(p.name for p in pets_run.iterdir())
+    compare = ["compare", "--methods", "linear", "--datasets", f"folder:{pets}",
+               *[a for a in TINY if a != "--quiet"]]
+    assert main([*compare, "--out", str(pets_run)]) == 1
+    assert "is a `mlae train` run folder; give the comparison a folder of its own" in _one_line_error(capsys)
+    assert main([*compare, "--out", str(mine)]) == 1
+    assert "holds other files and no comparison; choose a new or empty folder" in _one_line_error(capsys)
+    assert sorted(p.name for p in pets_run.iterdir()) == before and sorted(p.name for p in mine.iterdir()) == [
+        "todo.txt"]
+
+
 def test_the_default_run_folder_of_folder_dot_is_named_after_the_folder(pets, tmp_path, monkeypatch):
     from mlae.recipes import dataset_key
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # annotations only: the engine imports this module
     from .engine import TrainConfig
 
 __all__ = ["CHECKPOINT", "RESULTS", "RUN_LOCAL", "RESUME_MAY_CHANGE", "WORKER_LOCAL", "default_out", "prepare_run_dir",
-           "clear_run_files", "save_checkpoint", "load_checkpoint", "write_config", "save_figure", "draw_curves"]
+           "clear_run_files", "save_checkpoint", "load_checkpoint", "write_config", "save_figure", "draw_curves",
+           "TENSORBOARD_DIR", "check_outside_datasets", "check_comparison_folder"]
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
@@ -116,6 +117,19 @@ def check_outside_datasets(out: Path, specs: list[str], flag: str = "--out") -> 
             if where == data or data in where.parents:
                 raise RunDirError(f"{flag} {out} is inside the dataset folder {data}: the next run on it would "
                                   f"read the folder as a class; choose a folder outside it with {flag}")
+
+
+def check_comparison_folder(out: Path) -> None:
+    """Refuse an `mlae compare` --out whose files are not a comparison's: a `mlae train` run folder, or a folder
+    of other files, where the comparison's tables and run folders would mix with them (as `mlae train` refuses)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder; name a folder for the comparison")
+    names = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    if any(name in _RUN_FILES for name in names):
+        raise RunDirError(f"--out {out} is a `mlae train` run folder; give the comparison a folder of its own")
+    if names and "runs" not in names and "results.csv" not in names:
+        raise RunDirError(f"--out {out} holds other files and no comparison; choose a new or empty folder, so that "
+                          "the comparison's files do not mix with them")
 
 
 def _check_resume(out: Path, cfg: TrainConfig) -> None:

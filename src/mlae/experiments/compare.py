@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ..files import FolderLock
 from ..hardware import cpu_jobs
 from ..recipes import RecipeError, config_from_options, get_method
-from ..rundir import CHECKPOINT, RESULTS, RUN_LOCAL, check_outside_datasets
+from ..rundir import CHECKPOINT, RESULTS, RUN_LOCAL, check_comparison_folder, check_outside_datasets
 from .summary import summarize
 from .variants import Variant, parse_methods, parse_seeds
 
@@ -263,6 +263,7 @@ def compare(methods: str | list[Variant], datasets: str | list[str], seeds: str 
     datasets = expand_specs(datasets)
     seeds = parse_seeds(seeds) if isinstance(seeds, str) else parse_seeds(",".join(map(str, seeds)))
     check_outside_datasets(Path(out), datasets)  # before anything is written there
+    check_comparison_folder(Path(out))
     runs = plan(variants, datasets, seeds, out, options, config)
     out = Path(out)
     # One compare per folder at a time: two would train the same runs and interleave the tables. Each run's own
