@@ -276,6 +276,12 @@ def test_train_and_eval_commands(tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert json.loads(out.read_text())["experts"] == [1]
     assert main(["eval", "--adapter", str(tmp_path / "m" / "adapter.safetensors"), "--experts", "2"]) == 1
+    capsys.readouterr()
+    for bad, said in (("a", "must be comma-separated expert numbers >= 0 such as 0,2, not 'a'"),
+                      ("0,0", "expert 0 listed twice in '0,0'; list each once")):
+        with pytest.raises(SystemExit):  # an argparse usage error
+            main(["eval", "--adapter", str(tmp_path / "m" / "adapter.safetensors"), "--experts", bad])
+        assert said in capsys.readouterr().err
     assert main([*base, "--method", "mole", "--out", str(tmp_path / "none")]) == 1  # no --experts-from
     capsys.readouterr()
     # Gates that weigh the LoRAs per input have no merged or single-LoRA form: one line that says so.

@@ -277,6 +277,18 @@ def _integer(minimum: int, rule: str):
 
 
 positive_int = _integer(1, "an integer >= 1")
+
+
+def expert_indices(text: str) -> list[int]:
+    """eval --experts: comma-separated 0-based expert numbers, each once."""
+    index = _integer(0, "comma-separated expert numbers >= 0 such as 0,2")
+    values = [index(t.strip()) for t in text.split(",") if t.strip()]
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"expert {', '.join(map(str, twice))} listed twice in {text!r}; list each once")
+    return values
+
+
 # --threads of eval and predict, read as train's (TrainConfig checks it there): N >= 1, or 0 for auto.
 threads_count = _integer(0, THREADS_RULE)
 
@@ -319,7 +331,7 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--out", metavar="JSON", help="also write the result to this JSON file (a new one: see "
                    "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--experts", metavar="I,J,...", type=lambda t: [int(i) for i in t.split(",") if i.strip()],
+    p.add_argument("--experts", metavar="I,J,...", type=expert_indices,
                    help="MoLE only: keep these experts (0-based, in --experts-from order); the gate weights are "
                    "renormalised over them")
     p.add_argument("--threads", type=threads_count, metavar="N", help="CPU threads for torch (default or 0: the "
