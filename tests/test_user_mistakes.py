@@ -144,7 +144,7 @@ def _interrupt_after(args: list[str], ready) -> str:
     return err
 
 
-def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path):
+def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path, capsys):
     """A real SIGINT to a real training process after its first checkpoint: the message names the command, and
     that command continues the run (interrupted again once it has trained further epochs). The run is far too
     long to finish in between."""
@@ -165,6 +165,23 @@ def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path):
     err = _interrupt_after([*argv[1:], "--quiet"], lambda: epochs() > first + 1)
     assert prefix + command in err
     assert epochs() > first + 1 and not (out / "results.json").exists()
+    # the commands that read trained weights say what the folder is, and how to finish it
+    capsys.readouterr()
+    for args in (["eval", "--adapter", str(out)], ["export", "--adapter", str(out), "--out", str(tmp_path / "x")],
+                 ["analyze", "similarity", str(out), "--out", str(tmp_path / "a")]):
+        assert main(args) == 1
+        assert f"an unfinished run; finish it with `mlae train --resume --out '{out}'`" in _one_line_error(capsys)
+
+
+def test_a_peft_export_or_merged_export_folder_is_named_as_such(pets_run, tmp_path, capsys):
+    peft, merged = tmp_path / "peft", tmp_path / "merged"
+    assert main(["export", "--adapter", str(pets_run), "--format", "peft", "--out", str(peft)]) == 0
+    assert main(["export", "--adapter", str(pets_run), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(peft)]) == 1
+    assert "a PEFT adapter folder (`mlae export --format peft`), which PEFT loads" in _one_line_error(capsys)
+    assert main(["analyze", "similarity", str(merged), "--out", str(tmp_path / "a")]) == 1
+    assert "a merged export (`mlae export`): its adapters are merged into the weights" in _one_line_error(capsys)
 
 
 # --------------------------------------------------------------------------------------------- using a trained run

@@ -21,7 +21,7 @@ from torch import nn
 from .errors import RunDirError, TrainingError
 from .files import FolderLock, atomic_save_file, atomic_write_text, read_safetensors_header
 from .recipes import METHODS, canonical_config, dataset_key
-from .trained import ADAPTER_FILE, MODEL_FILE, absolute_spec
+from .trained import ADAPTER_FILE, CHECKPOINT, MODEL_FILE, absolute_spec
 from .utils import pyplot, save_png, set_rng_state
 
 if TYPE_CHECKING:  # annotations only: the engine imports this module
@@ -31,7 +31,6 @@ __all__ = ["CHECKPOINT", "RESULTS", "RUN_LOCAL", "RESUME_MAY_CHANGE", "WORKER_LO
            "clear_run_files", "save_checkpoint", "load_checkpoint", "write_config", "save_figure", "draw_curves",
            "TENSORBOARD_DIR", "check_outside_datasets", "check_comparison_folder"]
 
-CHECKPOINT = "checkpoint.safetensors"
 RESULTS = "results.json"
 TENSORBOARD_DIR = "tensorboard"  # --tensorboard's event files
 # Any one of these marks a run folder (compare.yaml and train.log: what `mlae compare` writes into a run's folder

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +22,12 @@ if TYPE_CHECKING:  # annotations only: the engine imports this module
 
 __all__ = ["load_trained", "weights_file", "expert_source", "absolute_spec", "read_weights_metadata",
            "weights_metadata", "save_weights", "timm_spec", "merged_state_dict", "build_backbone", "backbone_kwargs",
-           "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT"]
+           "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT", "what_folder"]
 
 ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
 MODEL_FILE = "model.safetensors"      # or the whole model's (full fine-tuning), in this format:
 MODEL_FORMAT = "mlae.model/1"
+CHECKPOINT = "checkpoint.safetensors"  # an unfinished run's state (the run folder's, see rundir)
 
 
 # --------------------------------------------------------------------------------------------- the network
@@ -124,8 +126,20 @@ def weights_file(path: str | os.PathLike) -> Path:
     for name in (ADAPTER_FILE, MODEL_FILE):
         if (p / name).is_file():
             return p / name
-    raise MissingFileError(f"{p} holds no {ADAPTER_FILE} or {MODEL_FILE}: is it the folder of a finished "
-                           "`mlae train` run?")
+    raise MissingFileError(f"{p} holds no {ADAPTER_FILE} or {MODEL_FILE}: {what_folder(p)}")
+
+
+def what_folder(p: Path) -> str:
+    """What a folder without trained weights is, and what to do, for the errors of the commands that read them."""
+    if (p / CHECKPOINT).is_file():
+        return (f"an unfinished run; finish it with `mlae train --resume --out {shlex.quote(str(p))}` (its "
+                "settings come from its config.yaml), or name a finished run")
+    if (p / "adapter_config.json").is_file():
+        return ("a PEFT adapter folder (`mlae export --format peft`), which PEFT loads; name the run folder it was "
+                "exported from")
+    if (p / "runs").is_dir():
+        return "an `mlae compare` folder: name one of its run folders, runs/<label>/<dataset>/s<seed>"
+    return "is it the folder of a finished `mlae train` run?"
 
 
 def expert_source(path: str | os.PathLike) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, MissingFileError, MLAEError, MLAEWarning
-from ..trained import ADAPTER_FILE, MODEL_FILE, load_trained
+from ..trained import ADAPTER_FILE, MODEL_FILE, load_trained, what_folder
 from ..utils import pyplot, save_png
 from .attention_maps import attention_maps, plot_attention, sample_images
 
@@ -51,13 +51,14 @@ def resolve_run(run: str | Path) -> Path:
     path = Path(run)
     if path.is_dir():
         if not (path / ADAPTER_FILE).exists():
-            if (path / MODEL_FILE).exists():
-                other = " (it holds a fully fine-tuned model: no adapters to analyse)"
-            elif (path / "runs").is_dir():
-                other = " (an `mlae compare` folder: name one of its run folders, runs/<label>/<dataset>/s<seed>)"
+            if (path / MODEL_FILE).exists() and (path / "config.json").exists():  # timm's local-dir layout
+                other = ("a merged export (`mlae export`): its adapters are merged into the weights; name the run "
+                         "folder it was exported from")
+            elif (path / MODEL_FILE).exists():
+                other = "it holds a fully fine-tuned model: no adapters to analyse"
             else:
-                other = " (an unfinished run?)"
-            raise MissingFileError(f"{path} has no {ADAPTER_FILE}{other}")
+                other = what_folder(path)
+            raise MissingFileError(f"{path} has no {ADAPTER_FILE} ({other})")
         return path / ADAPTER_FILE
     if not path.exists():
         raise MissingFileError(f"run folder or adapter file not found: {path}")
