@@ -109,6 +109,10 @@ def test_refuses_to_overwrite_a_finished_run(vtab_root, mlae_run, capsys):
     before = (mlae_run / "results.json").stat().st_mtime_ns
     assert _train(vtab_root, mlae_run, "--method", "mlae") != 0
     assert "--overwrite" in capsys.readouterr().err
+    # --resume on it: nothing to resume, and the advice is not --resume --overwrite (which is refused)
+    assert _train(vtab_root, mlae_run, "--method", "mlae", "--resume") != 0
+    assert "holds a finished run: there is nothing to resume; to train it again, drop --resume and pass " \
+           "--overwrite" in capsys.readouterr().err
     assert (mlae_run / "results.json").stat().st_mtime_ns == before
 
 

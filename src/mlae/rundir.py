@@ -78,6 +78,9 @@ def prepare_run_dir(cfg: TrainConfig, stack: contextlib.ExitStack) -> tuple[Path
     has_checkpoint = (out / CHECKPOINT).exists()
     if cfg.overwrite:
         return out, False
+    if finished and cfg.resume:  # (--resume --overwrite is refused: the two contradict each other)
+        raise RunDirError(f"{out} holds a finished run: there is nothing to resume; to train it again, drop --resume "
+                          "and pass --overwrite, or choose another --out")
     if finished:
         raise RunDirError(f"{out} holds a finished run; pass --overwrite to replace it or choose another --out")
     if cfg.resume:
