@@ -113,8 +113,8 @@ def train_option_specs() -> list[OptionSpec]:
     add(g, "--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add(g, "--attention", choices=list(ATTENTION_CHOICES), help="attention kernel: auto = math on a CPU under bf16 "
         "(its fused backward is slow there), fused elsewhere (default auto)")
-    add(g, "--threads", dest="threads", type=int, help="CPU threads for torch (default: the cores not kept busy by "
-        "other programs)")
+    add(g, "--threads", dest="threads", type=int, metavar="N", help="CPU threads for torch (default or 0: the cores "
+        "not kept busy by other programs)")
     add(g, "--workers", dest="threads", type=_deprecated_workers, help=argparse.SUPPRESS)  # the old name
 
     g = "run folder"
