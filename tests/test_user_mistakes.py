@@ -490,6 +490,65 @@ def test_a_yaml_option_naming_a_folder_missing_or_broken_file_is_one_line(option
         assert said in _one_line_error(capsys)
 
 
+def _parsed_train_config(recipe: Path, *flags: str):
+    """The TrainConfig `mlae train --config recipe FLAGS` would train, from its own parser, without training."""
+    from mlae.cli import build_parser
+    from mlae.commands.train import config_from_args
+
+    return config_from_args(build_parser().parse_args(["train", "--config", str(recipe), *flags]))
+
+
+def test_recipe_text_where_a_number_belongs_is_read_as_its_flag_reads_it(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 and 5e-4 as text (a float needs a dot there); --lr 1e-3 is 0.001, and so is
+    the recipe's. The other settings' text converts as their flags' does (--seed 3), a per_dataset entry's too."""
+    import yaml
+
+    recipe = tmp_path / "cfg.yaml"
+    recipe.write_text("lr: 1e-3\nweight_decay: 5e-4\nseed: '3'\nepochs: 2.0\ncoeff_init: 2e-1\n"
+                      "per_dataset:\n  digits: {drop_path: 1e-2, img_size: '32'}\n")
+    assert yaml.safe_load(recipe.read_text())["lr"] == "1e-3"  # the YAML pitfall this is about
+    cfg = _parsed_train_config(recipe, "--dataset", "suite:digits")
+    assert (cfg.lr, cfg.weight_decay, cfg.seed, cfg.epochs, cfg.drop_path, cfg.img_size) == (0.001, 5e-4, 3, 2, 0.01,
+                                                                                             32)
+    assert type(cfg.epochs) is int and cfg.options()["coeff_init"] == 0.2
+    assert _parsed_train_config(recipe, "--lr", "2e-3").lr == 0.002  # the command line still overrides it
+
+
+@pytest.mark.parametrize("line, said", [
+    ("epochs: 1.5", "epochs: 1.5 is not an integer"),
+    ("epochs: true", "epochs: true is not an integer"),  # bool is an int subclass: it would train 1 epoch
+    ("epochs: one", "epochs: one is not an integer"),
+    ("seed: 3x", "seed: 3x is not an integer"),
+    ("lr: fast", "lr: fast is not a number"),
+    ("lr: no", "lr: false is not a number"),
+    ("pretrained: 3", "pretrained: 3 is not a boolean (true or false)"),
+    ("backbone: 3", "backbone: 3 is not a string"),
+    ("experts: true", "experts: true is not an integer"),
+    ("dropout: abc", "dropout: abc is not a probability or auto"),
+    ("per_dataset: {cifar: {epochs: 1.5}}", "per_dataset: cifar: epochs: 1.5 is not an integer"),
+])
+@pytest.mark.parametrize("command", [["train"], ["compare", "--methods", "lora", "--datasets", "suite:digits"],
+                                     ["sweep"]])
+def test_a_recipe_value_of_the_wrong_type_is_one_line_before_anything_is_written(line, said, command, tmp_path,
+                                                                                   capsys):
+    """Named with the file and the key before the run folder is made (not a TypeError from TrainConfig, or from the
+    first epoch after config.yaml and metrics.jsonl were written); another dataset's per_dataset entry too."""
+    recipe, out = tmp_path / "cfg.yaml", tmp_path / "out"
+    recipe.write_text(line + "\n")
+    assert main([*command, "--config", str(recipe), "--out", str(out)]) == 1
+    assert _one_line_error(capsys) == f"mlae: error: {recipe}: {said}"
+    assert not out.exists()
+
+
+def test_variants_and_sweep_grids_read_an_optional_number_as_a_number():
+    from mlae.experiments.sweep_space import parse_param
+    from mlae.experiments.variants import parse_methods
+
+    assert parse_methods("mlae[img_size=32]")[0].overrides == {"img_size": 32}
+    assert parse_methods("mlae[img_size=none]")[0].overrides == {"img_size": None}
+    assert parse_param("img_size=32,64", "mlae").values == (32, 64)
+
+
 def test_compare_reuses_a_finished_mole_run_whose_experts_have_moved(pets_run, pets, tmp_path, capsys):
     import shutil
 

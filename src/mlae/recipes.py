@@ -6,7 +6,10 @@ of an adapter method are made from its config class (:func:`config_options`): ev
 :func:`mlae.adapters.base.option` is one, so a new field there is a new flag and key without an edit here.
 
 A recipe is a flat YAML mapping of :class:`mlae.engine.TrainConfig` fields and method options, plus an
-optional ``per_dataset:`` mapping (dataset name -> overrides) applied when training on that dataset::
+optional ``per_dataset:`` mapping (dataset name -> overrides) applied when training on that dataset. Its values
+are checked against their settings' types when it is read (:func:`load_recipe`): text where a number or a
+boolean belongs is read as the setting's flag reads it (``lr: 1e-3``, which YAML 1.1 reads as text, is 0.001);
+any other value of the wrong type (``epochs: 1.5``, ``epochs: true``) is an error naming the file and the key::
 
     method: mlae
     lr: 5.0e-4
@@ -44,12 +47,12 @@ __all__ = [
     "dataset_key",
     "get_method",
     "parse_setting",
+    "setting_parser",
     "load_recipe",
     "register_method",
     "resolve_recipe",
 ]
 
-_bool = parse_bool  # commands/compare.py and commands/sweep.py import it by this name
 _KINDS = {"int": "an integer", "float": "a number", "dropout": "a probability or auto", "parse_bool": "a boolean "
           "(true/false, yes/no, 1/0)"}
 
@@ -66,6 +69,96 @@ def parse_setting(name: str, convert: Callable[[str], Any], text: str) -> Any:
 
 class RecipeError(InputError):
     """A recipe or method option that cannot be used."""
+
+
+# The text parser of a training setting by the kind of its TrainConfig field: the flag's type (argparse's int,
+# float), and for a boolean (a switch on the command line) what compare variants and sweep grids take.
+_TEXT_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "bool": parse_bool}
+_OPTION_KINDS = {int: "int", float: "float", parse_bool: "bool"}  # a method option's kind, by its parser
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "a boolean (true or false)", "str": "a string",
+             "dict": "a mapping"}
+
+
+def _field_kind(name: str) -> tuple[str, bool]:
+    """(the kind of TrainConfig field ``name``: "int", "float", "bool", "str", "dict", whether it may be None)."""
+    from .adapters.base import _kinds
+    from .engine import TrainConfig
+
+    kinds = [k.partition("[")[0] for k in _kinds(TrainConfig.__dataclass_fields__[name].type)]
+    return next((k for k in kinds if k != "None"), "None"), "None" in kinds
+
+
+def setting_parser(name: str) -> Callable[[str], Any]:
+    """The parser of the text of the training setting ``name`` (a TrainConfig field), as its command-line flag
+    reads it: ``int``, ``float``, a boolean (:func:`mlae.utils.parse_bool`) or the text itself; for a setting that
+    may be None (``img_size``), also ``none``/``null``. Recipes, compare variants and sweep grids read text so."""
+    kind, optional = _field_kind(name)
+    convert = _TEXT_PARSERS.get(kind, str)
+    if not optional:
+        return convert
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = convert.__name__  # parse_setting names what the setting takes by it
+    return parse
+
+
+def _shown(value: Any) -> str:
+    """A recipe's value as its YAML says it (``true``, ``null``, ``1.5``, ``one``), for error messages."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, str) and (not value.strip() or value.strip() != value):
+        return repr(value)
+    return str(value)
+
+
+def _typed(kind: str, value: Any, parse: Callable[[str], Any]) -> Any:
+    """``value`` as a setting of ``kind`` takes it: text through ``parse`` (its flag's conversion), a whole float as
+    an integer (as adapter configs store one); a ValueError where it is of another type (a boolean is no number, a
+    number no text)."""
+    if isinstance(value, str) and kind in _TEXT_PARSERS:
+        return parse(value)
+    if kind == "bool" and isinstance(value, bool) or kind == "str" and isinstance(value, str) or (
+            kind == "dict" and isinstance(value, dict)):
+        return value
+    if kind in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind == "float" or isinstance(value, int):
+            return value
+        if value.is_integer():
+            return int(value)
+    if kind in _EXPECTED:
+        raise ValueError(value)
+    return value  # a kind this check does not know: TrainConfig decides
+
+
+def _typed_settings(values: dict, where: str) -> dict:
+    """A recipe's ``values`` with each training setting and method option of the type it takes (see
+    :func:`_typed`; a method option's text through its flag's parser, e.g. ``dropout: '0.5'``); ``where`` (the
+    file, and the ``per_dataset`` entry) starts the error of one that is not. Keys that are neither are left to
+    :func:`config_from_options`, which names them, and so are method options' values that are no text and no
+    number or boolean (lists, for one): their adapter config checks them."""
+    from .engine import TrainConfig
+
+    options = {o.name: o for m in METHODS.values() for o in m.options}  # one declaration per name (register_method)
+    typed = {}
+    for key, value in values.items():
+        opt, kind = options.get(key), None
+        if key in TrainConfig.__dataclass_fields__:
+            (kind, optional), parse = _field_kind(key), setting_parser(key)
+        elif opt is not None and not opt.nargs and opt.type not in (str, parse_list):
+            kind, optional, parse = _OPTION_KINDS.get(opt.type, "text"), False, opt.type
+        if kind is None or kind == "text" and not isinstance(value, str) or value is None and optional:
+            typed[key] = value
+            continue
+        try:
+            typed[key] = parse(value) if kind == "text" else _typed(kind, value, parse)
+        except (ValueError, TypeError):
+            expected = _EXPECTED.get(kind) or _KINDS.get(getattr(parse, "__name__", ""), "a valid value")
+            raise RecipeError(f"{where}: {key}: {_shown(value)} is not {expected}") from None
+    return typed
 
 
 @dataclass(frozen=True)
@@ -283,14 +376,20 @@ def read_yaml(path: str | os.PathLike, what: str, option: str) -> Any:
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
-    """Read a YAML recipe into a dict (``per_dataset`` kept as is)."""
+    """Read a YAML recipe into a dict (``per_dataset`` kept as is), each value of the type its setting takes
+    (:func:`_typed_settings`): ``lr: 1e-3`` (text to YAML 1.1) is 0.001, ``epochs: 1.5`` an error."""
     data = read_yaml(path, "recipe", "--config")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of option: value")
     per_dataset = data.get("per_dataset", {})
     if not isinstance(per_dataset, dict) or not all(isinstance(v, dict) for v in per_dataset.values()):
         raise RecipeError(f"{path}: per_dataset must map dataset names to mappings of option: value")
-    return data
+    # Every value is checked now, those of other datasets' entries too: before any run folder is made.
+    typed = _typed_settings({k: v for k, v in data.items() if k != "per_dataset"}, str(path))
+    if "per_dataset" in data:
+        typed["per_dataset"] = {name: _typed_settings(entry, f"{path}: per_dataset: {name}")
+                                for name, entry in per_dataset.items()}
+    return typed
 
 
 def resolve_recipe(recipe: dict, dataset: str | None) -> dict:

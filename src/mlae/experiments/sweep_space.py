@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..recipes import RecipeError, get_method, parse_setting, read_yaml
+from ..recipes import RecipeError, get_method, parse_setting, read_yaml, setting_parser
 
 __all__ = ["Param", "DEFAULT_SPACE", "DEFAULT_RANGES", "parse_param", "load_space", "build_space"]
 
@@ -51,7 +51,6 @@ class Param:
 
 def _converter(name: str, method: str):
     from ..engine import TrainConfig
-    from ..recipes import _bool
 
     options = {o.name: o for o in get_method(method).options}
     if name in options:
@@ -60,8 +59,7 @@ def _converter(name: str, method: str):
     if name not in fields:
         raise RecipeError(f"cannot search {name!r}: not an option of method {method!r} nor a training setting "
                           f"(choose from {', '.join(sorted(options) + sorted(fields))})")
-    default = getattr(TrainConfig(), name)
-    return _bool if isinstance(default, bool) else type(default) if default is not None else str
+    return setting_parser(name)
 
 
 def parse_param(text: str, method: str) -> Param:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..recipes import RecipeError, get_method, parse_setting
+from ..recipes import RecipeError, get_method, parse_setting, setting_parser
 
 __all__ = ["Variant", "parse_methods", "parse_seeds"]
 
@@ -49,7 +49,6 @@ def _split_top(text: str) -> list[str]:
 
 def _parse_value(method_name: str, key: str, text: str) -> Any:
     from ..engine import TrainConfig
-    from ..recipes import _bool
 
     options = {o.name: o for o in get_method(method_name).options}
     if key in options:
@@ -65,12 +64,7 @@ def _parse_value(method_name: str, key: str, text: str) -> Any:
         known = sorted(options) + sorted(set(fields) - {*_FIXED, "method_options"})
         raise RecipeError(f"{method_name}[{key}=...]: {method_name!r} has no option {key!r}; known: "
                           f"{', '.join(known)}")
-    default = getattr(TrainConfig(), key)
-    if isinstance(default, bool):
-        return parse_setting(key, _bool, text)
-    if isinstance(default, (int, float)):
-        return parse_setting(key, type(default), text)
-    return None if text.lower() in ("none", "null") else text
+    return parse_setting(key, setting_parser(key), text)
 
 
 def parse_methods(text: str) -> list[Variant]:
