@@ -394,7 +394,8 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     (["--drop-path", "1.5"], "--drop-path"), (["--drop-path", "-0.5"], "--drop-path"),
     (["--threads", "-3"], "--threads"), (["--img-size", "-32"], "--img-size"),
     (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--resume", "--overwrite"], "--overwrite"),
-    (["--seed", "-1"], "--seed"),
+    (["--seed", "-1"], "--seed"), (["--batch-size", "0"], "--batch-size"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"), (["--eval-every", "-1"], "--eval-every"),
 ])
 def test_a_bad_training_value_is_one_line_naming_its_flag(flags, named, tmp_path, capsys):
     out = tmp_path / "run"

@@ -283,6 +283,11 @@ def test_train_and_eval_commands(tmp_path, capsys):
             main(["eval", "--adapter", str(tmp_path / "m" / "adapter.safetensors"), "--experts", bad])
         assert said in capsys.readouterr().err
     assert main([*base, "--method", "mole", "--out", str(tmp_path / "none")]) == 1  # no --experts-from
+    # one expert twice (its run folder and its adapter file): no mixture of two
+    assert main([*base, "--method", "mole", "--experts-from", str(tmp_path / "a"),
+                 str(tmp_path / "a" / "adapter.safetensors"), "--out", str(tmp_path / "twice")]) == 1
+    assert "names one expert more than once; list each once" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()
     capsys.readouterr()
     # Gates that weigh the LoRAs per input have no merged or single-LoRA form: one line that says so.
     for fmt in ("merged", "peft"):

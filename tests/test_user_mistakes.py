@@ -95,6 +95,14 @@ def test_a_run_folder_inside_the_dataset_folder_is_refused(where, command, pets,
     assert sorted(p.name for p in pets.iterdir()) == before
 
 
+def test_a_warmup_longer_than_the_run_is_said(pets, tmp_path):
+    from mlae.errors import MLAEWarning
+
+    with pytest.warns(MLAEWarning, match=r"warmup_epochs \(--warmup-epochs\) 5 is longer than the run \(--epochs 1\)"):
+        assert main(["train", "--dataset", f"folder:{pets}", *TINY, "--warmup-epochs", "5",
+                     "--out", str(tmp_path / "run")]) == 0
+
+
 def test_a_folder_that_holds_other_files_is_not_a_run_folder(pets, tmp_path, capsys):
     mine = tmp_path / "notes"
     mine.mkdir()
@@ -165,6 +173,12 @@ def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path, capsy
     err = _interrupt_after([*argv[1:], "--quiet"], lambda: epochs() > first + 1)
     assert prefix + command in err
     assert epochs() > first + 1 and not (out / "results.json").exists()
+    # --resume takes the settings the checkpoint records, even where config.yaml was emptied or is gone
+    from mlae.recipes import config_from_options
+
+    (out / "config.yaml").write_text("")
+    cfg = config_from_options({"resume": True, "out": str(out)})
+    assert cfg.epochs == 100000 and cfg.dataset == f"folder:{pets}" and cfg.batch_size == 16
     # the commands that read trained weights say what the folder is, and how to finish it
     capsys.readouterr()
     for args in (["eval", "--adapter", str(out)], ["export", "--adapter", str(out), "--out", str(tmp_path / "x")],

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +28,7 @@ from torch import nn
 from .adapters.base import Phase, TrainingHooks
 from .attention import ATTENTION_CHOICES, set_attention
 from .backbones import EMBEDDED, backbone_input_size, card_folder
-from .errors import InputError, MLAEError, TrainingError
+from .errors import InputError, MLAEError, MLAEWarning, TrainingError
 from .files import atomic_write_text
 from .hardware import (THREADS_RULE, DistInfo, auto_threads, autocast, init_distributed, resolve_device,
                        resolve_precision)
@@ -103,9 +104,10 @@ class TrainConfig:
             raise InputError(f"split must be test or val, not {self.split!r}")
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1")
+                raise InputError(f"{name} (--{name.replace('_', '-')}) must be >= 1, not {getattr(self, name)!r}")
         if self.eval_every < 0:
-            raise InputError("eval_every must be >= 1, or 0 for about four evaluations per run")
+            raise InputError(f"eval_every (--eval-every) must be >= 1, or 0 for about four evaluations per run, not "
+                             f"{self.eval_every!r}")
         # One check per value, naming it and its flag; `not x > 0` also refuses NaN (every comparison with NaN is
         # False), which would otherwise reach the optimiser or train a run of NaN losses.
         if not self.lr > 0 or math.isinf(self.lr):
@@ -323,6 +325,10 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
 
 def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None, stack: contextlib.ExitStack) -> dict:
+    if cfg.warmup_epochs > cfg.epochs:  # cut to the run's length below (_setup): say so
+        warnings.warn(f"warmup_epochs (--warmup-epochs) {cfg.warmup_epochs} is longer than the run (--epochs "
+                      f"{cfg.epochs}): the learning rate rises for the whole run and never decays", MLAEWarning,
+                      stacklevel=3)
     run = _setup(cfg, stack)
     try:
         metrics, first_epoch = _start(run)

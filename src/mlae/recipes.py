@@ -35,7 +35,7 @@ from .adapters.mlae import MLAETraining
 from .adapters.mole import MoLETraining, from_adapters
 from .errors import InputError
 from .inject import apply, freeze_backbone
-from .trained import expert_source
+from .trained import CHECKPOINT, expert_source
 from .utils import parse_bool, parse_list
 
 __all__ = [
@@ -313,6 +313,10 @@ def _mole_sources(options: dict) -> list[str]:
     if missing:
         raise RecipeError(f"--experts-from: {', '.join(missing)} not found (trained adapter files, run folders or "
                           "PEFT adapter folders)")
+    resolved = [str(Path(s).resolve()) for s in sources]
+    twice = sorted({s for s, r in zip(sources, resolved) if resolved.count(r) > 1})
+    if twice:  # two copies of one expert are no mixture of two
+        raise RecipeError(f"--experts-from: {', '.join(twice)} names one expert more than once; list each once")
     return sources
 
 
@@ -412,6 +416,24 @@ def canonical_config(d: dict) -> dict:
     return {**d, **method.canonical_options(d)}
 
 
+def _interrupted_settings(out: Path) -> dict:
+    """The settings an interrupted run in ``out`` was started with, for ``--resume``: the record its checkpoint
+    carries (the one the resumed run is checked against), else, for checkpoints older than that record, its
+    config.yaml; nothing when neither is there (the run folder check then says what is missing)."""
+    import json
+
+    from .files import read_safetensors_header
+
+    if (out / CHECKPOINT).is_file():
+        try:
+            recorded = json.loads(read_safetensors_header(out / CHECKPOINT, "checkpoint")["state"]).get("config")
+        except (InputError, KeyError, ValueError):  # a damaged checkpoint: the run folder check reports it
+            recorded = None
+        if recorded:
+            return recorded
+    return load_recipe(out / "config.yaml") if (out / "config.yaml").exists() else {}
+
+
 def config_from_options(options: dict, recipe: str | os.PathLike | None = None, *, check: bool = True):
     """A :class:`mlae.engine.TrainConfig` from options as ``mlae train`` takes them (TrainConfig fields and method
     options by name, only those given), with its precedence: the method's and TrainConfig's defaults < ``recipe``
@@ -427,8 +449,7 @@ def config_from_options(options: dict, recipe: str | os.PathLike | None = None, 
     if options.get("resume"):
         out = Path(options["out"]) if "out" in options else default_out(TrainConfig(**{
             k: v for k, v in options.items() if k in ("dataset", "method", "seed")}))
-        if (out / "config.yaml").exists():
-            base = load_recipe(out / "config.yaml")
+        base = _interrupted_settings(out)
     elif recipe:
         loaded = load_recipe(recipe)
         base = resolve_recipe(loaded, options.get("dataset", loaded.get("dataset", TrainConfig.dataset)))
