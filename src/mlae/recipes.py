@@ -417,21 +417,23 @@ def canonical_config(d: dict) -> dict:
 
 
 def _interrupted_settings(out: Path) -> dict:
-    """The settings an interrupted run in ``out`` was started with, for ``--resume``: the record its checkpoint
-    carries (the one the resumed run is checked against), else, for checkpoints older than that record, its
-    config.yaml; nothing when neither is there (the run folder check then says what is missing)."""
+    """The settings an interrupted run in ``out`` was started with, for ``--resume``: its config.yaml (a hand-edited
+    one is then refused against the checkpoint's record), or where that is gone or empty, the record its
+    checkpoint carries; nothing when neither is there (the run folder check then says what is missing)."""
     import json
 
     from .files import read_safetensors_header
 
+    config = out / "config.yaml"
+    if config.is_file() and config.read_text(errors="replace").strip():
+        return load_recipe(config)
     if (out / CHECKPOINT).is_file():
         try:
             recorded = json.loads(read_safetensors_header(out / CHECKPOINT, "checkpoint")["state"]).get("config")
         except (InputError, KeyError, ValueError):  # a damaged checkpoint: the run folder check reports it
             recorded = None
-        if recorded:
-            return recorded
-    return load_recipe(out / "config.yaml") if (out / "config.yaml").exists() else {}
+        return recorded or {}
+    return {}
 
 
 def config_from_options(options: dict, recipe: str | os.PathLike | None = None, *, check: bool = True):
