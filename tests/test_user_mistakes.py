@@ -187,6 +187,16 @@ def test_ctrl_c_says_how_to_continue_and_that_command_does(pets, tmp_path, capsy
         assert f"an unfinished run; finish it with `mlae train --resume --out '{out}'`" in _one_line_error(capsys)
 
 
+def test_an_unfinished_sweep_trial_is_finished_by_its_sweep(tmp_path, capsys):
+    """`mlae train --resume` there would finish it outside the study, which would never record it."""
+    trial = tmp_path / "sweep" / "trials" / "0"
+    trial.mkdir(parents=True)
+    (tmp_path / "sweep" / "study.db").touch()
+    (trial / "checkpoint.safetensors").touch()
+    assert main(["eval", "--adapter", str(trial)]) == 1
+    assert "an unfinished trial of a sweep; run the sweep command again to finish it" in _one_line_error(capsys)
+
+
 def test_a_peft_export_or_merged_export_folder_is_named_as_such(pets_run, tmp_path, capsys):
     peft, merged = tmp_path / "peft", tmp_path / "merged"
     assert main(["export", "--adapter", str(pets_run), "--format", "peft", "--out", str(peft)]) == 0
@@ -467,12 +477,14 @@ def test_a_compare_folder_where_one_run_is_needed_says_so(tmp_path):
         resolve_run(tmp_path / "cmp")
 
 
-@pytest.mark.parametrize("jobs", ["1", "2"])
-def test_a_sweep_whose_every_trial_failed_is_an_error_and_writes_no_best_yaml(jobs, pets, tmp_path, capfd):
-    """Not exit 0 and "wrote best.yaml" (which was never written): the study has no result."""
+@pytest.mark.parametrize("jobs, sampler", [("1", "grid"), ("2", "grid"), ("1", "tpe")])
+def test_a_sweep_whose_every_trial_failed_is_an_error_and_writes_no_best_yaml(jobs, sampler, pets, tmp_path, capfd):
+    """Not exit 0 and "wrote best.yaml" (which was never written): the study has no result. A TPE study's failed
+    trials use up its budget (else it would ask for new trials for ever)."""
     out = tmp_path / "s"
-    assert main(["sweep", "--dataset", f"folder:{pets}", *TINY, "--target-modules", "nothere", "--param",
-                 "dropout=0,0.5", "--param", "coeff_init=1", "--jobs", jobs, "--out", str(out)]) == 1
+    space = ["--param", "dropout=0,0.5"] if sampler == "grid" else ["--param", "dropout=0:0.5", "--trials", "2"]
+    assert main(["sweep", "--dataset", f"folder:{pets}", *TINY, "--target-modules", "nothere", *space,
+                 "--param", "coeff_init=1", "--sampler", sampler, "--jobs", jobs, "--out", str(out)]) == 1
     err = capfd.readouterr().err.strip().splitlines()
     assert sum("trial" in line and "failed: no nn.Linear" in line for line in err) == 2, err
     assert err[-1].startswith("mlae: error: no trial of the study completed: 2 failed"), err

@@ -41,7 +41,8 @@ def _check_outside_run(adapter: Path, target: Path) -> None:
     in_run = (run / "config.yaml").exists() or (run / "results.json").exists()  # a `mlae train` folder
     if where == source or (in_run and (where == run or run in where.parents)):
         raise InputError(f"--out {target} is {'the adapter itself' if where == source else 'inside its run folder'} "
-                         f"{run}: the export would replace the run's files; choose --out outside {run}")
+                         f"{run}: the export would mix with (with --overwrite, replace) the run's files; choose --out "
+                         f"outside {run}")
 
 
 def export_file(adapter: str, fmt: str, out: str, overwrite: bool = False) -> Path:

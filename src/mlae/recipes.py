@@ -35,7 +35,7 @@ from .adapters.mlae import MLAETraining
 from .adapters.mole import MoLETraining, from_adapters
 from .errors import InputError
 from .inject import apply, freeze_backbone
-from .trained import CHECKPOINT, expert_source
+from .trained import CHECKPOINT, checkpoint_settings, expert_source
 from .utils import parse_bool, parse_list
 
 __all__ = [
@@ -420,16 +420,12 @@ def _interrupted_settings(out: Path) -> dict:
     """The settings an interrupted run in ``out`` was started with, for ``--resume``: its config.yaml (a hand-edited
     one is then refused against the checkpoint's record), or where that is gone or empty, the record its
     checkpoint carries; nothing when neither is there (the run folder check then says what is missing)."""
-    import json
-
-    from .files import read_safetensors_header
-
     config = out / "config.yaml"
     if config.is_file() and config.read_text(errors="replace").strip():
         return load_recipe(config)
     if (out / CHECKPOINT).is_file():
         try:
-            recorded = json.loads(read_safetensors_header(out / CHECKPOINT, "checkpoint")["state"]).get("config")
+            recorded = checkpoint_settings(out / CHECKPOINT)
         except (InputError, KeyError, ValueError):  # a damaged checkpoint: the run folder check reports it
             recorded = None
         return recorded or {}

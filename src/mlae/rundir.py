@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .errors import RunDirError, TrainingError
-from .files import FolderLock, atomic_save_file, atomic_write_text, read_safetensors_header
+from .files import FolderLock, atomic_save_file, atomic_write_text
 from .recipes import METHODS, canonical_config, dataset_key
-from .trained import ADAPTER_FILE, CHECKPOINT, MODEL_FILE, absolute_spec
+from .trained import ADAPTER_FILE, CHECKPOINT, MODEL_FILE, absolute_spec, checkpoint_settings
 from .utils import pyplot, save_png, set_rng_state
 
 if TYPE_CHECKING:  # annotations only: the engine imports this module
@@ -140,7 +140,7 @@ def _check_resume(out: Path, cfg: TrainConfig) -> None:
     written with (config.yaml for checkpoints older than that record)."""
     import yaml
 
-    before = json.loads(read_safetensors_header(out / CHECKPOINT, "checkpoint")["state"]).get("config")
+    before = checkpoint_settings(out / CHECKPOINT)
     if before is None and (out / "config.yaml").exists():
         before = yaml.safe_load((out / "config.yaml").read_text())
     if before is None:

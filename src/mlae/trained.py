@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: the engine imports this module
 
 __all__ = ["load_trained", "weights_file", "expert_source", "absolute_spec", "read_weights_metadata",
            "weights_metadata", "save_weights", "timm_spec", "merged_state_dict", "build_backbone", "backbone_kwargs",
-           "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT", "what_folder"]
+           "ADAPTER_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT", "checkpoint_settings", "what_folder"]
 
 ADAPTER_FILE = "adapter.safetensors"  # the weights in the run folder: the adapter's,
 MODEL_FILE = "model.safetensors"      # or the whole model's (full fine-tuning), in this format:
@@ -129,8 +129,17 @@ def weights_file(path: str | os.PathLike) -> Path:
     raise MissingFileError(f"{p} holds no {ADAPTER_FILE} or {MODEL_FILE}: {what_folder(p)}")
 
 
+def checkpoint_settings(path: Path) -> dict | None:
+    """The settings a checkpoint records (``config``: what the run started with), None where it records none."""
+    from .files import read_safetensors_header
+
+    return json.loads(read_safetensors_header(path, "checkpoint")["state"]).get("config")
+
+
 def what_folder(p: Path) -> str:
     """What a folder without trained weights is, and what to do, for the errors of the commands that read them."""
+    if (p / CHECKPOINT).is_file() and p.parent.name == "trials" and (p.parent.parent / "study.db").exists():
+        return "an unfinished trial of a sweep; run the sweep command again to finish it"
     if (p / CHECKPOINT).is_file():
         return (f"an unfinished run; finish it with `mlae train --resume --out {shlex.quote(str(p))}` (its "
                 "settings come from its config.yaml), or name a finished run")

@@ -332,7 +332,18 @@ class Sweep:
         from optuna.trial import TrialState
 
         counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        return len(self.study.get_trials(deepcopy=False, states=counted)) < self.budget()
+        used = len(self.study.get_trials(deepcopy=False, states=counted)) + len(self.failed())
+        return used < self.budget()
+
+    def failed(self) -> list:
+        """The trials that failed for good: not a spare (see next_trial), not one queued again (an interrupted or
+        dead worker's). They use up TPE budget: else a study whose every trial fails would never end."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retry_of") for t in trials}
+        return [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("spare")
+                and t.number not in retried]
 
     def budget(self) -> int:
         """The TPE study's trial budget: the largest --trials any of its workers gave (one may raise it while the
@@ -346,7 +357,8 @@ class Sweep:
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
             return False
         if self.sampler == "tpe":
-            return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) >= self.budget()
+            closed = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) + len(self.failed())
+            return closed >= self.budget()
         return True
 
     # ----------------------------------------------------------------------------- trials
@@ -453,14 +465,10 @@ class Sweep:
 
     def check_completed(self) -> None:
         """A finished study none of whose trials completed has no result: an error (exit 1), not a report."""
-        from optuna.trial import TrialState
-
         if self.complete() and best_trial(self.study) is None:
-            failed = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                      if not t.user_attrs.get("spare")]
-            raise SweepError(f"no trial of the study completed: {len(failed)} failed (their errors are above and in "
-                             f"{self.out / 'trials'}); fix the cause and start the sweep again with another --out "
-                             "or --study-name")
+            raise SweepError(f"no trial of the study completed: {len(self.failed())} failed (their errors are above "
+                             f"and in {self.out / 'trials'}); fix the cause and start the sweep again with another "
+                             "--out or --study-name")
 
     # ----------------------------------------------------------------------------- final
 
