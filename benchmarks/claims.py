@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import math
 import re
 from collections import defaultdict
@@ -141,13 +142,22 @@ def from_regime(path: Path) -> None:
     """Tables of docs/REPRODUCTION.md's paper-regime section from the committed CSV of benchmarks/paper_regime.py:
     one section per study setting (backbone, epochs, lr, precision), since rows of different settings do not compare."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [_learner_label(r) for r in csv.DictReader(f)]
     settings: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         settings[r["backbone"], int(r["epochs"]), float(r["lr"]), r.get("precision") or "bf16"].append(r)
     for (backbone, epochs, lr, precision), subset in sorted(settings.items()):
         print(f"# Backbone {backbone or 'embedded (default)'}, {epochs} epochs, lr {lr:g}, {precision}\n")
         regime_section(subset)
+
+
+def _learner_label(row: dict) -> dict:
+    """A learned-p row labelled by the learner its config names: tables written before 2026-12-04 called the
+    heldout learner's rows ``mlae-auto`` and the concrete learner's ``mlae-auto-concrete``."""
+    if row["variant"] in ("mlae-auto", "mlae-auto-concrete", "mlae-auto-heldout"):
+        heldout = json.loads(row["config"]).get("dropout_learner") == "heldout"
+        return {**row, "variant": "mlae-auto-heldout" if heldout else "mlae-auto"}
+    return row
 
 
 def trials_section(rows: list[dict]) -> None:

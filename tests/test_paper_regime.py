@@ -158,3 +158,16 @@ def test_claims_part_trains_variant_by_variant(tmp_path, monkeypatch):
         ("a", "suite:digits", 0), ("a", "suite:digits", 1), ("a", "suite:textures", 0), ("a", "suite:textures", 1),
         ("b", "suite:digits", 0), ("b", "suite:digits", 1), ("b", "suite:textures", 0), ("b", "suite:textures", 1)]
     assert [w[0] for w in wanted[:4]] == ["mlae[dropout=0]"] * 2 + ["mlae[dropout=0.5]"] * 2  # {p}: each task's own
+
+
+def test_learned_p_rows_are_labelled_by_the_learner_their_config_names():
+    """Tables written before the relabel called the heldout learner's rows mlae-auto: they still read right."""
+    spec = importlib.util.spec_from_file_location("claims", ROOT / "benchmarks" / "claims.py")
+    claims = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(claims)
+    heldout = '{"dropout": "auto", "dropout_learner": "heldout"}'
+    concrete = '{"dropout": "auto", "dropout_learner": "concrete"}'
+    assert claims._learner_label({"variant": "mlae-auto", "config": heldout})["variant"] == "mlae-auto-heldout"
+    assert claims._learner_label({"variant": "mlae-auto-concrete", "config": concrete})["variant"] == "mlae-auto"
+    assert claims._learner_label({"variant": "mlae-auto", "config": concrete})["variant"] == "mlae-auto"
+    assert claims._learner_label({"variant": "lora", "config": "{}"})["variant"] == "lora"
