@@ -104,6 +104,25 @@ def test_merge_without_keeping_original_unmerges_up_to_rounding(case):
         torch.testing.assert_close(l.base.weight, base[n], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["lora", "mlae-stochastic"])
+def test_unmerge_after_loading_another_merged_model_gives_that_models_weights(case):
+    """The kept original belongs to the weight merge wrote; a merged checkpoint loaded over it is unmerged by
+    subtraction instead of restoring this model's own old weight."""
+    source, x = build(case)
+    merged = mlae.merge(source) or source
+    source_base = {n: l.original_weight().clone() for n, l in mlae.adapter_layers(merged)}
+    target, _ = build(case)  # the same architecture, with other backbone and adapter weights:
+    randomize(target, seed=2)
+    with torch.no_grad():
+        for _, l in mlae.adapter_layers(target):
+            l.base.weight.add_(1.0)
+    mlae.merge(target)
+    target.load_state_dict(merged.state_dict())
+    mlae.unmerge(target)
+    for n, l in mlae.adapter_layers(target):
+        torch.testing.assert_close(l.base.weight, source_base[n], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_refuses_non_finite_weights(case):
     model, x = build(case)

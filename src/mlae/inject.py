@@ -170,7 +170,7 @@ def backbone_fingerprint(model: nn.Module) -> str | None:
     with adapters applied agree. Buffers are left out: running statistics (BatchNorm) move in training even
     when frozen. ``None`` when a layer was merged without keeping its original."""
     layers = dict(adapter_layers(model))
-    if any(layer.merged and layer._original_weight is None for layer in layers.values()):
+    if any(layer.merged and layer.original_weight() is None for layer in layers.values()):
         return None
     skip = [n + "." for n in getattr(model, HEADS_ATTR, None) or head_module_names(model)]
     h = hashlib.sha256()
@@ -178,7 +178,7 @@ def backbone_fingerprint(model: nn.Module) -> str | None:
         owner, _, rest = key.rpartition(".base.")
         if owner in layers:
             if layers[owner].merged and rest == "weight":
-                value = layers[owner]._original_weight
+                value = layers[owner].original_weight()
             key = f"{owner}.{rest}"
         elif any(key.startswith(p) for p in skip) or any(key.startswith(n + ".") for n in layers):
             continue  # the head, and the adapters' own tensors

@@ -289,6 +289,7 @@ class AdapterLayer(nn.Module):
         self.name = ""  # qualified name in the model, set by inject.apply; used in error messages
         self.merged = False
         self._original_weight: torch.Tensor | None = None
+        self._merged_version: int | None = None  # the weight's version counter right after merge
 
     @property
     def in_features(self) -> int:
@@ -376,13 +377,22 @@ class AdapterLayer(nn.Module):
         # Keeping the original makes unmerge exact (W + ΔW - ΔW is not W in floating point).
         self._original_weight = self.base.weight.detach().clone() if keep_original else None
         self.base.weight.copy_(new_weight)
+        self._merged_version = self.base.weight._version  # see original_weight()
         self.merged = True
+
+    def original_weight(self) -> torch.Tensor | None:
+        """The weight from before :meth:`merge`, where it still belongs to the merged weight: None when none was
+        kept, or when the weight was written since (``load_state_dict`` of another merged model), whose original
+        this copy is not."""
+        if self._original_weight is None or self.base.weight._version != self._merged_version:
+            return None
+        return self._original_weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        if self._original_weight is not None:
+        if self.original_weight() is not None:
             self.base.weight.copy_(self._original_weight)
         else:
             w = self.base.weight
