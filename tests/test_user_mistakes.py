@@ -103,6 +103,14 @@ def test_a_warmup_longer_than_the_run_is_said(pets, tmp_path):
                      "--out", str(tmp_path / "run")]) == 0
 
 
+@pytest.mark.parametrize("analysis", [["similarity"], ["attention", "--block", "-1"]])
+def test_an_analysis_into_the_dataset_folder_of_its_run_is_refused(analysis, pets, pets_run, capsys):
+    before = sorted(p.name for p in pets.iterdir())
+    assert main(["analyze", *analysis, str(pets_run), "--out", str(pets / "figures")]) == 1
+    assert f"is inside the dataset folder {pets.resolve()}" in _one_line_error(capsys)
+    assert sorted(p.name for p in pets.iterdir()) == before
+
+
 def test_a_folder_that_holds_other_files_is_not_a_run_folder(pets, tmp_path, capsys):
     mine = tmp_path / "notes"
     mine.mkdir()
@@ -217,6 +225,16 @@ def test_predict_takes_a_folder_of_images(pets_run, pets, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     cats = sorted(str(p) for p in (pets / "cat").iterdir())
     assert [line.split("\t")[0] for line in lines] == [*cats, dog]
+
+
+def test_predict_does_not_write_over_or_into_its_images(pets_run, pets, capsys):
+    dog = sorted((pets / "dog").iterdir())[0]
+    image = dog.read_bytes()
+    for out, said in ((dog, "is one of the images to predict"), (pets / "cat" / "p.json", "inside the image folder")):
+        assert main(["predict", "--adapter", str(pets_run), str(pets / "cat"), str(dog), "--out", str(out),
+                     "--overwrite"]) == 1
+        assert said in _one_line_error(capsys)
+    assert dog.read_bytes() == image and not (pets / "cat" / "p.json").exists()
 
 
 def test_predict_names_a_missing_path_and_an_empty_folder(pets_run, tmp_path, capsys):

@@ -406,11 +406,25 @@ def _register_predict(subparsers) -> None:
     p.set_defaults(func=run_predict)
 
 
+def _check_not_an_input(out: Path | None, images: list[str]) -> None:
+    """predict --out must not be one of the images, nor lie in an image folder: --overwrite would replace an
+    image with the JSON, or the next prediction over that folder would meet it."""
+    if out is None:
+        return
+    where = out.resolve()
+    for image in map(Path, images):
+        if where == image.resolve():
+            raise InputError(f"--out {out} is one of the images to predict; choose --out elsewhere")
+        if image.is_dir() and image.resolve() in where.parents:
+            raise InputError(f"--out {out} is inside the image folder {image} to predict; choose --out elsewhere")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from ..evaluation import predict_files
 
     try:
         out = _json_out(args.out, args.overwrite)
+        _check_not_an_input(out, args.images)
         _set_threads(args.threads)
         predictions = predict_files(args.adapter, args.images, top=args.top, device=args.device)
     except Exception as err:

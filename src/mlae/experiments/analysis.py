@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError, MissingFileError, MLAEError, MLAEWarning
-from ..trained import ADAPTER_FILE, MODEL_FILE, load_trained, what_folder
+from ..rundir import check_outside_datasets
+from ..trained import ADAPTER_FILE, MODEL_FILE, load_trained, read_weights_metadata, what_folder
 from ..utils import pyplot, save_png
 from .attention_maps import attention_maps, plot_attention, sample_images
 
@@ -442,10 +443,19 @@ def _dropout_markdown(histories: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------------------------- analyses
 
 
-def _claim(out: str | Path, names: list[str], overwrite: bool) -> Path:
+def _claim(out: str | Path, names: list[str], overwrite: bool, runs: list[Path] = ()) -> Path:
     """The output folder, after checking that none of the files an analysis writes there exists yet (unless
-    ``overwrite``): figures of an earlier analysis are not replaced silently. Checked before any work."""
+    ``overwrite``): figures of an earlier analysis are not replaced silently; and that it is not inside the
+    ``folder:`` dataset one of ``runs`` was trained on (the next run there would read it as a class). Checked
+    before any work."""
     out = Path(out)
+    specs = []
+    for run in runs:
+        try:
+            specs.append(read_weights_metadata(resolve_run(run)).get("dataset_spec") or "")
+        except MLAEError:  # not an adapter run: the analysis leaves it out, or says why it cannot use it
+            continue
+    check_outside_datasets(out, specs)
     taken = [n for n in names if (out / n).exists()]
     if taken and not overwrite:
         raise InputError(f"{out} already holds {', '.join(taken)}; pass --overwrite to replace them or choose "
@@ -462,7 +472,7 @@ def analyze_similarity(runs: list[str | Path], out: str | Path, *, layer: str | 
     Files of an earlier analysis in ``out`` are an error unless ``overwrite``."""
     runs, names = _runs_and_labels(runs, labels)
     out = _claim(out, ["similarity.png", "similarity.json", "similarity.md", "similarity_by_dataset.png"]
-                 + [f"similarity_matrix_{_filename(n)}.png" for n in names], overwrite)
+                 + [f"similarity_matrix_{_filename(n)}.png" for n in names], overwrite, [r for r, _ in runs])
 
     def report(label: str, run: Path) -> dict:
         path = resolve_run(run)
@@ -492,7 +502,7 @@ def analyze_attention(run: str | Path, block: int, out: str | Path, *, images: i
     depth = len(getattr(model, "blocks", ()))
     block = block + depth if -depth <= block < 0 else block
     stem = f"attention_block{block}"
-    out = _claim(out, [f"{stem}.png", f"{stem}.json"], overwrite)
+    out = _claim(out, [f"{stem}.png", f"{stem}.json"], overwrite, [path])
     x, shown = sample_images(meta, images, dataset, data_root, split)
     columns, maps = attention_maps(model, x, block, other_blocks)
     label = run_labels([run])[0]
@@ -511,7 +521,8 @@ def analyze_dropout(runs: list[str | Path], out: str | Path, *, labels: str | li
     writes dropout.png, dropout_profile.png, dropout.json and dropout.md into ``out`` (files of an earlier analysis
     there are an error unless ``overwrite``)."""
     runs, names = _runs_and_labels(runs, labels)
-    out = _claim(out, ["dropout.png", "dropout_profile.png", "dropout.json", "dropout.md"], overwrite)
+    out = _claim(out, ["dropout.png", "dropout_profile.png", "dropout.json", "dropout.md"], overwrite,
+                 [r for r, _ in runs])
     histories = _each_usable(runs, names, lambda label, run: dropout_history(run))
     out.mkdir(parents=True, exist_ok=True)
     for name, fig in (("dropout.png", plot_dropout_history(histories)),
