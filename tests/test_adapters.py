@@ -357,6 +357,8 @@ def test_expert_similarity_matches_brute_force(case):
         assert per_layer[name] == pytest.approx(_brute_force_similarity(layer), abs=1e-5, nan_ok=True)
     defined = [v for v in per_layer.values() if not math.isnan(v)]
     assert defined and mlae.expert_similarity(model) == pytest.approx(sum(defined) / len(defined), abs=1e-6)
+    with pytest.raises(mlae.MLAEError, match=r"takes one adapter layer .*expert_similarity\(model\) covers"):
+        mlae.similarity_matrix(model)  # the whole model, as expert_similarity takes it
 
 
 def test_similarity_of_untrained_experts_is_undefined_not_zero():

@@ -20,6 +20,9 @@ __all__ = ["expert_similarity", "similarity_matrix"]
 @torch.no_grad()
 def similarity_matrix(layer: AdapterLayer) -> torch.Tensor:
     """``[E, E]`` cosine similarities between the experts of one adapter layer (NaN where an expert is zero)."""
+    if not isinstance(layer, AdapterLayer):  # a whole model is the natural mistake: expert_similarity takes one
+        raise InputError(f"similarity_matrix takes one adapter layer (one of mlae.adapter_layers(model)), not a "
+                        f"{type(layer).__name__}; mlae.expert_similarity(model) covers a whole model")
     a, b = (t.detach().double() for t in layer.factors())
     sizes = layer.expert_sizes()
     group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
