@@ -94,6 +94,16 @@ def _comparable(config: dict) -> dict:
                                   if k not in WORKER_LOCAL}))
 
 
+def _failed(trials: list) -> list:
+    """The trials that failed for good: not a spare (see Sweep.next_trial), not one queued again (an interrupted or
+    dead worker's). They use up a TPE study's budget: else a study whose every trial fails would never end."""
+    from optuna.trial import TrialState
+
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("spare")
+            and t.number not in retried]
+
+
 def _enqueue(study, params: dict, **attrs) -> None:
     """Queue a trial with fixed ``params``, kept in its user attrs as well: a worker that fails the trial later
     (its worker died, perhaps before suggesting them) queues them again from there."""
@@ -331,19 +341,9 @@ class Sweep:
     def _budget_left(self) -> bool:
         from optuna.trial import TrialState
 
+        trials = self.study.get_trials(deepcopy=False)  # once: a query of the storage each time
         counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        used = len(self.study.get_trials(deepcopy=False, states=counted)) + len(self.failed())
-        return used < self.budget()
-
-    def failed(self) -> list:
-        """The trials that failed for good: not a spare (see next_trial), not one queued again (an interrupted or
-        dead worker's). They use up TPE budget: else a study whose every trial fails would never end."""
-        from optuna.trial import TrialState
-
-        trials = self.study.get_trials(deepcopy=False)
-        retried = {t.user_attrs.get("retry_of") for t in trials}
-        return [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("spare")
-                and t.number not in retried]
+        return sum(t.state in counted for t in trials) + len(_failed(trials)) < self.budget()
 
     def budget(self) -> int:
         """The TPE study's trial budget: the largest --trials any of its workers gave (one may raise it while the
@@ -357,7 +357,7 @@ class Sweep:
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
             return False
         if self.sampler == "tpe":
-            closed = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) + len(self.failed())
+            closed = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) + len(_failed(trials))
             return closed >= self.budget()
         return True
 
@@ -466,9 +466,10 @@ class Sweep:
     def check_completed(self) -> None:
         """A finished study none of whose trials completed has no result: an error (exit 1), not a report."""
         if self.complete() and best_trial(self.study) is None:
-            raise SweepError(f"no trial of the study completed: {len(self.failed())} failed (their errors are above "
-                             f"and in {self.out / 'trials'}); fix the cause and start the sweep again with another "
-                             "--out or --study-name")
+            failed = _failed(self.study.get_trials(deepcopy=False))
+            raise SweepError(f"no trial of the study completed: {len(failed)} failed (their errors are above and in "
+                             f"{self.out / 'trials'}); fix the cause and start the sweep again with another --out "
+                             "or --study-name")
 
     # ----------------------------------------------------------------------------- final
 
