@@ -81,10 +81,10 @@ _EXPECTED = {"int": "an integer", "float": "a number", "bool": "a boolean (true 
 
 def _field_kind(name: str) -> tuple[str, bool]:
     """(the kind of TrainConfig field ``name``: "int", "float", "bool", "str", "dict", whether it may be None)."""
-    from .adapters.base import _kinds
+    from .adapters.base import annotation_kinds
     from .engine import TrainConfig
 
-    kinds = [k.partition("[")[0] for k in _kinds(TrainConfig.__dataclass_fields__[name].type)]
+    kinds = [k.partition("[")[0] for k in annotation_kinds(TrainConfig.__dataclass_fields__[name].type)]
     return next((k for k in kinds if k != "None"), "None"), "None" in kinds
 
 

@@ -31,8 +31,8 @@ from torch import nn
 from ..errors import InputError, MLAEWarning, NotMergeableError
 from ..utils import parse_bool, parse_list
 
-__all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict", "adapter_layers", "option", "option_flag", "Phase",
-           "TrainingHooks"]
+__all__ = ["AdapterConfig", "AdapterLayer", "CONFIGS", "config_from_dict", "adapter_layers", "option", "option_flag",
+           "annotation_kinds", "Phase", "TrainingHooks"]
 
 # A field's parser from the command line or a recipe, by the type of its default (option() may name another).
 _PARSERS: dict[type, Callable[[Any], Any]] = {bool: parse_bool, int: int, float: float, str: str, list: parse_list}
@@ -77,7 +77,7 @@ def _flag(f: dataclasses.Field) -> str:
     return f" ({option_flag(f.metadata.get('name') or f.name, f.default)})" if f.metadata else ""
 
 
-def _kinds(annotation: Any) -> list[str]:
+def annotation_kinds(annotation: Any) -> list[str]:
     """The alternatives of a field annotation as text (``"float | None"`` -> ``["float", "None"]``), whether the
     config's module wrote ``from __future__ import annotations`` (a string) or not (a type or typing object)."""
     if isinstance(annotation, str):
@@ -86,11 +86,11 @@ def _kinds(annotation: Any) -> list[str]:
         return ["None"]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        return [k for a in args for k in _kinds(a)]
+        return [k for a in args for k in annotation_kinds(a)]
     if origin is typing.Literal:
         return [f"Literal[{', '.join(map(repr, args))}]"]
     if origin is list and len(args) == 1 or origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return [f"list[{'|'.join(_kinds(args[0]))}]"]
+        return [f"list[{'|'.join(annotation_kinds(args[0]))}]"]
     if origin in (list, tuple):
         return [origin.__name__]  # tuple[int, str]: not checked here; the method's own validation decides
     if isinstance(annotation, type):
@@ -205,7 +205,7 @@ class AdapterConfig:
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         for f in dataclasses.fields(self):
-            value, kinds = _plain(getattr(self, f.name)), _kinds(f.type)
+            value, kinds = _plain(getattr(self, f.name)), annotation_kinds(f.type)
             if not any(_has_kind(value, k) for k in kinds):
                 raise InputError(f"{f.name}{_flag(f)} must be {' or '.join(map(_kind_name, kinds))}, got {value!r}")
             # A whole float where only an integer belongs (seed=2.0, from a YAML "2.0" or a division) is stored
