@@ -89,7 +89,8 @@ def test_similarity_command_writes_figures_and_tables(runs, tmp_path, capsys):
 
 def test_similarity_overwrite_leaves_no_figure_of_the_earlier_analysis(runs, tmp_path):
     """similarity_by_dataset.png exists only for runs of several datasets: an analysis of one dataset written over
-    one of two removes it instead of leaving the old figure beside the new files."""
+    one of two removes it instead of leaving the old figure beside the new files; so goes the matrix figure of the
+    run the new analysis leaves out (a file of the user's own beside them stays)."""
     from mlae.trained import load_trained
 
     reports = {name: {**analyze.similarity_report(load_trained(path / "adapter.safetensors")[0]), "series": name,
@@ -97,9 +98,13 @@ def test_similarity_overwrite_leaves_no_figure_of_the_earlier_analysis(runs, tmp
                for (name, path), dataset in zip(runs.items(), ("cifar", "dtd"))}
     analyze.write_similarity(reports, tmp_path)
     _png(tmp_path / "similarity_by_dataset.png")
+    assert {p.name for p in tmp_path.glob("similarity_matrix_*")} == {f"similarity_matrix_{n}.png" for n in runs}
+    (tmp_path / "similarity_matrix_mine.png").write_bytes(b"not the analysis' own")
     analyze.write_similarity({"mlae": reports["mlae"]}, tmp_path)
     assert not (tmp_path / "similarity_by_dataset.png").exists() and list(json.loads(
         (tmp_path / "similarity.json").read_text())) == ["mlae"]
+    assert {p.name for p in tmp_path.glob("similarity_matrix_*")} == {"similarity_matrix_mlae.png",
+                                                                      "similarity_matrix_mine.png"}
 
 
 def test_similarity_plot_has_one_series_per_run(runs):

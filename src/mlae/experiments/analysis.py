@@ -329,6 +329,11 @@ def _json_safe(obj):
 
 def write_similarity(reports: dict[str, dict], out: Path, absolute: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    earlier = out / "similarity.json"  # an analysis this one replaces (--overwrite): its runs' matrices go too
+    try:
+        stale = {_filename(label) for label in json.loads(earlier.read_text())} if earlier.exists() else set()
+    except (ValueError, TypeError):  # not an analysis' record: nothing is known to be stale
+        stale = set()
     key = "mean_abs" if absolute else "mean"
     save_png(plot_similarity(reports, key), out / "similarity.png", dpi=120)
     if len({r["dataset"] for r in reports.values()}) > 1:
@@ -340,6 +345,8 @@ def write_similarity(reports: dict[str, dict], out: Path, absolute: bool = False
         save_png(fig, out / f"similarity_matrix_{_filename(label)}.png", dpi=120)
     (out / "similarity.json").write_text(json.dumps(_json_safe(reports), indent=2) + "\n")
     (out / "similarity.md").write_text(_markdown(reports))
+    for name in stale - {_filename(label) for label in reports}:
+        (out / f"similarity_matrix_{name}.png").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- dropout
