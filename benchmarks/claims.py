@@ -135,7 +135,12 @@ REGIME_CLAIMS = CLAIMS + [("7. DMLoRA beats LoRA", "dmlora", "lora"),
                           ("selecting MLAE's p on test instead of val200", "mlae (test-selected)", "mlae"),
                           ("selecting LoRA's alpha on test instead of val200", "lora (test-selected)", "lora"),
                           # the protocol of the VTAB repos the paper builds on: both methods tuned on test
-                          ("MLAE beats LoRA, both selected on test", "mlae (test-selected)", "lora (test-selected)")]
+                          ("MLAE beats LoRA, both selected on test", "mlae (test-selected)", "lora (test-selected)"),
+                          # MLAE given the update scale alpha / r that LoRA chose on val200 (MLAE's own s is 1)
+                          ("MLAE at LoRA's chosen scale beats LoRA", "mlae-lora-scale", "lora"),
+                          ("LoRA's chosen scale helps MLAE (p chosen on val200)", "mlae-lora-scale", "mlae"),
+                          ("MLAE p = 0 at LoRA's chosen scale vs LoRA (the decomposition alone)", "mlae-p0-lora-scale",
+                           "lora")]
 
 
 def from_regime(path: Path) -> None:

@@ -41,6 +41,7 @@ import torch
 from mlae.rundir import RESULTS
 from mlae.experiments.compare import Run, dataset_slug, execute_runs, resolve_config
 from mlae.experiments.variants import parse_methods
+from mlae.adapters.lora import LoRAConfig
 from mlae.backbones import DEFAULT_EMBEDDED
 from mlae.data import expand_specs
 from mlae.files import atomic_write_text
@@ -66,7 +67,12 @@ CLAIM_VARIANTS = ("mlae-p0=mlae[dropout=0],lora-dropout,mlae-frozen-c=mlae[dropo
                   # 1,000 images); "mlae-auto-heldout" the controller that holds out 200 of the 1,000 images.
                   # Both name their learner, so the rows keep their meaning if the default changes.
                   "mlae-p0.5=mlae[dropout=0.5],mlae-auto=mlae[dropout=auto,dropout_learner=concrete],"
-                  "mlae-auto-heldout=mlae[dropout=auto,dropout_learner=heldout]")
+                  "mlae-auto-heldout=mlae[dropout=auto,dropout_learner=heldout],"
+                  # LoRA's update is scaled by alpha / r, and its alpha was chosen on val200; MLAE's scale s
+                  # is 1 (the official code's). "{lora_scale}" is that task's chosen alpha / r, so these ask
+                  # whether LoRA's lead is the scale it was allowed to choose.
+                  "mlae-lora-scale=mlae[dropout={p},scale={lora_scale}],"
+                  "mlae-p0-lora-scale=mlae[dropout=0,scale={lora_scale}]")
 
 
 CPU = cpu_name()  # timings in ``seconds`` compare only between rows of one CPU
@@ -254,7 +260,14 @@ class Study:
                 print(f"{d}: no p chosen on validation yet; run the select part first", file=sys.stderr)
                 continue
             p = parse_methods(label)[0].overrides["dropout"]
-            for v in parse_methods(self.args.claim_variants.replace("{p}", f"{p:g}")):
+            text = self.args.claim_variants.replace("{p}", f"{p:g}")
+            if "{lora_scale}" in text:
+                lora = self.chosen(d, "lora", "val")
+                if lora is None:
+                    print(f"{d}: no LoRA alpha chosen on validation yet; run the select part first", file=sys.stderr)
+                    continue
+                text = text.replace("{lora_scale}", f"{lora_scale(lora):g}")
+            for v in parse_methods(text):
                 spec = v.method + ("[" + ",".join(f"{k}={_text(x)}" for k, x in v.overrides.items()) + "]"
                                    if v.overrides else "")
                 by_variant.setdefault(v.label, []).extend((spec, d, s, "test", v.label, "fixed") for s in self.seeds)
@@ -338,6 +351,12 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def lora_scale(label: str) -> float:
+    """The scale alpha / r of a LoRA grid label such as ``lora[alpha=32]`` (r from the label or LoRA's default)."""
+    opts = {**{k: f.default for k, f in LoRAConfig.__dataclass_fields__.items()}, **parse_methods(label)[0].overrides}
+    return float(opts["alpha"]) / int(opts["rank"])
+
+
 def _text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -352,7 +371,7 @@ def main(argv=None) -> None:
     ap.add_argument("--p-grid", default=P_GRID)
     ap.add_argument("--alpha-grid", default=ALPHA_GRID)
     ap.add_argument("--claim-variants", default=CLAIM_VARIANTS, help="compare-style variants of the claims part; "
-                    "{p} stands for the p chosen on validation")
+                    "{p} stands for the p chosen on validation, {lora_scale} for alpha / r of LoRA's")
     ap.add_argument("--selected-by", choices=["both", "val"], default="both",
                     help="test part: both selections (default), or only the val200 choice's retrains, whose "
                          "verdicts then come first (the 'selected on test' candidates follow in a later run)")

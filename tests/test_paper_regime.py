@@ -160,6 +160,27 @@ def test_claims_part_trains_variant_by_variant(tmp_path, monkeypatch):
     assert [w[0] for w in wanted[:4]] == ["mlae[dropout=0]"] * 2 + ["mlae[dropout=0.5]"] * 2  # {p}: each task's own
 
 
+def test_lora_scale_stands_for_each_tasks_chosen_alpha_over_rank(tmp_path, monkeypatch):
+    """{lora_scale} is alpha / r of the LoRA alpha chosen on val200 for that task, so MLAE can get LoRA's scale."""
+    spec = importlib.util.spec_from_file_location("paper_regime", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = tmp_path / "rows.csv"
+    for d, best in (("suite:digits", "32"), ("suite:textures", "2")):
+        for variant, score in [("mlae[dropout=0]", "60")] + [(f"lora[alpha={a}]", "70" if a == best else "50")
+                                                            for a in ("2", "32")]:
+            module.append_row(table, {c: "" for c in module.COLUMNS} | {
+                "dataset": d, "variant": variant, "selected_by": "trial", "epochs": "1", "lr": "0.002",
+                "backbone": "test_vit", "precision": "bf16", "val_top1": score})
+    wanted = []
+    monkeypatch.setattr(module.Study, "execute", lambda self, runs: wanted.extend(runs))
+    module.main(["claims", "--datasets", "suite:digits,suite:textures", "--seeds", "0", "--epochs", "1",
+                 "--lr", "2e-3", "--p-grid", "0", "--alpha-grid", "2,32", "--backbone", "test_vit",
+                 "--csv", str(table), "--claim-variants", "s=mlae[dropout={p},scale={lora_scale}]"])
+    assert [w[0] for w in wanted] == ["mlae[dropout=0,scale=4]", "mlae[dropout=0,scale=0.25]"]
+    assert module.lora_scale("lora[alpha=2,rank=4]") == 0.5 and module.lora_scale("lora") == 1.0
+
+
 def test_learned_p_rows_are_labelled_by_the_learner_their_config_names():
     """Tables written before the relabel called the heldout learner's rows mlae-auto: they still read right."""
     spec = importlib.util.spec_from_file_location("claims", ROOT / "benchmarks" / "claims.py")
